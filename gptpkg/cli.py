@@ -1,0 +1,111 @@
+"""`gptpkg` command line: one subcommand per pipeline stage, plus tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+STAGE_HELP = {
+    "fetch": "fetch the raw files (offline mirror first, then the canonical URLs), sha256-verified",
+    "prepare": "tokenize once; write pretraining token arrays, spam and instruction splits",
+    "pretrain": "pretrain a GPT on the chosen corpus (next-token loss)",
+    "finetune_spam": "fine-tune the pretrained GPT into the spam classifier",
+    "baseline_spam": "TF-IDF + logistic regression on the same spam split",
+    "finetune_instruct": "instruction-fine-tune the pretrained GPT; write test responses",
+}
+
+
+def _add_params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--profile", default=None, help="merge profiles/NAME.yaml over the params file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one key of the params file (repeatable); the value is YAML")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptpkg", description="GPT from scratch as an MLOps pipeline.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, text in STAGE_HELP.items():
+        aliases = [name.replace("_", "-")] if "_" in name else []
+        p = sub.add_parser(name, aliases=aliases, help=text, description=text)
+        _add_params_args(p)
+        p.set_defaults(stage=name)
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name in ("pretrain", "finetune_spam", "finetune_instruct"):
+            p.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint", description="generate text from a checkpoint")
+    g.add_argument("checkpoint", help="checkpoint folder (model.safetensors + config.json)")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=50)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=123)
+    g.set_defaults(stage=None)
+
+    i = sub.add_parser("presets", help="list the model presets with their parameter counts",
+                       description="list the model presets with their parameter counts")
+    i.set_defaults(stage=None)
+    return parser
+
+
+def _generate(args) -> int:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .generate import generate_text
+    from .tokenizer import get_tokenizer
+
+    model, _ = load_checkpoint(args.checkpoint)
+    if model.n_classes:
+        print(f"error: {args.checkpoint} is a classifier, not a language model", file=sys.stderr)
+        return 2
+    g = torch.Generator().manual_seed(args.seed)
+    print(generate_text(model, get_tokenizer(), args.prompt, args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, generator=g))
+    return 0
+
+
+def _presets() -> int:
+    import torch
+
+    from .config import PRESETS, model_config
+    from .model import GPT
+
+    for name in PRESETS:
+        with torch.device("meta"):
+            n = GPT(model_config(name)).num_params()
+        print(f"{name:12s} {n:>15,d} parameters")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "presets":
+        return _presets()
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError, load_params
+    from .data import DataError
+    from .fetch import FetchError
+    from .runner import run_stage
+    from .tokenizer import TokenizerUnavailable
+    from .train import TrainingDiverged
+
+    try:
+        params = load_params(args.params, args.overrides, args.profile)
+        metrics = run_stage(args.stage, params, resume=getattr(args, "resume", False),
+                            progress=not getattr(args, "no_progress", False))
+    except (ConfigError, DataError, FetchError, CheckpointError, TokenizerUnavailable,
+            TrainingDiverged, FileNotFoundError) as e:
+        print(f"gptpkg {args.stage}: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The `finetune_spam` and `finetune_instruct` stages (both through `train.fit`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import atomic_write_text, load_checkpoint
+from .config import ConfigError, model_config
+from .data import (
+    SPAM_LABELS, ClassificationDataset, InstructionDataset, classification_collate,
+    format_prompt, instruction_collate,
+)
+from .generate import generate_text
+from .loggers import MetricLogger
+from .metrics import classification_metrics
+from .model import GPT
+from .stages import InstructConfig, SpamConfig, mirror_of, paths_of, read_spam_split, stage_config
+from .tokenizer import PAD_ID, get_tokenizer
+from .train import (
+    autocast, autocast_dtype, batches_of, classification_loss, fit, lm_loss, mean_loss,
+    resolve_device, set_seed,
+)
+
+
+def initial_model(init: str, params_section: str, pretrained: str, openai_weights: str,
+                  preset: str | None = None) -> GPT:
+    """The model a fine-tuning starts from: our pretrained checkpoint, local OpenAI
+    GPT-2 weights, or (classifier only) a fresh preset."""
+    if init == "pretrained":
+        model, _ = load_checkpoint(pretrained)
+        return model
+    if init == "openai":
+        if not openai_weights:
+            raise ConfigError(f"params.{params_section}.openai_weights: set a local folder of GPT-2 weights for init=openai")
+        from .hf_weights import load_openai_gpt2
+
+        return load_openai_gpt2(openai_weights)
+    if init == "scratch" and preset:
+        return GPT(model_config(preset))
+    raise ConfigError(f"params.{params_section}.init: expected pretrained|openai|scratch, got {init!r}")
+
+
+# ---------------------------------------------------------------------------------
+# Spam classifier
+
+
+@torch.no_grad()
+def predict_proba(model: GPT, dataset, batch_size: int = 32, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> list[float]:
+    """Spam probability of each item, in order."""
+    device = device or next(model.parameters()).device
+    was = model.training
+    model.eval()
+    out: list[float] = []
+    for batch in batches_of(dataset, classification_collate, batch_size):
+        with autocast(device, dtype):
+            logits = model.classify(batch["input_ids"].to(device), batch["lengths"].to(device))
+        out += torch.softmax(logits.float(), dim=-1)[:, 1].tolist()
+    model.train(was)
+    return out
+
+
+def evaluate_classifier(model: GPT, dataset, prefix: str, batch_size: int = 32, **kw) -> dict[str, Any]:
+    probs = predict_proba(model, dataset, batch_size, **kw)
+    return classification_metrics(dataset.labels, [int(p > 0.5) for p in probs], prefix)
+
+
+def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    paths = paths_of(params)
+    cfg, train = stage_config(params, "finetune_spam", SpamConfig)
+    set_seed(train.seed)
+    model = initial_model(cfg.init, "finetune_spam", paths.pretrained, cfg.openai_weights, cfg.model)
+    if cfg.max_length > model.cfg.context_length:
+        raise ConfigError(f"params.finetune_spam.max_length={cfg.max_length} exceeds the model's "
+                          f"context_length {model.cfg.context_length}")
+    model.to_classifier(len(SPAM_LABELS))
+    model.set_trainable(cfg.trainable, cfg.n_blocks)
+    tok = get_tokenizer(mirror_of(params))
+    sets = {p: ClassificationDataset(read_spam_split(paths, p), tok, cfg.max_length) for p in ("train", "val", "test")}
+    device = resolve_device(train.device)
+    dtype = autocast_dtype(train.precision, device)
+    model.to(device)
+    loss_fn = classification_loss(cfg.class_weights)
+    val_batches = batches_of(sets["val"], classification_collate, train.batch_size)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        acc = evaluate_classifier(model, sets["val"], "val_", train.batch_size, device=device, dtype=dtype)
+        return {"val_loss": mean_loss(m, val_batches, loss_fn, device, 0, dtype),
+                "val_accuracy": acc["val_accuracy"]}
+
+    meta = {"stage": "finetune_spam", "labels": list(SPAM_LABELS), "max_length": cfg.max_length,
+            "pad_id": PAD_ID, "pooling": "last_real_token", "tokenizer": "gpt2"}
+    result = fit(model, sets["train"], classification_collate, train, loss_fn=loss_fn, eval_fn=evaluate,
+                 checkpoint_dir=paths.spam_classifier, resume=resume, logger=logger, meta=meta,
+                 progress=progress, desc="finetune_spam")
+    metrics: dict[str, Any] = {"steps": result.steps, "wall_time_s": result.wall_time_s,
+                               "examples_per_s": result.examples_seen / max(result.wall_time_s, 1e-9),
+                               "n_trainable_params": model.num_params(trainable_only=True)}
+    for part, ds in sets.items():
+        metrics.update(evaluate_classifier(model, ds, f"{part}_", train.batch_size, device=device, dtype=dtype))
+    metrics["history"] = result.history
+    return metrics
+
+
+# ---------------------------------------------------------------------------------
+# Instruction fine-tuning
+
+
+def run_instruct(params: dict, logger: MetricLogger, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    paths = paths_of(params)
+    cfg, train = stage_config(params, "finetune_instruct", InstructConfig)
+    set_seed(train.seed)
+    model = initial_model(cfg.init, "finetune_instruct", paths.pretrained, cfg.openai_weights)
+    if cfg.max_length > model.cfg.context_length:
+        raise ConfigError(f"params.finetune_instruct.max_length={cfg.max_length} exceeds the model's "
+                          f"context_length {model.cfg.context_length}")
+    tok = get_tokenizer(mirror_of(params))
+    splits = {p: json.loads((Path(paths.processed) / "instruct" / f"{p}.json").read_text(encoding="utf-8"))
+              for p in ("train", "val", "test")}
+    sets = {p: InstructionDataset(rows, tok) for p, rows in splits.items()}
+    collate = partial(instruction_collate, allowed_max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
+    device = resolve_device(train.device)
+    dtype = autocast_dtype(train.precision, device)
+    model.to(device)
+    eval_sets = {p: batches_of(sets[p], collate, train.batch_size) for p in ("train", "val", "test")}
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        return {"val_loss": mean_loss(m, eval_sets["val"], lm_loss, device, train.eval_batches, dtype)}
+
+    result = fit(model, sets["train"], collate, train, loss_fn=lm_loss, eval_fn=evaluate,
+                 checkpoint_dir=paths.instruct_model, resume=resume, logger=logger,
+                 meta={"stage": "finetune_instruct"}, progress=progress, desc="finetune_instruct")
+    metrics: dict[str, Any] = {f"{p}_loss": mean_loss(model, b, lm_loss, device, 0, dtype) for p, b in eval_sets.items()}
+    responses = []
+    for entry in splits["test"]:
+        prompt = format_prompt(entry) + "\n\n### Response:\n"
+        text = generate_text(model, tok, prompt, cfg.max_new_tokens).strip()
+        responses.append({**{k: entry.get(k, "") for k in ("instruction", "input", "output")}, "model_response": text})
+    metrics.update(judge_responses(responses, cfg))
+    out = Path(paths.metrics) / "instruct_responses.json"
+    atomic_write_text(out, json.dumps(responses, indent=1, ensure_ascii=False) + "\n")
+    logger.log_table("test_responses", ["instruction", "input", "output", "model_response"],
+                     [[r["instruction"], r["input"], r["output"], r["model_response"]] for r in responses[:50]])
+    metrics.update({"steps": result.steps, "wall_time_s": result.wall_time_s,
+                    "tokens_per_s": result.tokens_per_s, "history": result.history,
+                    "test_perplexity": math.exp(min(metrics["test_loss"], 50.0))})
+    return metrics
+
+
+def judge_responses(responses: list[dict], cfg: InstructConfig) -> dict[str, Any]:
+    """Score each response 0-100 through an OpenAI-compatible chat endpoint (e.g. a
+    local Ollama at http://localhost:11434/v1) when `judge_url` is set."""
+    if not cfg.judge_url:
+        print("finetune_instruct: judge_url not set, skipped judging the responses")
+        return {"judge": "skipped"}
+    import urllib.request
+
+    scores = []
+    for r in responses:
+        prompt = (f"Given the input `{format_prompt(r)}` and correct output `{r['output']}`, score the "
+                  f"model response `{r['model_response']}` on a scale from 0 to 100, where 100 is the "
+                  f"best score. Respond with the integer number only.")
+        body = json.dumps({"model": cfg.judge_model, "messages": [{"role": "user", "content": prompt}],
+                           "temperature": 0, "seed": 123}).encode()
+        req = urllib.request.Request(cfg.judge_url.rstrip("/") + "/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            content = json.loads(resp.read())["choices"][0]["message"]["content"]
+        try:
+            scores.append(max(0, min(100, int(content.strip().split()[0]))))
+        except (ValueError, IndexError):
+            continue
+    return {"judge": cfg.judge_model, "judge_mean_score": sum(scores) / len(scores) if scores else None,
+            "judge_scored": len(scores)}

@@ -1,0 +1,210 @@
+"""A GPT-2 model that can hold OpenAI's weights exactly.
+
+Read top to bottom: the leaf modules (attention, MLP), the block, then the model.
+Shapes: B batch, T sequence length, C = emb_dim, H heads, D = C / H head size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one (k, v) pair per layer.
+
+    Each tensor is (B, H, T_seen, D); decoding appends one position per step.
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        """Positions cached by every layer (read before a forward pass starts)."""
+        return self.seen(len(self.layers) - 1)
+
+    def seen(self, i: int) -> int:
+        past = self.layers[i]
+        return 0 if past is None else past[0].shape[2]
+
+    def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        past = self.layers[i]
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        self.layers[i] = (k, v)
+        return k, v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        # One fused projection for q, k, v (the layout of OpenAI's c_attn).
+        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.drop_rate = cfg.drop_rate
+        self.resid_drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, H, T, D)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        past = 0
+        if cache is not None:
+            past = cache.seen(layer)
+            k, v = cache.update(layer, k, v)
+        mask = None
+        is_causal = past == 0 and T > 1
+        if past > 0 and T > 1:
+            # Queries at positions past..past+T-1 see keys 0..their own position.
+            q_pos = torch.arange(past, past + T, device=x.device)[:, None]
+            mask = torch.arange(past + T, device=x.device)[None, :] <= q_pos
+        # SDPA picks the flash / memory-efficient kernel where it can; no stored mask.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.drop_rate if self.training else 0.0,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 uses the tanh approximation of GELU; exact GELU would not match its weights.
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        V = cfg.padded_vocab_size
+        self.tok_emb = nn.Embedding(V, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.drop_rate)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.out_head = nn.Linear(cfg.emb_dim, V, bias=False)
+        self.n_classes: int | None = None  # set by `to_classifier`
+        if cfg.tie_weights:
+            self.out_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers), since each block
+        # adds two of them to the residual stream.
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    @property
+    def tied(self) -> bool:
+        return self.out_head.weight is self.tok_emb.weight
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        """Parameters counted once (a tied head shares the embedding's)."""
+        seen = {id(p): p for p in self.parameters() if p.requires_grad or not trainable_only}
+        return sum(p.numel() for p in seen.values())
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> final-normed hidden states (B, T, C)."""
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.cfg.context_length:
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds the model's context_length "
+                f"{self.cfg.context_length}"
+            )
+        pos = torch.arange(past, past + T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        return self.final_norm(x)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size), or (B, T, n_classes) for a classifier."""
+        logits = self.out_head(self.hidden(idx, cache))
+        if self.n_classes is None and logits.shape[-1] != self.cfg.vocab_size:
+            logits = logits[..., : self.cfg.vocab_size]  # drop the padded vocabulary rows
+        return logits
+
+    def classify(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, n_classes) read at each row's last real token.
+
+        `idx` is right-padded; `lengths` (B,) counts the real tokens. Causal attention
+        means padding after a token cannot change it, so a text's logits do not depend
+        on what it is batched with. Only the B pooled rows go through the head.
+        """
+        h = self.hidden(idx)  # (B, T, C)
+        last = (lengths.to(idx.device) - 1).clamp(min=0)
+        pooled = h[torch.arange(idx.shape[0], device=idx.device), last]  # (B, C)
+        return self.out_head(pooled)
+
+    # -- fine-tuning surgery -----------------------------------------------------
+
+    def to_classifier(self, n_classes: int) -> "GPT":
+        """Swap the LM head for a fresh Linear(C, n_classes) (unties it)."""
+        head = nn.Linear(self.cfg.emb_dim, n_classes)
+        nn.init.normal_(head.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(head.bias)
+        self.out_head = head.to(self.tok_emb.weight.device)
+        self.n_classes = n_classes
+        return self
+
+    def set_trainable(self, which: Literal["head", "last_blocks", "all"], n_blocks: int = 1) -> None:
+        """Freeze everything except: the head; the head + last `n_blocks` blocks + final
+        norm; or nothing ("all")."""
+        if which not in ("head", "last_blocks", "all"):
+            raise ValueError(f"trainable must be head|last_blocks|all, got {which!r}")
+        train_all = which == "all"
+        for p in self.parameters():
+            p.requires_grad = train_all
+        if train_all:
+            return
+        for p in self.out_head.parameters():
+            p.requires_grad = True
+        if which == "last_blocks":
+            if not 0 < n_blocks <= len(self.blocks):
+                raise ValueError(f"n_blocks must be in 1..{len(self.blocks)}, got {n_blocks}")
+            for block in self.blocks[-n_blocks:]:
+                for p in block.parameters():
+                    p.requires_grad = True
+            for p in self.final_norm.parameters():
+                p.requires_grad = True

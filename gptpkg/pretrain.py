@@ -1,0 +1,73 @@
+"""The `pretrain` stage: next-token training of a GPT on the chosen corpus."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError, model_config
+from .data import TokenWindows
+from .generate import generate_text
+from .loggers import MetricLogger
+from .model import GPT
+from .stages import PretrainConfig, mirror_of, paths_of, read_corpus, stage_config
+from .train import batches_of, fit, lm_loss, mean_loss, resolve_device, set_seed, autocast_dtype
+
+
+def _collate(items: list[dict]) -> dict:
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def run(params: dict, logger: MetricLogger, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    from .tokenizer import get_tokenizer
+
+    paths = paths_of(params)
+    cfg, train = stage_config(params, "pretrain", PretrainConfig)
+    mcfg = model_config(cfg.model, drop_rate=cfg.drop_rate)
+    if cfg.max_length > mcfg.context_length:
+        raise ConfigError(
+            f"params.pretrain.max_length={cfg.max_length} exceeds the context_length "
+            f"{mcfg.context_length} of model preset {cfg.model!r}"
+        )
+    train_set = TokenWindows(read_corpus(paths, cfg.corpus, "train"), cfg.max_length, cfg.stride)
+    val_set = TokenWindows(read_corpus(paths, cfg.corpus, "val"), cfg.max_length, cfg.max_length)
+    tok = get_tokenizer(mirror_of(params))
+
+    set_seed(train.seed)
+    model = GPT(mcfg)
+    device = resolve_device(train.device)
+    dtype = autocast_dtype(train.precision, device)
+    val_batches = batches_of(val_set, _collate, train.batch_size)
+    initial_val = mean_loss(model.to(device), val_batches, lm_loss, device, train.eval_batches, dtype)
+    samples: list[list[Any]] = []
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        val = mean_loss(m, val_batches, lm_loss, device, train.eval_batches, dtype)
+        text = generate_text(model, tok, cfg.sample_prompt, cfg.sample_tokens)
+        samples.append([len(samples), cfg.sample_prompt, text])
+        return {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
+
+    result = fit(model, train_set, _collate, train, loss_fn=lm_loss, eval_fn=evaluate,
+                 checkpoint_dir=paths.pretrained, resume=resume, logger=logger,
+                 meta={"stage": "pretrain", "corpus": cfg.corpus}, progress=progress, desc="pretrain")
+    logger.log_table("samples", ["eval", "prompt", "generation"], samples)
+    final = result.final
+    return {
+        "initial_val_loss": initial_val,
+        "train_loss": final.get("train_loss"),
+        "val_loss": final.get("val_loss"),
+        "val_perplexity": final.get("val_perplexity"),
+        "train_perplexity": math.exp(min(final.get("train_loss", 50.0), 50.0)),
+        "steps": result.steps,
+        "tokens_seen": result.tokens_seen,
+        "tokens_per_s": result.tokens_per_s,
+        "wall_time_s": result.wall_time_s,
+        "n_params": model.num_params(),
+        "history": result.history,
+        "samples": [{"eval": i, "prompt": p, "generation": g} for i, p, g in samples],
+        "checkpoint": str(Path(paths.pretrained)),
+    }
+

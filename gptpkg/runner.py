@@ -1,0 +1,90 @@
+"""Run one pipeline stage by name: open its logger (W&B for training stages), call the
+stage function, then write its metrics JSON and its per-eval history for plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from .checkpoint import atomic_write_text
+from .config import from_dict, section
+from .loggers import MultiLogger, NullLogger, StdoutLogger, WandbLogger, wandb_from_env
+from .stages import Paths, WandbConfig, paths_of, write_metrics
+
+
+def _fetch(params, logger, resume, progress):
+    from .stages import fetch
+    return fetch(params)
+
+
+def _prepare(params, logger, resume, progress):
+    from .stages import prepare
+    return prepare(params)
+
+
+def _pretrain(params, logger, resume, progress):
+    from .pretrain import run
+    return run(params, logger, resume, progress)
+
+
+def _finetune_spam(params, logger, resume, progress):
+    from .finetune import run_spam
+    return run_spam(params, logger, resume, progress)
+
+
+def _baseline_spam(params, logger, resume, progress):
+    from .baseline import run
+    return run(params)
+
+
+def _finetune_instruct(params, logger, resume, progress):
+    from .finetune import run_instruct
+    return run_instruct(params, logger, resume, progress)
+
+
+# name -> (function, trains a model?, the checkpoint path key it writes)
+STAGES: dict[str, tuple[Callable[..., dict[str, Any]], str | None]] = {
+    "fetch": (_fetch, None),
+    "prepare": (_prepare, None),
+    "pretrain": (_pretrain, "pretrained"),
+    "finetune_spam": (_finetune_spam, "spam_classifier"),
+    "baseline_spam": (_baseline_spam, None),
+    "finetune_instruct": (_finetune_instruct, "instruct_model"),
+}
+
+
+def open_logger(params: dict, stage: str, paths: Paths) -> tuple[Any, WandbLogger | None]:
+    wcfg = from_dict(WandbConfig, wandb_from_env(section(params, "wandb")), "params.wandb")
+    if wcfg.mode == "disabled":
+        return StdoutLogger(), None
+    wb = WandbLogger(project=wcfg.project, entity=wcfg.entity or None, name=stage, mode=wcfg.mode,
+                     dir=paths.wandb, job_type=stage, config={stage: params.get(stage, {})})
+    return MultiLogger(StdoutLogger(), wb), wb
+
+
+def run_stage(name: str, params: dict, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; expected one of {sorted(STAGES)}")
+    fn, ckpt_key = STAGES[name]
+    paths = paths_of(params)
+    logger, wb = open_logger(params, name, paths) if ckpt_key else (NullLogger(), None)
+    try:
+        metrics = fn(params, logger, resume, progress)
+        history = metrics.pop("history", None)
+        samples = metrics.pop("samples", None)
+        if history is not None:
+            plot = Path(paths.plots) / f"{name}.json"
+            atomic_write_text(plot, json.dumps(history, indent=1) + "\n")
+        if samples is not None:
+            atomic_write_text(Path(paths.metrics) / f"{name}_samples.json", json.dumps(samples, indent=1) + "\n")
+        if wb is not None:
+            metrics["wandb_run"] = wb.run_path
+            wb.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            wb.log_artifact(getattr(paths, ckpt_key), name=f"{name}-checkpoint", type="model")
+        write_metrics(paths, name, metrics)
+    finally:
+        logger.finish()
+    if wb is not None:
+        print(wb.where())
+    return metrics

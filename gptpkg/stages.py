@@ -1,0 +1,233 @@
+"""Pipeline stages: plain functions of (params, paths) that write their declared outputs
+atomically and return a metrics dict (also written as JSON).
+
+`params` is the whole parsed `params.yaml`; each stage reads its own section, the
+`paths` section (every file and folder the pipeline uses, declared once) and `data`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write_text
+from .config import ConfigError, from_dict, section, split_train
+
+# Sources a pretraining corpus can name: raw text files, and the SMS messages outside
+# the spam test split (domain-adaptive pretraining; test texts are never included).
+TEXT_SOURCES = ("the-verdict.txt", "tinyshakespeare.txt")
+SMS_SOURCE = "sms"
+CORPUS_SOURCES = TEXT_SOURCES + (SMS_SOURCE,)
+RAW_FILES = ("the-verdict.txt", "tinyshakespeare.txt", "SMSSpamCollection", "instruction-data.json")
+
+
+# ---------------------------------------------------------------------------------
+# Stage configs: one frozen dataclass per params section (training keys split off).
+
+
+@dataclass(frozen=True)
+class Paths:
+    raw: str
+    processed: str
+    pretrained: str
+    spam_classifier: str
+    instruct_model: str
+    metrics: str
+    plots: str
+    onnx: str
+    wandb: str
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    mirror: str
+    files: list[str]
+    timeout_s: float
+    retries: int
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    seed: int
+    pretrain_train_ratio: float
+    spam_split: str  # book | full
+    instruct_seed: int
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    model: str
+    drop_rate: float
+    corpus: list[str]
+    max_length: int
+    stride: int
+    sample_prompt: str
+    sample_tokens: int
+
+
+@dataclass(frozen=True)
+class SpamConfig:
+    init: str  # pretrained | openai | scratch
+    openai_weights: str
+    model: str  # preset, used only with init=scratch
+    trainable: str  # head | last_blocks | all
+    n_blocks: int
+    max_length: int
+    class_weights: list[float] | None
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    max_features: int
+    ngram_max: int
+    C: float
+
+
+@dataclass(frozen=True)
+class InstructConfig:
+    init: str  # pretrained | openai
+    openai_weights: str
+    max_length: int
+    mask_prompt: bool
+    max_new_tokens: int
+    judge_url: str
+    judge_model: str
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    project: str
+    entity: str
+    mode: str  # offline | online | disabled
+
+
+def paths_of(params: dict) -> Paths:
+    return from_dict(Paths, section(params, "paths"), "params.paths")
+
+
+def stage_config(params: dict, name: str, cls: type) -> tuple[Any, Any]:
+    """(stage config, TrainConfig or None) for section `name`."""
+    sec = section(params, name)
+    own, train = split_train(sec, f"params.{name}") if cls in (PretrainConfig, SpamConfig, InstructConfig) else (sec, None)
+    return from_dict(cls, own, f"params.{name}"), train
+
+
+def write_metrics(paths: Paths, stage: str, metrics: dict[str, Any]) -> Path:
+    out = Path(paths.metrics) / f"{stage}.json"
+    atomic_write_text(out, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def mirror_of(params: dict) -> str | None:
+    import os
+
+    from .fetch import MIRROR_ENV
+
+    data = from_dict(DataConfig, section(params, "data"), "params.data")
+    return os.environ.get(MIRROR_ENV) or data.mirror or None
+
+
+# ---------------------------------------------------------------------------------
+# fetch, prepare
+
+
+def fetch(params: dict) -> dict[str, Any]:
+    from .fetch import fetch_file
+
+    paths = paths_of(params)
+    data = from_dict(DataConfig, section(params, "data"), "params.data")
+    mirror = mirror_of(params)
+    how = {}
+    for name in data.files:
+        _, how[name] = fetch_file(name, paths.raw, mirror=mirror, timeout=data.timeout_s, retries=data.retries)
+    return {"files": how}
+
+
+def prepare(params: dict) -> dict[str, Any]:
+    """Tokenize once: pretraining token arrays per source, spam and instruction splits."""
+    import numpy as np
+
+    from .data import book_spam_splits, full_spam_splits, read_instructions, split_instructions, split_text
+    from .fetch import verify_file
+    from .tokenizer import get_tokenizer
+
+    paths = paths_of(params)
+    cfg, _ = stage_config(params, "prepare", PrepareConfig)
+    if cfg.spam_split not in ("book", "full"):
+        raise ConfigError(f"params.prepare.spam_split: expected book|full, got {cfg.spam_split!r}")
+    raw = Path(paths.raw)
+    tok = get_tokenizer(mirror_of(params))
+    out = Path(paths.processed)
+    metrics: dict[str, Any] = {}
+
+    sms_file = verify_file(raw / "SMSSpamCollection", "SMSSpamCollection")
+    splits = (book_spam_splits if cfg.spam_split == "book" else full_spam_splits)(sms_file, seed=cfg.seed)
+    test_texts = {t for t, _ in splits.test}
+    # Texts for domain-adaptive pretraining: every message whose text is not a test text
+    # (duplicates of test messages excluded too), read with correct parsing.
+    from .data import read_sms_spam
+
+    sms_corpus = [t for t, _ in read_sms_spam(sms_file) if t not in test_texts]
+    texts = {name: verify_file(raw / name, name).read_text(encoding="utf-8") for name in TEXT_SOURCES}
+    texts[SMS_SOURCE] = "<|endoftext|>".join(sms_corpus)
+
+    arrays = {}
+    for name, text in texts.items():
+        tr, va = split_text(text, cfg.pretrain_train_ratio)
+        for part, t in (("train", tr), ("val", va)):
+            ids = tok.encode(t, allowed_special={"<|endoftext|>"})
+            arrays[f"{name}.{part}"] = np.asarray(ids, dtype=np.uint16)
+            metrics[f"tokens/{name}.{part}"] = len(ids)
+
+    def write(tmp: Path) -> None:
+        (tmp / "corpus").mkdir()
+        for key, arr in arrays.items():
+            np.save(tmp / "corpus" / f"{key}.npy", arr)
+        (tmp / "spam").mkdir()
+        for part, rows in splits.as_dict().items():
+            lines = [json.dumps({"text": t, "label": y}) for t, y in rows]
+            (tmp / "spam" / f"{part}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            metrics[f"spam/{part}"] = len(rows)
+            metrics[f"spam/{part}_spam_share"] = round(sum(y for _, y in rows) / len(rows), 4)
+        instr = split_instructions(read_instructions(verify_file(raw / "instruction-data.json", "instruction-data.json")), cfg.instruct_seed)
+        (tmp / "instruct").mkdir()
+        for part, rows in instr.items():
+            (tmp / "instruct" / f"{part}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+            metrics[f"instruct/{part}"] = len(rows)
+
+    from .checkpoint import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        write(tmp)
+    metrics["sms_corpus_messages"] = len(sms_corpus)
+    return metrics
+
+
+def read_spam_split(paths: Paths, part: str) -> list[tuple[str, int]]:
+    f = Path(paths.processed) / "spam" / f"{part}.jsonl"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} missing; run the prepare stage first")
+    return [(r["text"], int(r["label"])) for r in map(json.loads, f.read_text(encoding="utf-8").splitlines()) if r]
+
+
+def read_corpus(paths: Paths, sources: list[str], part: str):
+    """Token ids of the chosen sources for `part`, joined by <|endoftext|>."""
+    import numpy as np
+
+    from .tokenizer import EOT_ID
+
+    unknown = [s for s in sources if s not in CORPUS_SOURCES]
+    if unknown or not sources:
+        raise ConfigError(f"params.pretrain.corpus: unknown source(s) {unknown}; expected a non-empty "
+                          f"list from {list(CORPUS_SOURCES)}")
+    pieces = []
+    for s in sources:
+        f = Path(paths.processed) / "corpus" / f"{s}.{part}.npy"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} missing; run the prepare stage first")
+        pieces.append(np.load(f).astype(np.int64))
+        pieces.append(np.asarray([EOT_ID], dtype=np.int64))
+    return np.concatenate(pieces[:-1])

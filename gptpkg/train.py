@@ -1,0 +1,354 @@
+"""The one training loop, used by pretraining, classifier and instruction fine-tuning.
+
+`fit` owns: AdamW (decay on matrices only, fused on CUDA), linear warmup + cosine decay,
+gradient accumulation and clipping, bf16 autocast and `torch.compile` on CUDA, periodic
+eval, progress with tokens/s, atomic checkpoints and resume, and a loud stop on a
+non-finite loss. What differs between trainings is the loss and the eval, passed in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import IGNORE_INDEX
+from .loggers import MetricLogger, NullLogger
+
+# A loss function maps (model, batch) to (mean loss, number of tokens in the batch).
+LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, int]]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+# A batch plan maps an epoch number to that epoch's list of micro-batches (index lists).
+BatchPlan = Callable[[int], list[list[int]]]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------------
+# Losses
+
+
+def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """Next-token cross-entropy; targets equal to -100 are ignored."""
+    logits = model(batch["input_ids"])  # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE_INDEX)
+    return loss, batch["input_ids"].numel()
+
+
+def classification_loss(class_weights: Sequence[float] | None = None) -> LossFn:
+    """Cross-entropy on the logits of each text's last real token."""
+
+    def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+        logits = _classify(model, batch)  # (B, n_classes)
+        w = None if class_weights is None else torch.tensor(class_weights, device=logits.device)
+        return F.cross_entropy(logits.float(), batch["labels"], weight=w), batch["input_ids"].numel()
+
+    return loss_fn
+
+
+def _classify(model: nn.Module, batch: dict) -> torch.Tensor:
+    base = ckpt._unwrap(model)
+    return base.classify(batch["input_ids"], batch["lengths"])
+
+
+# ---------------------------------------------------------------------------------
+# Devices, precision, optimizer, schedule
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA devices that support it (precision auto or bf16); fp32 on
+    CPU unless bf16 is asked for explicitly."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def should_compile(setting: str, device: torch.device) -> bool:
+    setting = str(setting).lower()
+    return setting == "true" or (setting == "auto" and device.type == "cuda")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (linear and embedding weights) only; not biases or norms."""
+    seen, decay, no_decay = set(), [], []
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+        fused=device.type == "cuda",
+    )
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup over `warmup_steps`, then cosine from lr to lr * min_lr_ratio."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------
+# Batches
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int) -> BatchPlan:
+    """Each epoch a fresh permutation (seeded by seed + epoch), cut into full batches."""
+    if n < batch_size:
+        raise ValueError(f"training set has {n} examples, fewer than batch_size={batch_size}")
+
+    def plan(epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed + epoch)
+        perm = torch.randperm(n, generator=g).tolist()
+        return [perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+    return plan
+
+
+def _micro_batches(plan: BatchPlan, skip: int) -> Iterator[list[int]]:
+    """Micro-batches over epochs 0, 1, 2, ..., skipping the first `skip` (on resume)."""
+    epoch = 0
+    while True:
+        batches = plan(epoch)
+        if not batches:
+            raise ValueError("the batch plan produced no batches for an epoch")
+        if skip >= len(batches):
+            skip -= len(batches)
+        else:
+            yield from batches[skip:]
+            skip = 0
+        epoch += 1
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batches: Iterator[dict] | list[dict], loss_fn: LossFn,
+              device: torch.device, max_batches: int = 0, dtype: torch.dtype | None = None) -> float:
+    """Mean of `loss_fn` over (up to `max_batches` of) `batches`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for i, batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        with autocast(device, dtype):
+            loss, _ = loss_fn(model, to_device(batch, device))
+        total += loss.item()
+        n += 1
+    model.train(was_training)
+    return total / max(n, 1)
+
+
+def batches_of(dataset, collate: Callable, batch_size: int) -> list[dict]:
+    """The dataset in order, collated into batches (for eval)."""
+    return [collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+            for i in range(0, len(dataset), batch_size)]
+
+
+# ---------------------------------------------------------------------------------
+# fit
+
+
+@dataclass
+class FitResult:
+    steps: int
+    tokens_seen: int
+    examples_seen: int
+    wall_time_s: float
+    tokens_per_s: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+def total_steps(n_batches_per_epoch: int, cfg: TrainConfig) -> int:
+    per_epoch = n_batches_per_epoch // cfg.grad_accum_steps
+    if per_epoch < 1 and cfg.max_steps == 0:
+        raise ValueError(
+            f"an epoch has {n_batches_per_epoch} micro-batches, fewer than "
+            f"grad_accum_steps={cfg.grad_accum_steps}: no optimizer step would run"
+        )
+    steps = math.ceil(cfg.epochs * per_epoch) if cfg.epochs else cfg.max_steps
+    if cfg.max_steps:
+        steps = min(steps, cfg.max_steps)
+    return max(1, steps)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fit(
+    model: nn.Module,
+    train_set,
+    collate: Callable[[list], dict],
+    cfg: TrainConfig,
+    loss_fn: LossFn = lm_loss,
+    eval_fn: EvalFn | None = None,
+    batch_plan: BatchPlan | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    logger: MetricLogger | None = None,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> FitResult:
+    """Train `model` in place on `train_set` and return its history.
+
+    `eval_fn(model)` returns metrics (e.g. val loss) every `cfg.eval_every` steps and at
+    the end. With `checkpoint_dir`, a resumable checkpoint is written every
+    `cfg.checkpoint_every` steps and at the end; `resume=True` continues from it.
+    """
+    from tqdm.auto import tqdm
+
+    logger = logger or NullLogger()
+    device = resolve_device(cfg.device)
+    dtype = autocast_dtype(cfg.precision, device)
+    model.to(device).train()
+    plan = batch_plan or shuffled_batches(len(train_set), cfg.batch_size, cfg.seed)
+    steps = total_steps(len(plan(0)), cfg)
+    optimizer = make_optimizer(model, cfg, device)
+
+    step, tokens, examples, history, elapsed0 = 0, 0, 0, [], 0.0
+    state = ckpt.load_trainer_state(checkpoint_dir) if (resume and checkpoint_dir) else None
+    if state is not None:
+        saved, _ = ckpt.load_checkpoint(checkpoint_dir, map_location=device)
+        ckpt._unwrap(model).load_state_dict(saved.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        step, tokens, examples = int(state["step"]), int(state["tokens"]), int(state["examples"])
+        history, elapsed0 = list(state["history"]), float(state["elapsed"])
+        torch.set_rng_state(state["rng"])
+    else:
+        set_seed(cfg.seed)
+
+    run_model = torch.compile(model) if should_compile(cfg.compile, device) else model
+    micro = _micro_batches(plan, step * cfg.grad_accum_steps)
+
+    def save(final: bool) -> None:
+        if checkpoint_dir is None:
+            return
+        ckpt.save_checkpoint(checkpoint_dir, model, meta={**(meta or {}), "step": step, "train": asdict(cfg)},
+                             trainer_state={
+                                 "step": step, "tokens": tokens, "examples": examples,
+                                 "history": history, "elapsed": time.perf_counter() - t0 + elapsed0,
+                                 "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                             })
+
+    def evaluate(train_loss: float | None, tokens_per_s: float | None = None) -> dict[str, Any]:
+        row: dict[str, Any] = {"step": step, "tokens_seen": tokens, "lr": lr_at(max(step - 1, 0), steps, cfg)}
+        if train_loss is not None:
+            row["train_loss"] = train_loss
+        if tokens_per_s is not None:
+            row["tokens_per_s"] = tokens_per_s
+        if eval_fn is not None:
+            was = model.training
+            model.eval()
+            with torch.no_grad(), autocast(device, dtype):
+                row.update(eval_fn(model))
+            model.train(was)
+        row["elapsed_s"] = time.perf_counter() - t0 + elapsed0
+        history.append(row)
+        logger.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        return row
+
+    t0 = time.perf_counter()
+    window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, time.perf_counter()
+    bar = tqdm(total=steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
+    while step < steps:
+        lr = lr_at(step, steps, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        step_loss = torch.zeros((), device=device)
+        for _ in range(cfg.grad_accum_steps):
+            batch = to_device(collate([train_set[i] for i in next(micro)]), device)
+            with autocast(device, dtype):
+                loss, n_tok = loss_fn(run_model, batch)
+            (loss / cfg.grad_accum_steps).backward()
+            step_loss += loss.detach() / cfg.grad_accum_steps
+            tokens += n_tok
+            window_tokens += n_tok
+            examples += batch["input_ids"].shape[0]
+        value = step_loss.item()
+        if not math.isfinite(value):
+            optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"loss became {value} at step {step + 1} (lr {lr:.3g}); lower lr, raise "
+                f"warmup_steps or keep grad_clip > 0. The last checkpoint "
+                f"({checkpoint_dir or 'none'}) was left as it was."
+            )
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_loss += value
+        window_n += 1
+        now = time.perf_counter()
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{window_tokens / max(now - window_t, 1e-9):.0f}")
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == steps:
+            evaluate(window_loss / window_n, window_tokens / max(now - window_t, 1e-9))
+            window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, time.perf_counter()
+        if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != steps:
+            save(final=False)
+    bar.close()
+    if not history:  # resumed a finished run
+        evaluate(None)
+    wall = time.perf_counter() - t0 + elapsed0
+    save(final=True)
+    return FitResult(steps=step, tokens_seen=tokens, examples_seen=examples, wall_time_s=wall,
+                     tokens_per_s=tokens / max(wall, 1e-9), history=history)
