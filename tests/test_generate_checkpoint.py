@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+
+from gptpkg import checkpoint as ckpt
+from gptpkg.config import model_config
+from gptpkg.generate import generate, generate_text
+from gptpkg.model import GPT
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return GPT(model_config("tiny")).eval()
+
+
+def test_cached_and_uncached_decoding_give_the_same_tokens(tiny):
+    idx = torch.randint(0, 50257, (2, 7))
+    a = generate(tiny, idx, 30, use_cache=True)
+    b = generate(tiny, idx, 30, use_cache=False)
+    assert torch.equal(a, b) and a.shape == (2, 37)
+    # past the context window (128): the window slides the same way with and without cache
+    long = torch.randint(0, 50257, (1, 120))
+    assert torch.equal(generate(tiny, long, 20), generate(tiny, long, 20, use_cache=False))
+
+
+def test_sampling_is_seeded_and_top_k_restricts(tiny):
+    idx = torch.randint(0, 50257, (1, 4))
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    a = generate(tiny, idx, 10, temperature=1.0, top_k=5, generator=g())
+    b = generate(tiny, idx, 10, temperature=1.0, top_k=5, generator=g())
+    assert torch.equal(a, b)
+    top1 = generate(tiny, idx, 10, temperature=1.0, top_k=1, generator=g())
+    assert torch.equal(top1, generate(tiny, idx, 10))  # top-1 sampling is greedy
+
+
+def test_stops_at_end_token(tiny):
+    idx = torch.randint(0, 50257, (1, 4))
+    first = generate(tiny, idx, 1)[0, -1].item()
+    out = generate(tiny, idx, 10, eos_id=first)
+    assert out.shape[1] == 5 and out[0, -1].item() == first
+
+
+def test_generate_text_strips_prompt(tiny, tok):
+    text = generate_text(tiny, tok, "Every effort moves you", 5)
+    assert isinstance(text, str) and not text.startswith("Every effort")
+
+
+def test_checkpoint_round_trip(tiny, tmp_path):
+    ckpt.save_checkpoint(tmp_path / "m", tiny, meta={"note": "x"})
+    model, config = ckpt.load_checkpoint(tmp_path / "m")
+    assert model.tied and config["meta"] == {"note": "x"}
+    idx = torch.randint(0, 50257, (1, 9))
+    torch.testing.assert_close(model.eval()(idx), tiny(idx))
+    clf = GPT(model_config("tiny")).to_classifier(2)
+    ckpt.save_checkpoint(tmp_path / "c", clf)
+    back, config = ckpt.load_checkpoint(tmp_path / "c")
+    assert back.n_classes == 2 and not back.tied
+    torch.testing.assert_close(back.out_head.weight, clf.out_head.weight)
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tiny, tmp_path):
+    ckpt.save_checkpoint(tmp_path / "m", tiny)
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    with pytest.raises(RuntimeError, match="disk full"):
+        with ckpt.atomic_dir(tmp_path / "m") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"partial")
+            raise RuntimeError("disk full")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp folder left
+
+
+def test_bad_checkpoints_are_named(tiny, tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="not a gptpkg checkpoint"):
+        ckpt.load_checkpoint(tmp_path)
+    ckpt.save_checkpoint(tmp_path / "m", tiny)
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match="unreadable safetensors"):
+        ckpt.load_checkpoint(tmp_path / "m")
+    ckpt.save_checkpoint(tmp_path / "m", tiny)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["model"]["n_layers"] = 3
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ckpt.CheckpointError, match="does not match its config"):
+        ckpt.load_checkpoint(tmp_path / "m")

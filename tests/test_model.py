@@ -1,0 +1,127 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptpkg.config import model_config
+from gptpkg.model import GPT, KVCache
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return GPT(model_config("tiny")).eval()
+
+
+def manual_attention_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The textbook forward with an explicit causal mask, from the same weights."""
+    B, T = idx.shape
+    x = model.tok_emb(idx) + model.pos_emb(torch.arange(T))
+    mask = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+    for blk in model.blocks:
+        h = blk.norm1(x)
+        q, k, v = blk.attn.qkv(h).split(x.shape[-1], dim=2)
+        H = model.cfg.n_heads
+        q, k, v = (t.view(B, T, H, -1).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        att = att.masked_fill(mask, float("-inf")).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(B, T, -1)
+        x = x + blk.attn.proj(y)
+        h = blk.norm2(x)
+        g = blk.mlp.fc(h)
+        g = 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3)))
+        x = x + blk.mlp.proj(g)
+    return model.out_head(model.final_norm(x))
+
+
+def test_sdpa_matches_explicit_masked_attention(tiny):
+    idx = torch.randint(0, 50257, (2, 17))
+    torch.testing.assert_close(tiny(idx), manual_attention_forward(tiny, idx), atol=1e-5, rtol=1e-5)
+
+
+def test_causality(tiny):
+    idx = torch.randint(0, 50257, (1, 10))
+    other = idx.clone()
+    other[0, 7:] = 5
+    torch.testing.assert_close(tiny(idx)[:, :7], tiny(other)[:, :7])
+
+
+def test_kv_cache_logits_match_uncached(tiny):
+    idx = torch.randint(0, 50257, (2, 12))
+    full = tiny(idx)
+    cache = KVCache(tiny.cfg.n_layers)
+    parts = [tiny(idx[:, :5], cache)] + [tiny(idx[:, t : t + 1], cache) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+    # a multi-token step after a prefill (uses the explicit offset mask)
+    cache = KVCache(tiny.cfg.n_layers)
+    a = tiny(idx[:, :4], cache)
+    b = tiny(idx[:, 4:9], cache)
+    torch.testing.assert_close(torch.cat([a, b], 1), full[:, :9], atol=1e-5, rtol=0)
+
+
+def test_context_length_is_enforced(tiny):
+    with pytest.raises(ValueError, match="exceeds the model's context_length 128"):
+        tiny(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_tied_head_and_init():
+    torch.manual_seed(0)
+    model = GPT(model_config("cpu-mini"))
+    assert model.out_head.weight is model.tok_emb.weight
+    std = model.blocks[0].attn.proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(2 * 4)) < 0.002
+    assert abs(model.blocks[0].mlp.fc.weight.std().item() - 0.02) < 0.002
+    assert model.blocks[0].attn.qkv.bias.abs().sum() == 0
+    assert model.blocks[0].norm1.eps == 1e-5
+    untied = GPT(model_config("tiny", tie_weights=False, qkv_bias=False))
+    assert untied.out_head.weight is not untied.tok_emb.weight
+    assert untied.blocks[0].attn.qkv.bias is None
+
+
+def test_dropout_switches():
+    torch.manual_seed(0)
+    model = GPT(model_config("tiny", drop_rate=0.5))
+    idx = torch.randint(0, 50257, (1, 8))
+    model.train()
+    assert not torch.allclose(model(idx), model(idx))
+    model.eval()
+    torch.testing.assert_close(model(idx), model(idx))
+
+
+def test_classifier_pools_last_real_token(tiny):
+    tiny.to_classifier(2)
+    a = torch.randint(0, 50256, (1, 6))
+    padded = torch.cat([a, torch.full((1, 4), 50256)], dim=1)
+    alone = tiny.classify(a, torch.tensor([6]))
+    in_batch = tiny.classify(torch.cat([padded, torch.randint(0, 50256, (1, 10))]), torch.tensor([6, 10]))
+    assert alone.shape == (1, 2)
+    torch.testing.assert_close(in_batch[:1], alone, atol=1e-5, rtol=0)
+    # not the last padded position
+    last_pos = tiny.out_head(tiny.hidden(padded)[:, -1])
+    assert not torch.allclose(last_pos, alone)
+
+
+def test_trainable_parts(tiny):
+    tiny.to_classifier(2)
+    names = lambda: {n for n, p in tiny.named_parameters() if p.requires_grad}  # noqa: E731
+    tiny.set_trainable("head")
+    assert names() == {"out_head.weight", "out_head.bias"}
+    tiny.set_trainable("last_blocks", 1)
+    got = names()
+    assert {"out_head.weight", "final_norm.weight", "blocks.1.attn.qkv.weight"} <= got
+    assert not any(n.startswith("blocks.0.") or n.startswith("tok_emb") for n in got)
+    tiny.set_trainable("all")
+    assert len(names()) == len(list(tiny.parameters()))
+    with pytest.raises(ValueError, match="n_blocks must be in 1..2"):
+        tiny.set_trainable("last_blocks", 3)
+    with pytest.raises(ValueError, match="head\\|last_blocks\\|all"):
+        tiny.set_trainable("some")
+
+
+def test_gradients_flow_to_all_parameters(tiny):
+    tiny.train()
+    idx = torch.randint(0, 50257, (2, 8))
+    loss = F.cross_entropy(tiny(idx).flatten(0, 1), idx.flatten())
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny.parameters())

@@ -1,0 +1,177 @@
+import math
+
+import pytest
+import torch
+
+from gptpkg import checkpoint as ckpt
+from gptpkg.config import TrainConfig, model_config
+from gptpkg.data import TokenWindows
+from gptpkg.model import GPT
+from gptpkg.train import (
+    TrainingDiverged, autocast_dtype, batches_of, fit, lm_loss, lr_at, make_optimizer, mean_loss,
+    param_groups, should_compile, shuffled_batches, total_steps,
+)
+
+
+def collate(items):
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+@pytest.fixture(scope="module")
+def verdict_ids(tok, shared_data):
+    return tok.encode((shared_data / "the-verdict.txt").read_text())
+
+
+def tiny_model(seed=123):
+    torch.manual_seed(seed)
+    return GPT(model_config("tiny"))
+
+
+def cfg(**kw):
+    base = dict(lr=1e-3, warmup_steps=2, epochs=0, max_steps=8, batch_size=4, eval_every=4, seed=7)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_a_few_hundred_steps_lower_the_loss_well_below_its_start(verdict_ids):
+    data = TokenWindows(verdict_ids, 32, 32)
+    model = tiny_model()
+    start = mean_loss(model, batches_of(data, collate, 16), lm_loss, torch.device("cpu"))
+    assert abs(start - math.log(50257)) < 0.5  # untrained: about uniform
+    result = fit(model, data, collate, cfg(max_steps=200, batch_size=2, lr=5e-3, eval_every=0), progress=False)
+    end = mean_loss(model, batches_of(data, collate, 16), lm_loss, torch.device("cpu"))
+    assert result.steps == 200
+    assert end < start - 3.0, (start, end)
+    assert result.tokens_seen == 200 * 2 * 32
+
+
+def test_same_seed_same_losses(verdict_ids):
+    data = TokenWindows(verdict_ids, 16, 16)
+    runs = [fit(tiny_model(), data, collate, cfg(), progress=False).history for _ in range(2)]
+    assert [r["train_loss"] for r in runs[0]] == [r["train_loss"] for r in runs[1]]
+    other = fit(tiny_model(), data, collate, cfg(seed=8), progress=False).history
+    assert [r["train_loss"] for r in other] != [r["train_loss"] for r in runs[0]]
+
+
+def test_resume_continues_from_the_saved_step_with_the_same_optimizer_state(verdict_ids, tmp_path):
+    data = TokenWindows(verdict_ids, 16, 16)
+    full = tiny_model()
+    ref = fit(full, data, collate, cfg(max_steps=10, eval_every=5), progress=False)
+
+    # an interrupted run: same schedule, checkpoint every 5 steps, killed during step 7
+    class Interrupted(Exception):
+        pass
+
+    calls = {"n": 0}
+
+    def dying_loss(m, batch):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise Interrupted
+        return lm_loss(m, batch)
+
+    with pytest.raises(Interrupted):
+        fit(tiny_model(), data, collate, cfg(max_steps=10, eval_every=5, checkpoint_every=5),
+            loss_fn=dying_loss, checkpoint_dir=tmp_path / "ck", progress=False)
+    state = ckpt.load_trainer_state(tmp_path / "ck")
+    assert state["step"] == 5 and state["optimizer"]["state"]
+
+    resumed = tiny_model(seed=999)  # weights are replaced by the checkpoint's
+    out = fit(resumed, data, collate, cfg(max_steps=10, eval_every=5), checkpoint_dir=tmp_path / "ck",
+              resume=True, progress=False)
+    assert out.steps == 10
+    assert [r["step"] for r in out.history] == [5, 10]
+    assert out.history[-1]["train_loss"] == pytest.approx(ref.history[-1]["train_loss"], abs=1e-6)
+    for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=n)
+    # the resumed optimizer kept its moments: step counts continue from 5
+    opt_state = ckpt.load_trainer_state(tmp_path / "ck")["optimizer"]["state"]
+    assert int(next(iter(opt_state.values()))["step"]) == 10
+
+
+def test_checkpoint_every_n_steps(verdict_ids, tmp_path, monkeypatch):
+    data = TokenWindows(verdict_ids, 16, 16)
+    seen = []
+    real = ckpt.save_checkpoint
+
+    def spy(target, model, meta=None, trainer_state=None):
+        seen.append(trainer_state["step"])
+        return real(target, model, meta, trainer_state)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", spy)
+    fit(tiny_model(), data, collate, cfg(max_steps=7, checkpoint_every=3), checkpoint_dir=tmp_path / "c", progress=False)
+    assert seen == [3, 6, 7]
+    model, config = ckpt.load_checkpoint(tmp_path / "c")
+    assert config["meta"]["step"] == 7
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(verdict_ids, tmp_path):
+    data = TokenWindows(verdict_ids, 16, 16)
+    model = tiny_model()
+    fit(model, data, collate, cfg(max_steps=2), checkpoint_dir=tmp_path / "ck", progress=False)
+    before = (tmp_path / "ck" / "model.safetensors").read_bytes()
+
+    def nan_loss(m, batch):
+        loss, n = lm_loss(m, batch)
+        return loss * float("nan"), n
+
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 1"):
+        fit(tiny_model(), data, collate, cfg(max_steps=4), loss_fn=nan_loss, checkpoint_dir=tmp_path / "ck", progress=False)
+    assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
+
+
+def test_gradient_accumulation_matches_a_larger_batch(verdict_ids):
+    data = TokenWindows(verdict_ids, 16, 16)
+    a, b = tiny_model(), tiny_model()
+    plan = shuffled_batches(len(data), 8, 7)
+    fit(a, data, collate, cfg(batch_size=8, max_steps=3, grad_clip=0), batch_plan=plan, progress=False)
+
+    def halves(epoch):  # the same 8-example batches, each split in two micro-batches
+        return [half for batch in plan(epoch) for half in (batch[:4], batch[4:])]
+
+    fit(b, data, collate, cfg(batch_size=4, grad_accum_steps=2, max_steps=3, grad_clip=0), batch_plan=halves, progress=False)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=2e-5, rtol=1e-4)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    c = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, max_steps=110, epochs=0)
+    assert lr_at(0, 110, c) == pytest.approx(0.1)
+    assert lr_at(9, 110, c) == pytest.approx(1.0)
+    assert lr_at(10, 110, c) == pytest.approx(1.0)
+    assert lr_at(60, 110, c) == pytest.approx(0.55)
+    assert lr_at(110, 110, c) == pytest.approx(0.1)
+    assert all(lr_at(s, 110, c) >= lr_at(s + 1, 110, c) for s in range(10, 110))
+
+
+def test_weight_decay_on_matrices_only():
+    model = tiny_model()
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n == model.num_params()  # the tied head is counted once
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    assert not opt.defaults.get("fused")
+
+
+def test_gpu_switches_resolve_by_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype("auto", cpu) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert autocast_dtype("fp32", cuda) is None
+    assert should_compile("auto", cuda) and not should_compile("auto", cpu)
+    assert should_compile("true", cpu) and not should_compile("false", cuda)
+
+
+def test_bf16_autocast_trains_on_cpu(verdict_ids):
+    data = TokenWindows(verdict_ids, 16, 16)
+    out = fit(tiny_model(), data, collate, cfg(precision="bf16", max_steps=3), progress=False)
+    assert math.isfinite(out.history[-1]["train_loss"])
+
+
+def test_total_steps_from_epochs_and_cap():
+    assert total_steps(10, TrainConfig(epochs=2.5, batch_size=1)) == 25
+    assert total_steps(10, TrainConfig(epochs=2.5, max_steps=7, batch_size=1)) == 7
+    assert total_steps(10, TrainConfig(epochs=1, grad_accum_steps=3, batch_size=1)) == 3
+    with pytest.raises(ValueError, match="fewer than batch_size=8"):
+        shuffled_batches(5, 8, 0)
