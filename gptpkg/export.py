@@ -171,15 +171,31 @@ def run(params: dict) -> dict[str, Any]:
     return metrics
 
 
+def write_int8(src: Path, out: Path) -> None:
+    """Dynamic int8 quantization of the MatMul/Gather weights (activations stay float and
+    are quantized per batch at run time); the metadata_props are carried over."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # ORT logs a hint to pre-process shapes (it matters for static, calibrated
+    # quantization only) on the root logger: silenced for this call alone.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        quantize_dynamic(src, out, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
 def quantize_int8(folder: Path, ids: list[list[int]], y_true: list[int], fp32_accuracy: float,
                   cfg: ExportConfig) -> dict[str, Any]:
     """Write folder/model.int8.onnx; delete it again unless it passes the accuracy gate."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     from .metrics import classification_metrics
 
     out = folder / INT8_FILE
-    quantize_dynamic(folder / FP32_FILE, out, weight_type=QuantType.QInt8)
+    write_int8(folder / FP32_FILE, out)
     int8 = OnnxSpamClassifier(out, device="cpu")  # also checks the metadata survived
     acc = classification_metrics(y_true, int8.logits_of_ids(ids, cfg.batch_size).argmax(1).tolist(), "test_")
     drop = 100.0 * (fp32_accuracy - acc["test_accuracy"])

@@ -135,9 +135,15 @@ class OnnxSpamClassifier:
         return self.session.run(["logits"], {"input_ids": input_ids, "lengths": lengths})[0]
 
     def logits_of_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
-        """(N, n_labels) logits of already-tokenized rows, run `batch_size` rows at a time."""
-        out = [self.logits(*self.pad(ids[i:i + batch_size])) for i in range(0, len(ids), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+        """(N, n_labels) logits of already-tokenized rows, in order. Rows run `batch_size`
+        at a time, grouped by length so little padding is computed (a row's logits do
+        not depend on its batch mates or on padding)."""
+        out = np.zeros((len(ids), len(self.labels)), dtype=np.float32)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            out[rows] = self.logits(*self.pad([ids[i] for i in rows]))
+        return out
 
     def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[dict]:
         """[{"label": name, "<label>_probability"...}] per text, in order; see `results`."""
