@@ -13,6 +13,8 @@ STAGE_HELP = {
     "finetune_spam": "fine-tune the pretrained GPT into the spam classifier",
     "baseline_spam": "TF-IDF + logistic regression on the same spam split",
     "finetune_instruct": "instruction-fine-tune the pretrained GPT; write test responses",
+    "export_onnx": "export the spam classifier to ONNX, checked against PyTorch on the test split",
+    "package": "import the exported ONNX model into the BentoML model store (versioned tag)",
 }
 
 
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError, load_params
     from .data import DataError
+    from .export import ExportError
+    from .onnx_classifier import ModelUnavailable
     from .fetch import FetchError
     from .runner import run_stage
     from .tokenizer import TokenizerUnavailable
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = run_stage(args.stage, params, resume=getattr(args, "resume", False),
                             progress=not getattr(args, "no_progress", False))
     except (ConfigError, DataError, FetchError, CheckpointError, TokenizerUnavailable,
-            TrainingDiverged, FileNotFoundError) as e:
+            TrainingDiverged, FileNotFoundError, ExportError, ModelUnavailable) as e:
         print(f"gptpkg {args.stage}: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=1, default=str))

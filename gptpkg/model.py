@@ -63,7 +63,9 @@ class CausalSelfAttention(nn.Module):
             past = cache.seen(layer)
             k, v = cache.update(layer, k, v)
         mask = None
-        is_causal = past == 0 and T > 1
+        # Without a cache a plain causal mask is right for any T (T=1 sees itself). Not
+        # `and T > 1`: that makes a symbolic bool under torch.export (ONNX dynamic T).
+        is_causal = past == 0
         if past > 0 and T > 1:
             # Queries at positions past..past+T-1 see keys 0..their own position.
             q_pos = torch.arange(past, past + T, device=x.device)[:, None]

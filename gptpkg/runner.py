@@ -43,6 +43,16 @@ def _finetune_instruct(params, logger, resume, progress):
     return run_instruct(params, logger, resume, progress)
 
 
+def _export_onnx(params, logger, resume, progress):
+    from .export import run
+    return run(params)
+
+
+def _package(params, logger, resume, progress):
+    from .export import package
+    return package(params)
+
+
 # name -> (function, trains a model?, the checkpoint path key it writes)
 STAGES: dict[str, tuple[Callable[..., dict[str, Any]], str | None]] = {
     "fetch": (_fetch, None),
@@ -51,6 +61,8 @@ STAGES: dict[str, tuple[Callable[..., dict[str, Any]], str | None]] = {
     "finetune_spam": (_finetune_spam, "spam_classifier"),
     "baseline_spam": (_baseline_spam, None),
     "finetune_instruct": (_finetune_instruct, "instruct_model"),
+    "export_onnx": (_export_onnx, None),
+    "package": (_package, None),
 }
 
 

@@ -64,3 +64,33 @@ def tok(_offline_env):
     from gptpkg.tokenizer import get_tokenizer
 
     return get_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_export(_offline_env, tmp_path_factory, shared_data):
+    """A tiny random spam classifier checkpoint, a 60-message test split, and the real
+    `export_onnx` stage run on them: (params, metrics). Shared by the export and serving tests."""
+    import json
+
+    import torch
+
+    from gptpkg.checkpoint import save_checkpoint
+    from gptpkg.config import load_params, model_config
+    from gptpkg.data import read_sms_spam
+    from gptpkg.export import run
+    from gptpkg.model import GPT
+
+    root = tmp_path_factory.mktemp("onnx-pipeline")
+    params = load_params(ROOT / "params.yaml")
+    params["paths"] = {k: str(root / v) for k, v in params["paths"].items()}
+    params["wandb"]["mode"] = "disabled"
+    torch.manual_seed(0)
+    model = GPT(model_config("tiny")).to_classifier(2)
+    meta = {"labels": ["ham", "spam"], "max_length": 32, "pad_id": 50256, "pooling": "last_real_token",
+            "tokenizer": "gpt2"}
+    save_checkpoint(params["paths"]["spam_classifier"], model, meta)
+    rows = read_sms_spam(shared_data / "SMSSpamCollection")[:58] + [("", 0), ("¡Olé! 🎉 <|endoftext|> 東京", 1)]
+    test = Path(params["paths"]["processed"]) / "spam" / "test.jsonl"
+    test.parent.mkdir(parents=True)
+    test.write_text("\n".join(json.dumps({"text": t, "label": y}) for t, y in rows) + "\n", encoding="utf-8")
+    return params, run(params)

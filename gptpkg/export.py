@@ -1,0 +1,248 @@
+"""The `export_onnx` and `package` stages.
+
+export_onnx: the fine-tuned classifier checkpoint -> one self-contained ONNX file
+(`input_ids` (B, T) int64 + `lengths` (B,) int64 -> `logits` (B, n_labels); batch and
+sequence length dynamic; last-real-token pooling inside the graph, as `GPT.classify`),
+with the tokenizer / max length / pad id / pooling / labels in its metadata_props. It is
+checked against PyTorch on the whole test split (identical labels, max |Δlogit| within
+`parity_atol`) before it replaces anything; an int8 dynamic-quantized copy is kept only
+when its test accuracy is within `int8_max_drop` points of fp32.
+
+package: the exported folder into the BentoML model store under a versioned tag (the
+version is the first 12 hex digits of the ONNX file's sha256, so the same model gets
+the same tag). bentoml is imported there only.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import from_dict, section
+from .onnx_classifier import FP32_FILE, INT8_FILE, POOLING, TOKENIZER_DIR, ModelMeta, OnnxSpamClassifier
+
+MIN_OPSET = 17
+
+
+class ExportError(RuntimeError):
+    """The exported model failed a check; nothing was written over the previous export."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int  # ONNX opset of the exported graph (>= 17)
+    parity_atol: float  # max |logit_onnx - logit_torch| allowed on the test split
+    batch_size: int  # rows per run for the parity check and the accuracy figures
+    int8: bool  # also write a dynamic-quantized int8 copy (kept only if it passes the gate)
+    int8_max_drop: float  # accuracy points (0-100) int8 may lose against fp32 on the test split
+
+
+@dataclass(frozen=True)
+class PackageConfig:
+    model_name: str  # BentoML model name; the version is derived from the ONNX file
+    variant: str  # fp32 | int8: which ONNX file the service runs
+
+
+def export_config(params: dict) -> ExportConfig:
+    cfg = from_dict(ExportConfig, section(params, "export_onnx"), "params.export_onnx")
+    if cfg.opset < MIN_OPSET:
+        raise ExportError(f"params.export_onnx.opset={cfg.opset}: need >= {MIN_OPSET}")
+    if cfg.batch_size < 1 or cfg.parity_atol <= 0 or cfg.int8_max_drop < 0:
+        raise ExportError(f"params.export_onnx: batch_size >= 1, parity_atol > 0, int8_max_drop >= 0 expected, got {cfg}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------
+# export
+
+
+def model_meta(config: dict, where: str) -> ModelMeta:
+    """The serving metadata of a classifier checkpoint (its config.json "meta")."""
+    meta = config.get("meta") or {}
+    missing = [k for k in ("labels", "max_length", "pad_id") if k not in meta]
+    if not config.get("n_classes") or missing:
+        raise ExportError(f"{where}: not a fine-tuned classifier checkpoint (n_classes={config.get('n_classes')}, "
+                          f"meta lacks {missing}); run finetune_spam first")
+    if len(meta["labels"]) != config["n_classes"]:
+        raise ExportError(f"{where}: {len(meta['labels'])} labels for {config['n_classes']} classes")
+    return ModelMeta(tokenizer=meta.get("tokenizer", "gpt2"), max_length=int(meta["max_length"]),
+                     pad_id=int(meta["pad_id"]), pooling=meta.get("pooling", POOLING),
+                     labels=tuple(meta["labels"]), context_length=int(config["model"]["context_length"]))
+
+
+def export_classifier(model, meta: ModelMeta, out: Path, opset: int) -> None:
+    """Write `model.classify` as one ONNX file with `meta` in its metadata_props."""
+    import torch
+
+    class Classify(torch.nn.Module):
+        def __init__(self, gpt) -> None:
+            super().__init__()
+            self.gpt = gpt
+
+        def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            return self.gpt.classify(input_ids, lengths)
+
+    model = model.eval().cpu()
+    T = min(8, meta.context_length)
+    ids = torch.full((2, T), meta.pad_id, dtype=torch.long)
+    lengths = torch.tensor([T, 1], dtype=torch.long)
+    batch = torch.export.Dim("batch", min=1)
+    # Up to context_length, so the model's length check is decided at export time.
+    seq = torch.export.Dim("seq", min=1, max=meta.context_length)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            Classify(model).eval(), (ids, lengths), input_names=["input_ids", "lengths"], output_names=["logits"],
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "lengths": {0: batch}},
+            opset_version=opset, dynamo=True, external_data=False, verbose=False,
+        )
+    program.model.metadata_props.update(meta.to_props())
+    program.save(str(out), external_data=False)
+
+
+def bundle_tokenizer(dest: Path, mirror: str | None) -> None:
+    """Copy tiktoken's GPT-2 BPE files to dest/gpt2/ so the export serves offline."""
+    import hashlib
+
+    from .fetch import SOURCES
+    from .tokenizer import get_tokenizer, tiktoken_cache_dir
+
+    get_tokenizer(mirror)  # seeds/fills tiktoken's cache (and checks the hashes)
+    (dest / TOKENIZER_DIR).mkdir()
+    for name in ("gpt2/vocab.bpe", "gpt2/encoder.json"):
+        cached = tiktoken_cache_dir() / hashlib.sha1(SOURCES[name].url.encode()).hexdigest()
+        if not cached.is_file():
+            raise ExportError(f"tiktoken's cache {cached} lacks {name}; cannot bundle the tokenizer")
+        shutil.copyfile(cached, dest / name)
+
+
+def torch_logits(model, ids: list[list[int]], pad, batch_size: int):
+    import numpy as np
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(ids), batch_size):
+            x, n = pad(ids[i:i + batch_size])
+            out.append(model.classify(torch.from_numpy(x), torch.from_numpy(n)).float().numpy())
+    return np.concatenate(out)
+
+
+def run(params: dict) -> dict[str, Any]:
+    import numpy as np
+
+    from .checkpoint import atomic_dir, load_checkpoint
+    from .metrics import classification_metrics
+    from .stages import mirror_of, paths_of, read_spam_split
+
+    paths = paths_of(params)
+    cfg = export_config(params)
+    model, config = load_checkpoint(paths.spam_classifier)
+    meta = model_meta(config, paths.spam_classifier)
+    test = read_spam_split(paths, "test")
+    y_true = [y for _, y in test]
+    metrics: dict[str, Any] = {"opset": cfg.opset, "test_n": len(test)}
+
+    with atomic_dir(paths.onnx) as tmp:
+        bundle_tokenizer(tmp, mirror_of(params))
+        t0 = time.perf_counter()
+        export_classifier(model, meta, tmp / FP32_FILE, cfg.opset)
+        metrics["export_s"] = round(time.perf_counter() - t0, 2)
+        fp32 = OnnxSpamClassifier(tmp / FP32_FILE, device="cpu")
+        ids = [fp32.encode(t) for t, _ in test]
+        ref = torch_logits(model, ids, fp32.pad, cfg.batch_size)
+        got = fp32.logits_of_ids(ids, cfg.batch_size)
+        diff = float(np.abs(got - ref).max())
+        mismatches = int((got.argmax(1) != ref.argmax(1)).sum())
+        metrics.update({"parity_max_abs_logit_diff": diff, "parity_label_mismatches": mismatches,
+                        "parity_atol": cfg.parity_atol})
+        if mismatches or not diff <= cfg.parity_atol:  # `not <=` also catches NaN
+            raise ExportError(f"ONNX export of {paths.spam_classifier} fails parity on the test split: "
+                              f"{mismatches} labels differ, max |Δlogit| {diff:.3g} > {cfg.parity_atol}; "
+                              f"{paths.onnx} left unchanged")
+        acc = classification_metrics(y_true, got.argmax(1).tolist(), "test_")
+        metrics["torch_test_accuracy"] = classification_metrics(y_true, ref.argmax(1).tolist())["accuracy"]
+        metrics.update({"fp32_" + k: v for k, v in acc.items()})
+        metrics["fp32_size_mb"] = round((tmp / FP32_FILE).stat().st_size / 2**20, 2)
+        if cfg.int8:
+            metrics.update(quantize_int8(tmp, ids, y_true, acc["test_accuracy"], cfg))
+    return metrics
+
+
+def write_int8(src: Path, out: Path) -> None:
+    """Dynamic int8 quantization of the MatMul/Gather weights (activations stay float and
+    are quantized per batch at run time); the metadata_props are carried over."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # ORT logs a hint to pre-process shapes (it matters for static, calibrated
+    # quantization only) on the root logger: silenced for this call alone.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        quantize_dynamic(src, out, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
+def quantize_int8(folder: Path, ids: list[list[int]], y_true: list[int], fp32_accuracy: float,
+                  cfg: ExportConfig) -> dict[str, Any]:
+    """Write folder/model.int8.onnx; delete it again unless it passes the accuracy gate."""
+    from .metrics import classification_metrics
+
+    out = folder / INT8_FILE
+    write_int8(folder / FP32_FILE, out)
+    int8 = OnnxSpamClassifier(out, device="cpu")  # also checks the metadata survived
+    acc = classification_metrics(y_true, int8.logits_of_ids(ids, cfg.batch_size).argmax(1).tolist(), "test_")
+    drop = 100.0 * (fp32_accuracy - acc["test_accuracy"])
+    kept = drop <= cfg.int8_max_drop
+    result = {"int8_" + k: v for k, v in acc.items()}
+    result.update({"int8_accuracy_drop_points": round(drop, 4), "int8_max_drop": cfg.int8_max_drop,
+                   "int8_kept": kept, "int8_size_mb": round(out.stat().st_size / 2**20, 2)})
+    if not kept:
+        out.unlink()
+        print(f"export_onnx: int8 variant dropped: test accuracy {acc['test_accuracy']:.4f} is "
+              f"{drop:.2f} points below fp32 (allowed {cfg.int8_max_drop})")
+    return result
+
+
+# ---------------------------------------------------------------------------------
+# package
+
+
+def package(params: dict) -> dict[str, Any]:
+    """Import the exported folder into the BentoML model store; returns its tag."""
+    import bentoml  # only here: the core library does not depend on bentoml
+
+    from .fetch import sha256_of
+    from .stages import paths_of
+
+    paths = paths_of(params)
+    cfg = from_dict(PackageConfig, section(params, "package"), "params.package")
+    if cfg.variant not in ("fp32", "int8"):
+        raise ExportError(f"params.package.variant: expected fp32|int8, got {cfg.variant!r}")
+    folder = Path(paths.onnx)
+    onnx_file = folder / (FP32_FILE if cfg.variant == "fp32" else INT8_FILE)
+    if not onnx_file.is_file():
+        hint = " (the int8 copy is kept only when it passes the accuracy gate)" if cfg.variant == "int8" else ""
+        raise ExportError(f"{onnx_file} missing: run export_onnx first{hint}")
+    clf = OnnxSpamClassifier(onnx_file, device="cpu")  # refuse to package an unreadable model
+    digest = sha256_of(onnx_file)
+    tag = f"{cfg.model_name}:{cfg.variant}-{digest[:12]}"
+    info = {"onnx_file": onnx_file.name, "sha256": digest, "variant": cfg.variant,
+            **{k.removeprefix("gptpkg."): v for k, v in clf.meta.to_props().items()}}
+    try:
+        stored = bentoml.models.get(tag)
+        created = False
+    except bentoml.exceptions.NotFound:
+        with bentoml.models.create(tag, labels={"framework": "onnx", "variant": cfg.variant},
+                                   metadata=info) as m:
+            shutil.copyfile(onnx_file, Path(m.path) / onnx_file.name)
+            shutil.copytree(folder / TOKENIZER_DIR, Path(m.path) / TOKENIZER_DIR)
+        stored = bentoml.models.get(tag)
+        created = True
+    return {"bento_model": str(stored.tag), "created": created, **info}

@@ -1,0 +1,161 @@
+"""The exported spam classifier run by ONNX Runtime: read the model's metadata,
+tokenize, right-pad, run, softmax. No torch imported here: the HTTP service, the
+export check and the benchmarks all use this one class.
+
+An exported model is a folder (`paths.onnx`):
+
+    model.onnx         fp32 graph: input_ids (B, T) int64, lengths (B,) int64 -> logits (B, n_labels)
+    model.int8.onnx    dynamic-quantized variant (only when it passed the accuracy gate)
+    gpt2/vocab.bpe, gpt2/encoder.json   tiktoken's GPT-2 BPE files, so serving needs no network
+
+Every ONNX file carries in its `metadata_props` what a server needs (`META_KEYS`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+FP32_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+TOKENIZER_DIR = "gpt2"  # laid out like the offline mirror: <dir>/gpt2/{vocab.bpe,encoder.json}
+META_KEYS = ("gptpkg.tokenizer", "gptpkg.max_length", "gptpkg.pad_id", "gptpkg.pooling",
+             "gptpkg.labels", "gptpkg.context_length")
+POOLING = "last_real_token"
+
+
+class ModelUnavailable(RuntimeError):
+    """The ONNX model file is missing, unreadable or lacks gptpkg's metadata."""
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    tokenizer: str
+    max_length: int  # texts are cut to their first `max_length` tokens, as in training
+    pad_id: int
+    pooling: str
+    labels: tuple[str, ...]
+    context_length: int
+
+    def to_props(self) -> dict[str, str]:
+        """The ONNX metadata_props (all values strings)."""
+        return {"gptpkg.tokenizer": self.tokenizer, "gptpkg.max_length": str(self.max_length),
+                "gptpkg.pad_id": str(self.pad_id), "gptpkg.pooling": self.pooling,
+                "gptpkg.labels": json.dumps(list(self.labels)),
+                "gptpkg.context_length": str(self.context_length)}
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], where: str) -> "ModelMeta":
+        missing = [k for k in META_KEYS if k not in props]
+        if missing:
+            raise ModelUnavailable(f"{where}: ONNX metadata lacks {missing}; was it written by `gptpkg export_onnx`?")
+        try:
+            meta = cls(tokenizer=props["gptpkg.tokenizer"], max_length=int(props["gptpkg.max_length"]),
+                       pad_id=int(props["gptpkg.pad_id"]), pooling=props["gptpkg.pooling"],
+                       labels=tuple(json.loads(props["gptpkg.labels"])),
+                       context_length=int(props["gptpkg.context_length"]))
+        except (ValueError, TypeError) as e:
+            raise ModelUnavailable(f"{where}: bad gptpkg metadata {props}: {e}") from None
+        if meta.pooling != POOLING:
+            raise ModelUnavailable(f"{where}: pooling {meta.pooling!r} unsupported (expected {POOLING!r})")
+        if meta.tokenizer != "gpt2":
+            raise ModelUnavailable(f"{where}: tokenizer {meta.tokenizer!r} unsupported (expected 'gpt2')")
+        if not 0 < meta.max_length <= meta.context_length:
+            raise ModelUnavailable(f"{where}: max_length {meta.max_length} not in 1..{meta.context_length}")
+        return meta
+
+
+def choose_providers(device: str = "auto") -> list[str]:
+    """CUDA first when onnxruntime has it (device auto|cuda), always CPU as fallback."""
+    import onnxruntime as ort
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto|cpu|cuda, got {device!r}")
+    have = ort.get_available_providers()
+    if device == "cuda" and "CUDAExecutionProvider" not in have:
+        raise ModelUnavailable(f"device=cuda but onnxruntime has only {have} (install onnxruntime-gpu)")
+    if device != "cpu" and "CUDAExecutionProvider" in have:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxSpamClassifier:
+    """One ONNX Runtime session plus the tokenizer its metadata names."""
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int = 0,
+                 tokenizer_dir: str | Path | None = None) -> None:
+        import onnxruntime as ort
+
+        from .tokenizer import get_tokenizer
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelUnavailable(f"ONNX model {self.path} not found (run `gptpkg export_onnx`, "
+                                   "or point the service at an exported model.onnx)")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=choose_providers(device))
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            raise ModelUnavailable(f"ONNX model {self.path} unreadable: {type(e).__name__}: {e}") from None
+        names = [i.name for i in self.session.get_inputs()]
+        if names != ["input_ids", "lengths"]:
+            raise ModelUnavailable(f"{self.path}: inputs {names}, expected ['input_ids', 'lengths']")
+        self.meta = ModelMeta.from_props(self.session.get_modelmeta().custom_metadata_map, str(self.path))
+        # BPE files shipped beside the model win over the mirror / tiktoken's own cache.
+        bundled = Path(tokenizer_dir) if tokenizer_dir else self.path.parent
+        mirror = bundled if (bundled / TOKENIZER_DIR / "vocab.bpe").is_file() else None
+        self.tokenizer = get_tokenizer(mirror)
+        self.providers = self.session.get_providers()
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.meta.labels
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, cut to the first `max_length` (the training rule); special
+        tokens such as <|endoftext|> in user text are encoded as plain text; an empty
+        text becomes one pad token (as in training)."""
+        return self.tokenizer.encode_ordinary(text)[: self.meta.max_length] or [self.meta.pad_id]
+
+    def pad(self, ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Right-pad to the longest row: (input_ids (B, T) int64, lengths (B,) int64)."""
+        lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))
+        batch = np.full((len(ids), int(lengths.max())), self.meta.pad_id, dtype=np.int64)
+        for row, r in enumerate(ids):
+            batch[row, : len(r)] = r
+        return batch, lengths
+
+    def logits(self, input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        return self.session.run(["logits"], {"input_ids": input_ids, "lengths": lengths})[0]
+
+    def logits_of_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
+        """(N, n_labels) logits of already-tokenized rows, in order. Rows run `batch_size`
+        at a time, grouped by length so little padding is computed (a row's logits do
+        not depend on its batch mates or on padding)."""
+        out = np.zeros((len(ids), len(self.labels)), dtype=np.float32)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            out[rows] = self.logits(*self.pad([ids[i] for i in rows]))
+        return out
+
+    def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[dict]:
+        """[{"label": name, "<label>_probability"...}] per text, in order; see `results`."""
+        if not texts:
+            return []
+        return self.results(self.logits_of_ids([self.encode(t) for t in texts], batch_size))
+
+    def results(self, logits: np.ndarray) -> list[dict]:
+        """Per row: {"label": the argmax label, "spam_probability": softmax of the last label}."""
+        z = logits.astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        pos = self.labels[-1]  # labels are (ham, spam): index 1 is the positive class
+        return [{"label": self.labels[int(row.argmax())], f"{pos}_probability": float(row[-1])} for row in p]
