@@ -41,9 +41,10 @@ class TrainingDiverged(RuntimeError):
 
 
 def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy; targets equal to -100 are ignored."""
-    logits = model(batch["input_ids"])  # (B, T, V)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE_INDEX)
+    """Next-token cross-entropy; targets equal to -100 are ignored. The model computes
+    it (`GPT.forward(idx, targets=...)`), so the head and loss can be fused and a DDP
+    wrapper sees the call."""
+    loss = model(batch["input_ids"], targets=batch["targets"])
     return loss, batch["input_ids"].numel()
 
 
@@ -59,8 +60,8 @@ def classification_loss(class_weights: Sequence[float] | None = None) -> LossFn:
 
 
 def _classify(model: nn.Module, batch: dict) -> torch.Tensor:
-    base = ckpt._unwrap(model)
-    return base.classify(batch["input_ids"], batch["lengths"])
+    # Through forward (not .classify) so a DDP / compile wrapper sees the call.
+    return model(batch["input_ids"], lengths=batch["lengths"])
 
 
 # ---------------------------------------------------------------------------------
@@ -118,7 +119,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-        fused=device.type == "cuda",
+        # The fused kernel (one pass over each parameter) exists for CUDA and CPU.
+        fused=device.type in ("cuda", "cpu"),
     )
 
 
