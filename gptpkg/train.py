@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import TrainConfig
 from .data import IGNORE_INDEX
 from .loggers import MetricLogger, NullLogger
@@ -254,11 +255,18 @@ def fit(
     `eval_fn(model)` returns metrics (e.g. val loss) every `cfg.eval_every` steps and at
     the end. With `checkpoint_dir`, a resumable checkpoint is written every
     `cfg.checkpoint_every` steps and at the end; `resume=True` continues from it.
+
+    Under `torchrun` (WORLD_SIZE > 1) it trains with DDP: every micro-batch of the plan
+    is a global batch, each rank trains on its slice, gradients are averaged; the loss
+    and eval metrics are averaged over ranks; only rank 0 logs and writes checkpoints.
     """
     from tqdm.auto import tqdm
 
-    logger = logger or NullLogger()
     device = resolve_device(cfg.device)
+    dist_ctx, device = distributed.setup(device)
+    world = dist_ctx.world_size
+    logger = (logger or NullLogger()) if dist_ctx.is_main else NullLogger()
+    progress = progress and dist_ctx.is_main
     dtype = autocast_dtype(cfg.precision, device)
     model.to(device).train()
     plan = batch_plan or shuffled_batches(len(train_set), cfg.batch_size, cfg.seed)
@@ -275,13 +283,18 @@ def fit(
         history, elapsed0 = list(state["history"]), float(state["elapsed"])
         torch.set_rng_state(state["rng"])
     else:
-        set_seed(cfg.seed)
+        set_seed(cfg.seed + dist_ctx.rank)  # distinct dropout masks per rank
 
     run_model = torch.compile(model) if should_compile(cfg.compile, device) else model
+    # After resume: DDP broadcasts rank 0's weights to every rank when it wraps.
+    run_model = distributed.wrap(run_model, dist_ctx, device)
     micro = _micro_batches(plan, step * cfg.grad_accum_steps)
 
     def save(final: bool) -> None:
         if checkpoint_dir is None:
+            return
+        if not dist_ctx.is_main:
+            distributed.barrier(dist_ctx)  # wait until rank 0 has written it
             return
         ckpt.save_checkpoint(checkpoint_dir, model, meta={**(meta or {}), "step": step, "train": asdict(cfg)},
                              trainer_state={
@@ -289,6 +302,7 @@ def fit(
                                  "history": history, "elapsed": time.perf_counter() - t0 + elapsed0,
                                  "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                              })
+        distributed.barrier(dist_ctx)
 
     def evaluate(train_loss: float | None, tokens_per_s: float | None = None) -> dict[str, Any]:
         row: dict[str, Any] = {"step": step, "tokens_seen": tokens, "lr": lr_at(max(step - 1, 0), steps, cfg)}
@@ -300,7 +314,7 @@ def fit(
             was = model.training
             model.eval()
             with torch.no_grad(), autocast(device, dtype):
-                row.update(eval_fn(model))
+                row.update(distributed.mean_metrics(eval_fn(model), dist_ctx, device))
             model.train(was)
         row["elapsed_s"] = time.perf_counter() - t0 + elapsed0
         history.append(row)
@@ -315,16 +329,22 @@ def fit(
         for g in optimizer.param_groups:
             g["lr"] = lr
         step_loss = torch.zeros((), device=device)
-        for _ in range(cfg.grad_accum_steps):
-            batch = to_device(collate([train_set[i] for i in next(micro)]), device)
-            with autocast(device, dtype):
-                loss, n_tok = loss_fn(run_model, batch)
-            (loss / cfg.grad_accum_steps).backward()
+        for k in range(cfg.grad_accum_steps):
+            idx = next(micro)
+            if dist_ctx.enabled:
+                idx = distributed.shard(idx, dist_ctx)
+            batch = to_device(collate([train_set[i] for i in idx]), device)
+            # DDP: average gradients across ranks only on the last micro-batch.
+            sync = k == cfg.grad_accum_steps - 1 or not dist_ctx.enabled
+            with (contextlib.nullcontext() if sync else run_model.no_sync()):
+                with autocast(device, dtype):
+                    loss, n_tok = loss_fn(run_model, batch)
+                (loss / cfg.grad_accum_steps).backward()
             step_loss += loss.detach() / cfg.grad_accum_steps
-            tokens += n_tok
-            window_tokens += n_tok
-            examples += batch["input_ids"].shape[0]
-        value = step_loss.item()
+            tokens += n_tok * world  # every rank trains on an equal slice
+            window_tokens += n_tok * world
+            examples += batch["input_ids"].shape[0] * world
+        value = distributed.mean_across_ranks(step_loss, dist_ctx).item()
         if not math.isfinite(value):
             optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
