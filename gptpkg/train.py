@@ -152,6 +152,46 @@ def shuffled_batches(n: int, batch_size: int, seed: int) -> BatchPlan:
     return plan
 
 
+def bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, pool_batches: int = 64) -> BatchPlan:
+    """Length-bucketed batches: each epoch (seeded by seed + epoch) shuffle, cut the
+    order into pools of `pool_batches` batches, sort each pool by length, cut it into
+    batches, then shuffle the batch order. Texts of similar length share a batch, so
+    per-batch padding wastes little. Every example is in exactly one batch per epoch
+    (the last batch of a pool may be smaller). A function of the epoch, so resume
+    replays the same order."""
+    n = len(lengths)
+    if n < batch_size:
+        raise ValueError(f"training set has {n} examples, fewer than batch_size={batch_size}")
+    lengths = [int(x) for x in lengths]
+    pool = batch_size * pool_batches
+
+    def plan(epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed + epoch)
+        perm = torch.randperm(n, generator=g).tolist()
+        batches = []
+        for p in range(0, n, pool):
+            chunk = sorted(perm[p : p + pool], key=lengths.__getitem__)  # stable: ties stay shuffled
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return [batches[i] for i in order]
+
+    return plan
+
+
+BATCHING = ("bucketed", "shuffled", "pad_longest")
+
+
+def batch_plan_for(batching: str, lengths: Sequence[int], batch_size: int, seed: int) -> BatchPlan:
+    """The plan for a fine-tuning `batching` setting: `bucketed` groups similar lengths;
+    `shuffled` and `pad_longest` (the book's: every text padded to the longest in the
+    training set, done by the collate) draw random batches."""
+    if batching == "bucketed":
+        return bucketed_batches(lengths, batch_size, seed)
+    if batching in ("shuffled", "pad_longest"):
+        return shuffled_batches(len(lengths), batch_size, seed)
+    raise ValueError(f"batching must be one of {'|'.join(BATCHING)}, got {batching!r}")
+
+
 def _micro_batches(plan: BatchPlan, skip: int) -> Iterator[list[int]]:
     """Micro-batches over epochs 0, 1, 2, ..., skipping the first `skip` (on resume)."""
     epoch = 0
