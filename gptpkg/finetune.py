@@ -23,8 +23,8 @@ from .model import GPT
 from .stages import InstructConfig, SpamConfig, mirror_of, paths_of, read_spam_split, stage_config
 from .tokenizer import PAD_ID, get_tokenizer
 from .train import (
-    autocast, autocast_dtype, batches_of, classification_loss, fit, lm_loss, mean_loss,
-    resolve_device, set_seed,
+    BATCHING, autocast, autocast_dtype, batch_plan_for, batches_of, classification_loss, fit,
+    lm_loss, mean_loss, resolve_device, set_seed,
 )
 
 
@@ -44,6 +44,18 @@ def initial_model(init: str, params_section: str, pretrained: str, openai_weight
     if init == "scratch" and preset:
         return GPT(model_config(preset))
     raise ConfigError(f"params.{params_section}.init: expected pretrained|openai|scratch, got {init!r}")
+
+
+def _batching(batching: str, where: str, lengths: list[int], train, collate):
+    """(batch plan, collate) for a `batching` setting. pad_longest (classifier only)
+    pads every text to the longest in the training set, as the book does."""
+    allowed = BATCHING if collate is not None else ("bucketed", "shuffled")
+    if batching not in allowed:
+        raise ConfigError(f"params.{where}.batching: expected {'|'.join(allowed)}, got {batching!r}")
+    plan = batch_plan_for(batching, lengths, train.batch_size, train.seed)
+    if batching == "pad_longest":
+        collate = partial(collate, pad_to=max(lengths))
+    return plan, collate
 
 
 # ---------------------------------------------------------------------------------
@@ -94,9 +106,11 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
         return {"val_loss": mean_loss(m, val_batches, loss_fn, device, 0, dtype),
                 "val_accuracy": acc["val_accuracy"]}
 
+    lengths = [len(ids) for ids in sets["train"].ids]
+    plan, collate = _batching(cfg.batching, "finetune_spam", lengths, train, classification_collate)
     meta = {"stage": "finetune_spam", "labels": list(SPAM_LABELS), "max_length": cfg.max_length,
             "pad_id": PAD_ID, "pooling": "last_real_token", "tokenizer": "gpt2"}
-    result = fit(model, sets["train"], classification_collate, train, loss_fn=loss_fn, eval_fn=evaluate,
+    result = fit(model, sets["train"], collate, train, loss_fn=loss_fn, eval_fn=evaluate, batch_plan=plan,
                  checkpoint_dir=paths.spam_classifier, resume=resume, logger=logger, meta=meta,
                  progress=progress, desc="finetune_spam")
     metrics: dict[str, Any] = {"steps": result.steps, "wall_time_s": result.wall_time_s,
@@ -133,7 +147,9 @@ def run_instruct(params: dict, logger: MetricLogger, resume: bool = False, progr
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         return {"val_loss": mean_loss(m, eval_sets["val"], lm_loss, device, train.eval_batches, dtype)}
 
-    result = fit(model, sets["train"], collate, train, loss_fn=lm_loss, eval_fn=evaluate,
+    lengths = [len(it["input_ids"]) for it in sets["train"].items]
+    plan, _ = _batching(cfg.batching, "finetune_instruct", lengths, train, None)
+    result = fit(model, sets["train"], collate, train, loss_fn=lm_loss, eval_fn=evaluate, batch_plan=plan,
                  checkpoint_dir=paths.instruct_model, resume=resume, logger=logger,
                  meta={"stage": "finetune_instruct"}, progress=progress, desc="finetune_instruct")
     metrics: dict[str, Any] = {f"{p}_loss": mean_loss(model, b, lm_loss, device, 0, dtype) for p, b in eval_sets.items()}

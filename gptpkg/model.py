@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 
+IGNORE_INDEX = -100  # targets equal to this are not scored (padding, masked prompts)
+
 
 class KVCache:
     """Keys and values of the tokens seen so far, one (k, v) pair per layer.
@@ -106,6 +108,70 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+# Rows of hidden states per chunk of the fused head + loss: a (rows, V) slab of logits
+# at a time instead of (B*T, V): 256 x 50,257 fp32 logits are ~50 MB, not ~400 MB.
+HEAD_CHUNK_ROWS = 256
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Mean next-token cross-entropy of `h @ w.T`, computed `chunk` rows at a time.
+
+    The gradients are formed in the forward pass, chunk by chunk (softmax - one-hot is
+    the gradient of the logits), so the full (N, V) logits and their gradient never
+    exist at once. Same three matmuls as the plain head (h @ w.T, g @ w, g.T @ h); what
+    it saves is the memory traffic of two (N, V) fp32 tensors and the separate
+    log-softmax passes over them, which on a CPU cost more than the head's matmuls'
+    share suggests.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk: int, want_grad: bool):
+        # h (N, C), w (V, C), targets (N,)
+        denom = max(int((targets != IGNORE_INDEX).sum()), 1)
+        need_grad = want_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s : s + chunk], targets[s : s + chunk]
+            vc = tc != IGNORE_INDEX
+            safe = torch.where(vc, tc, torch.zeros_like(tc))
+            logits = (hc @ w.t()).float()  # (n, V)
+            picked = logits.gather(1, safe[:, None])  # (n, 1)
+            # In place, one pass each: shift by the row max, exponentiate, sum.
+            top = logits.amax(dim=1, keepdim=True)
+            e = logits.sub_(top).exp_()
+            z = e.sum(dim=1, keepdim=True)
+            total += ((z.log() + top - picked)[:, 0] * vc).sum()
+            if not need_grad:
+                continue
+            # d(mean loss)/d logits = (softmax - onehot) / n_valid on valid rows, else 0.
+            keep = vc[:, None].to(e.dtype) / denom
+            g = e.mul_(keep / z)
+            g.scatter_add_(1, safe[:, None], -keep)
+            g = g.to(w.dtype)
+            grad_h[s : s + chunk] = g @ w
+            if want_grad and ctx.needs_input_grad[1]:
+                # First chunk writes (no zero fill of a (V, C) buffer), later ones add.
+                grad_w = g.t() @ hc if grad_w is None else grad_w.addmm_(g.t(), hc)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out if grad_h is not None and ctx.needs_input_grad[0] else None
+        gw = grad_w * grad_out if grad_w is not None and ctx.needs_input_grad[1] else None
+        return gh, gw, None, None, None
+
+
+def chunked_head_loss(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
+                      chunk: int = HEAD_CHUNK_ROWS) -> torch.Tensor:
+    """Mean cross-entropy of logits `h @ w.T` (h (N, C), w (V, C), targets (N,),
+    -100 ignored) without materialising the (N, V) logits."""
+    return _ChunkedHeadLoss.apply(h, w, targets, chunk, torch.is_grad_enabled())
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -160,12 +226,38 @@ class GPT(nn.Module):
             x = block(x, cache, i)
         return self.final_norm(x)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size), or (B, T, n_classes) for a classifier."""
-        logits = self.out_head(self.hidden(idx, cache))
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                targets: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size), or (B, T, n_classes) for a classifier.
+
+        With `targets` (B, T): the mean next-token cross-entropy instead (-100 ignored).
+        With `lengths` (B,): `classify`. Both go through `forward` so that wrappers that
+        hook it (DDP, torch.compile) see every training step.
+        """
+        if lengths is not None:
+            return self.classify(idx, lengths)
+        h = self.hidden(idx, cache)
+        if targets is not None and self.n_classes is None:
+            return self.lm_loss(h, targets)
+        logits = self.out_head(h)
         if self.n_classes is None and logits.shape[-1] != self.cfg.vocab_size:
             logits = logits[..., : self.cfg.vocab_size]  # drop the padded vocabulary rows
+        if targets is not None:
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits
+
+    def lm_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of hidden states h (B, T, C).
+
+        On CPU the head and the loss are fused and chunked (`chunked_head_loss`). On
+        GPUs the plain logits path is kept: torch.compile fuses it there, and bf16
+        autocast applies to the head matmul.
+        """
+        w = self.out_head.weight[: self.cfg.vocab_size]  # padded rows never score
+        if h.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+            return chunked_head_loss(h.flatten(0, 1), w, targets.flatten())
+        logits = F.linear(h, w)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
     def classify(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Class logits (B, n_classes) read at each row's last real token.

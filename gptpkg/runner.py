@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from .checkpoint import atomic_write_text
 from .config import from_dict, section
+from .distributed import is_main_process
 from .loggers import MultiLogger, NullLogger, StdoutLogger, WandbLogger, wandb_from_env
 from .stages import Paths, WandbConfig, paths_of, write_metrics
 
@@ -80,11 +81,14 @@ def run_stage(name: str, params: dict, resume: bool = False, progress: bool = Tr
         raise KeyError(f"unknown stage {name!r}; expected one of {sorted(STAGES)}")
     fn, ckpt_key = STAGES[name]
     paths = paths_of(params)
-    logger, wb = open_logger(params, name, paths) if ckpt_key else (NullLogger(), None)
+    main = is_main_process()  # under torchrun only rank 0 logs and writes files
+    logger, wb = open_logger(params, name, paths) if (ckpt_key and main) else (NullLogger(), None)
     try:
         metrics = fn(params, logger, resume, progress)
         history = metrics.pop("history", None)
         samples = metrics.pop("samples", None)
+        if not main:
+            return metrics
         if history is not None:
             plot = Path(paths.plots) / f"{name}.json"
             atomic_write_text(plot, json.dumps(history, indent=1) + "\n")

@@ -77,6 +77,7 @@ class SpamConfig:
     n_blocks: int
     max_length: int
     class_weights: list[float] | None
+    batching: str  # bucketed | shuffled | pad_longest (the book's: pad to the longest text)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class InstructConfig:
     max_new_tokens: int
     judge_url: str
     judge_model: str
+    batching: str  # bucketed | shuffled
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import TrainConfig
 from .data import IGNORE_INDEX
 from .loggers import MetricLogger, NullLogger
@@ -41,9 +42,10 @@ class TrainingDiverged(RuntimeError):
 
 
 def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy; targets equal to -100 are ignored."""
-    logits = model(batch["input_ids"])  # (B, T, V)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE_INDEX)
+    """Next-token cross-entropy; targets equal to -100 are ignored. The model computes
+    it (`GPT.forward(idx, targets=...)`), so the head and loss can be fused and a DDP
+    wrapper sees the call."""
+    loss = model(batch["input_ids"], targets=batch["targets"])
     return loss, batch["input_ids"].numel()
 
 
@@ -59,8 +61,8 @@ def classification_loss(class_weights: Sequence[float] | None = None) -> LossFn:
 
 
 def _classify(model: nn.Module, batch: dict) -> torch.Tensor:
-    base = ckpt._unwrap(model)
-    return base.classify(batch["input_ids"], batch["lengths"])
+    # Through forward (not .classify) so a DDP / compile wrapper sees the call.
+    return model(batch["input_ids"], lengths=batch["lengths"])
 
 
 # ---------------------------------------------------------------------------------
@@ -118,7 +120,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-        fused=device.type == "cuda",
+        # The fused kernel (one pass over each parameter) exists for CUDA and CPU.
+        fused=device.type in ("cuda", "cpu"),
     )
 
 
@@ -147,6 +150,46 @@ def shuffled_batches(n: int, batch_size: int, seed: int) -> BatchPlan:
         return [perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
     return plan
+
+
+def bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, pool_batches: int = 64) -> BatchPlan:
+    """Length-bucketed batches: each epoch (seeded by seed + epoch) shuffle, cut the
+    order into pools of `pool_batches` batches, sort each pool by length, cut it into
+    batches, then shuffle the batch order. Texts of similar length share a batch, so
+    per-batch padding wastes little. Every example is in exactly one batch per epoch
+    (the last batch of a pool may be smaller). A function of the epoch, so resume
+    replays the same order."""
+    n = len(lengths)
+    if n < batch_size:
+        raise ValueError(f"training set has {n} examples, fewer than batch_size={batch_size}")
+    lengths = [int(x) for x in lengths]
+    pool = batch_size * pool_batches
+
+    def plan(epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed + epoch)
+        perm = torch.randperm(n, generator=g).tolist()
+        batches = []
+        for p in range(0, n, pool):
+            chunk = sorted(perm[p : p + pool], key=lengths.__getitem__)  # stable: ties stay shuffled
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return [batches[i] for i in order]
+
+    return plan
+
+
+BATCHING = ("bucketed", "shuffled", "pad_longest")
+
+
+def batch_plan_for(batching: str, lengths: Sequence[int], batch_size: int, seed: int) -> BatchPlan:
+    """The plan for a fine-tuning `batching` setting: `bucketed` groups similar lengths;
+    `shuffled` and `pad_longest` (the book's: every text padded to the longest in the
+    training set, done by the collate) draw random batches."""
+    if batching == "bucketed":
+        return bucketed_batches(lengths, batch_size, seed)
+    if batching in ("shuffled", "pad_longest"):
+        return shuffled_batches(len(lengths), batch_size, seed)
+    raise ValueError(f"batching must be one of {'|'.join(BATCHING)}, got {batching!r}")
 
 
 def _micro_batches(plan: BatchPlan, skip: int) -> Iterator[list[int]]:
@@ -252,11 +295,18 @@ def fit(
     `eval_fn(model)` returns metrics (e.g. val loss) every `cfg.eval_every` steps and at
     the end. With `checkpoint_dir`, a resumable checkpoint is written every
     `cfg.checkpoint_every` steps and at the end; `resume=True` continues from it.
+
+    Under `torchrun` (WORLD_SIZE > 1) it trains with DDP: every micro-batch of the plan
+    is a global batch, each rank trains on its slice, gradients are averaged; the loss
+    and eval metrics are averaged over ranks; only rank 0 logs and writes checkpoints.
     """
     from tqdm.auto import tqdm
 
-    logger = logger or NullLogger()
     device = resolve_device(cfg.device)
+    dist_ctx, device = distributed.setup(device)
+    world = dist_ctx.world_size
+    logger = (logger or NullLogger()) if dist_ctx.is_main else NullLogger()
+    progress = progress and dist_ctx.is_main
     dtype = autocast_dtype(cfg.precision, device)
     model.to(device).train()
     plan = batch_plan or shuffled_batches(len(train_set), cfg.batch_size, cfg.seed)
@@ -273,13 +323,18 @@ def fit(
         history, elapsed0 = list(state["history"]), float(state["elapsed"])
         torch.set_rng_state(state["rng"])
     else:
-        set_seed(cfg.seed)
+        set_seed(cfg.seed + dist_ctx.rank)  # distinct dropout masks per rank
 
     run_model = torch.compile(model) if should_compile(cfg.compile, device) else model
+    # After resume: DDP broadcasts rank 0's weights to every rank when it wraps.
+    run_model = distributed.wrap(run_model, dist_ctx, device)
     micro = _micro_batches(plan, step * cfg.grad_accum_steps)
 
     def save(final: bool) -> None:
         if checkpoint_dir is None:
+            return
+        if not dist_ctx.is_main:
+            distributed.barrier(dist_ctx)  # wait until rank 0 has written it
             return
         ckpt.save_checkpoint(checkpoint_dir, model, meta={**(meta or {}), "step": step, "train": asdict(cfg)},
                              trainer_state={
@@ -287,6 +342,7 @@ def fit(
                                  "history": history, "elapsed": time.perf_counter() - t0 + elapsed0,
                                  "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                              })
+        distributed.barrier(dist_ctx)
 
     def evaluate(train_loss: float | None, tokens_per_s: float | None = None) -> dict[str, Any]:
         row: dict[str, Any] = {"step": step, "tokens_seen": tokens, "lr": lr_at(max(step - 1, 0), steps, cfg)}
@@ -298,7 +354,7 @@ def fit(
             was = model.training
             model.eval()
             with torch.no_grad(), autocast(device, dtype):
-                row.update(eval_fn(model))
+                row.update(distributed.mean_metrics(eval_fn(model), dist_ctx, device))
             model.train(was)
         row["elapsed_s"] = time.perf_counter() - t0 + elapsed0
         history.append(row)
@@ -313,16 +369,22 @@ def fit(
         for g in optimizer.param_groups:
             g["lr"] = lr
         step_loss = torch.zeros((), device=device)
-        for _ in range(cfg.grad_accum_steps):
-            batch = to_device(collate([train_set[i] for i in next(micro)]), device)
-            with autocast(device, dtype):
-                loss, n_tok = loss_fn(run_model, batch)
-            (loss / cfg.grad_accum_steps).backward()
+        for k in range(cfg.grad_accum_steps):
+            idx = next(micro)
+            if dist_ctx.enabled:
+                idx = distributed.shard(idx, dist_ctx)
+            batch = to_device(collate([train_set[i] for i in idx]), device)
+            # DDP: average gradients across ranks only on the last micro-batch.
+            sync = k == cfg.grad_accum_steps - 1 or not dist_ctx.enabled
+            with (contextlib.nullcontext() if sync else run_model.no_sync()):
+                with autocast(device, dtype):
+                    loss, n_tok = loss_fn(run_model, batch)
+                (loss / cfg.grad_accum_steps).backward()
             step_loss += loss.detach() / cfg.grad_accum_steps
-            tokens += n_tok
-            window_tokens += n_tok
-            examples += batch["input_ids"].shape[0]
-        value = step_loss.item()
+            tokens += n_tok * world  # every rank trains on an equal slice
+            window_tokens += n_tok * world
+            examples += batch["input_ids"].shape[0] * world
+        value = distributed.mean_across_ranks(step_loss, dist_ctx).item()
         if not math.isfinite(value):
             optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(

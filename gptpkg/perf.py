@@ -1,0 +1,71 @@
+"""Model FLOPs and utilisation (MFU), and the peak rates they are measured against.
+
+MFU = flops_per_token * tokens_per_s / peak, with flops_per_token = 6 N + 12 L d T
+(PaLM appendix B): N counts the weights that take part in matrix multiplies (every
+block's qkv, proj, fc, proj and the LM head; not embedding lookups, biases or norms),
+6 N is a forward and backward through them, 12 L d T the attention scores and the
+weighted sum (QK^T and AV, forward and backward) at sequence length T.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .config import ModelConfig
+
+# Published dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by device-name fragment.
+# Matched in order, so the more specific names come first.
+GPU_BF16_PEAK: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10", 125e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+)
+
+
+def matmul_params(cfg: ModelConfig, n_out: int | None = None) -> int:
+    """Weights used in matmuls per token: 12 d^2 per block plus the head (d x V, or
+    d x n_out for a classifier head)."""
+    d = cfg.emb_dim
+    head = d * (cfg.vocab_size if n_out is None else n_out)
+    return cfg.n_layers * 12 * d * d + head
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token: 6 N + 12 L d T."""
+    return 6 * matmul_params(cfg) + 12 * cfg.n_layers * cfg.emb_dim * seq_len
+
+
+def mfu(cfg: ModelConfig, seq_len: int, tokens_per_s: float, peak_flops: float) -> float:
+    return flops_per_token(cfg, seq_len) * tokens_per_s / peak_flops
+
+
+def gpu_peak_flops(device: torch.device | int = 0) -> tuple[str, float | None]:
+    """(device name, its published dense bf16 peak or None when not in the table)."""
+    name = torch.cuda.get_device_name(device)
+    for fragment, peak in GPU_BF16_PEAK:
+        if fragment.lower() in name.lower():
+            return name, peak
+    return name, None
+
+
+def measure_matmul_flops(n: int = 2048, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """The fp32 (or `dtype`) matmul rate of this CPU now: median over `reps` timed
+    (n x n) @ (n x n) products, FLOP/s."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up (threads, allocator)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2]

@@ -1,0 +1,40 @@
+"""The MFU formula against a hand count, and the peak tables."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptpkg.config import model_config
+from gptpkg.model import GPT
+from gptpkg.perf import GPU_BF16_PEAK, flops_per_token, matmul_params, measure_matmul_flops, mfu
+
+
+def test_flops_per_token_matches_a_hand_count_on_the_tiny_preset():
+    cfg = model_config("tiny")  # d=32, L=2, V=50257
+    d, L, V, T = 32, 2, 50257, 128
+    per_block = d * 3 * d + d * d + d * 4 * d + 4 * d * d  # qkv, attn proj, fc, mlp proj
+    assert per_block == 12_288
+    n = L * per_block + d * V  # + the LM head; embedding lookups are not matmuls
+    assert matmul_params(cfg) == n == 1_632_800
+    assert flops_per_token(cfg, T) == 6 * n + 12 * L * d * T == 9_895_104
+    assert mfu(cfg, T, tokens_per_s=1000.0, peak_flops=1e10) == pytest.approx(9_895_104 * 1000 / 1e10)
+
+
+def test_matmul_params_are_the_weights_of_the_models_linear_layers():
+    for preset in ("tiny", "cpu-mini"):
+        with torch.device("meta"):
+            model = GPT(model_config(preset))
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        assert matmul_params(model.cfg) == linear  # the tied head counted once, as a matmul
+
+
+def test_gpu_peak_table_and_cpu_peak_measurement():
+    table = dict(GPU_BF16_PEAK)
+    assert table["H100"] == 989e12 and table["A100"] == 312e12
+    names = [n for n, _ in GPU_BF16_PEAK]
+    # a more specific name precedes any shorter one it contains (first match wins)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert a.lower() not in b.lower(), (a, b)
+    assert measure_matmul_flops(256, reps=3) > 1e8
