@@ -4,12 +4,14 @@ stage function, then write its metrics JSON and its per-eval history for plots."
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoint import atomic_write_text
 from .config import from_dict, section
 from .loggers import MultiLogger, NullLogger, StdoutLogger, WandbLogger, wandb_from_env
+from .plots import write_stage_plots
 from .stages import Paths, WandbConfig, paths_of, write_metrics
 
 
@@ -63,26 +65,43 @@ def open_logger(params: dict, stage: str, paths: Paths) -> tuple[Any, WandbLogge
     return MultiLogger(StdoutLogger(), wb), wb
 
 
+# Figures that differ from run to run (speed, wall time, the W&B run folder): written to
+# metrics/runtime/<stage>.json, so metrics/<stage>.json is identical on a rerun with the
+# same params and seed (CPU) and `dvc metrics diff` shows only real changes.
+RUNTIME_KEYS = ("wall_time_s", "tokens_per_s", "examples_per_s", "wandb_run", "stage_wall_time_s")
+
+
+def split_runtime(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(deterministic metrics, run-dependent figures)."""
+    runtime = {k: metrics[k] for k in RUNTIME_KEYS if k in metrics}
+    return {k: v for k, v in metrics.items() if k not in runtime}, runtime
+
+
 def run_stage(name: str, params: dict, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run stage `name`; write metrics/<stage>.json, metrics/runtime/<stage>.json and
+    its plot files. Returns all metrics (runtime figures included)."""
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; expected one of {sorted(STAGES)}")
     fn, ckpt_key = STAGES[name]
     paths = paths_of(params)
+    t0 = time.perf_counter()
     logger, wb = open_logger(params, name, paths) if ckpt_key else (NullLogger(), None)
     try:
         metrics = fn(params, logger, resume, progress)
         history = metrics.pop("history", None)
         samples = metrics.pop("samples", None)
-        if history is not None:
-            plot = Path(paths.plots) / f"{name}.json"
-            atomic_write_text(plot, json.dumps(history, indent=1) + "\n")
+        write_stage_plots(paths.plots, name, history, metrics)
         if samples is not None:
             atomic_write_text(Path(paths.metrics) / f"{name}_samples.json", json.dumps(samples, indent=1) + "\n")
         if wb is not None:
             metrics["wandb_run"] = wb.run_path
             wb.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             wb.log_artifact(getattr(paths, ckpt_key), name=f"{name}-checkpoint", type="model")
-        write_metrics(paths, name, metrics)
+        metrics["stage_wall_time_s"] = time.perf_counter() - t0
+        stable, runtime = split_runtime(metrics)
+        write_metrics(paths, name, stable)
+        atomic_write_text(Path(paths.metrics) / "runtime" / f"{name}.json",
+                          json.dumps(runtime, indent=2, sort_keys=True) + "\n")
     finally:
         logger.finish()
     if wb is not None:

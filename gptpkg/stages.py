@@ -231,3 +231,47 @@ def read_corpus(paths: Paths, sources: list[str], part: str):
         pieces.append(np.load(f).astype(np.int64))
         pieces.append(np.asarray([EOT_ID], dtype=np.int64))
     return np.concatenate(pieces[:-1])
+
+
+# ---------------------------------------------------------------------------------
+# Profiles for DVC: `dvc repro` reads params.yaml only, so a profile is applied by
+# writing its keys into params.yaml (comments kept); `git diff params.yaml` shows it.
+
+SECTION_CONFIGS = {"paths": Paths, "data": DataConfig, "prepare": PrepareConfig, "pretrain": PretrainConfig,
+                   "finetune_spam": SpamConfig, "baseline_spam": BaselineConfig,
+                   "finetune_instruct": InstructConfig, "wandb": WandbConfig}
+
+
+def validate_params(params: dict) -> None:
+    """Parse every section this module knows (unknown key or wrong type -> ConfigError)."""
+    for name, cls in SECTION_CONFIGS.items():
+        if name in params:
+            stage_config(params, name, cls)
+
+
+def apply_profile(params_file: str | Path, profile: str) -> list[str]:
+    """Write profiles/<profile>.yaml over `params_file` in place. Returns the changed
+    keys ("section.key"). Nothing is written when the result would not parse."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    from .config import load_params, profile_path, read_yaml
+
+    params_file = Path(params_file)
+    merged = load_params(params_file, profile=profile)  # unknown profile/key -> ConfigError
+    validate_params(merged)
+    over = read_yaml(profile_path(params_file, profile))
+    rt = YAML()  # round trip: comments and key order stay
+    rt.preserve_quotes = True
+    doc = rt.load(params_file.read_text(encoding="utf-8"))
+    changed = []
+    for sec, keys in over.items():
+        for key, value in (keys or {}).items():
+            if doc[sec][key] != value:
+                changed.append(f"{sec}.{key}")
+            doc[sec][key] = value
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    atomic_write_text(params_file, buf.getvalue())
+    return changed
