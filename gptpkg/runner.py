@@ -12,7 +12,7 @@ from .checkpoint import atomic_write_text
 from .config import from_dict, section
 from .loggers import MultiLogger, NullLogger, StdoutLogger, WandbLogger, wandb_from_env
 from .plots import write_stage_plots
-from .stages import Paths, WandbConfig, paths_of, write_metrics
+from .stages import SECTION_CONFIGS, Paths, WandbConfig, paths_of, validate_params, write_metrics
 
 
 def _fetch(params, logger, resume, progress):
@@ -57,18 +57,20 @@ STAGES: dict[str, tuple[Callable[..., dict[str, Any]], str | None]] = {
 
 
 def open_logger(params: dict, stage: str, paths: Paths) -> tuple[Any, WandbLogger | None]:
+    """Stdout plus a W&B run (offline unless params/env say otherwise). The run folder is
+    given as an absolute path: W&B's service process may run in another directory."""
     wcfg = from_dict(WandbConfig, wandb_from_env(section(params, "wandb")), "params.wandb")
     if wcfg.mode == "disabled":
         return StdoutLogger(), None
     wb = WandbLogger(project=wcfg.project, entity=wcfg.entity or None, name=stage, mode=wcfg.mode,
-                     dir=paths.wandb, job_type=stage, config={stage: params.get(stage, {})})
+                     dir=Path(paths.wandb).resolve(), job_type=stage, config={stage: params.get(stage, {})})
     return MultiLogger(StdoutLogger(), wb), wb
 
 
 # Figures that differ from run to run (speed, wall time, the W&B run folder): written to
 # metrics/runtime/<stage>.json, so metrics/<stage>.json is identical on a rerun with the
 # same params and seed (CPU) and `dvc metrics diff` shows only real changes.
-RUNTIME_KEYS = ("wall_time_s", "tokens_per_s", "examples_per_s", "wandb_run", "stage_wall_time_s")
+RUNTIME_KEYS = ("wall_time_s", "tokens_per_s", "examples_per_s", "wandb_run", "stage_wall_time_s", "stage_cpu_time_s")
 
 
 def split_runtime(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -83,8 +85,11 @@ def run_stage(name: str, params: dict, resume: bool = False, progress: bool = Tr
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; expected one of {sorted(STAGES)}")
     fn, ckpt_key = STAGES[name]
+    # Every section the stage reads parses before anything runs: a typo or a wrong type
+    # stops the stage here, with no W&B run opened and no output touched.
+    validate_params(params, [s for s in ("paths", "data", name, "wandb") if s in SECTION_CONFIGS])
     paths = paths_of(params)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     logger, wb = open_logger(params, name, paths) if ckpt_key else (NullLogger(), None)
     try:
         metrics = fn(params, logger, resume, progress)
@@ -98,6 +103,7 @@ def run_stage(name: str, params: dict, resume: bool = False, progress: bool = Tr
             wb.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             wb.log_artifact(getattr(paths, ckpt_key), name=f"{name}-checkpoint", type="model")
         metrics["stage_wall_time_s"] = time.perf_counter() - t0
+        metrics["stage_cpu_time_s"] = time.process_time() - cpu0  # all threads; on a busy machine
         stable, runtime = split_runtime(metrics)
         write_metrics(paths, name, stable)
         atomic_write_text(Path(paths.metrics) / "runtime" / f"{name}.json",
