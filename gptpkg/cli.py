@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=123)
     g.set_defaults(stage=None)
 
+    pr = sub.add_parser("profile", help="write profiles/NAME.yaml into the params file (for dvc repro)",
+                        description="write the keys of profiles/NAME.yaml into the params file in place "
+                                    "(comments kept), so `dvc repro` / `dvc exp run` run that profile")
+    pr.add_argument("name", help="profile name (profiles/NAME.yaml next to the params file)")
+    pr.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    pr.set_defaults(stage=None)
+
     i = sub.add_parser("presets", help="list the model presets with their parameter counts",
                        description="list the model presets with their parameter counts")
     i.set_defaults(stage=None)
@@ -82,12 +89,27 @@ def _presets() -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from .config import ConfigError
+    from .stages import apply_profile
+
+    try:
+        changed = apply_profile(args.params, args.name)
+    except ConfigError as e:
+        print(f"gptpkg profile: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.params}: profile {args.name!r} applied, {len(changed)} key(s) changed: {', '.join(changed) or '-'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return _generate(args)
     if args.command == "presets":
         return _presets()
+    if args.command == "profile":
+        return _profile(args)
 
     from .checkpoint import CheckpointError
     from .config import ConfigError, load_params

@@ -152,7 +152,10 @@ def run_instruct(params: dict, logger: MetricLogger, resume: bool = False, progr
     result = fit(model, sets["train"], collate, train, loss_fn=lm_loss, eval_fn=evaluate, batch_plan=plan,
                  checkpoint_dir=paths.instruct_model, resume=resume, logger=logger,
                  meta={"stage": "finetune_instruct"}, progress=progress, desc="finetune_instruct")
-    metrics: dict[str, Any] = {f"{p}_loss": mean_loss(model, b, lm_loss, device, 0, dtype) for p, b in eval_sets.items()}
+    # train loss over eval_batches (0 = all) batches: a full pass over the train split costs
+    # more than the training itself on CPU; val and test are always complete.
+    metrics: dict[str, Any] = {f"{p}_loss": mean_loss(model, b, lm_loss, device, train.eval_batches if p == "train" else 0, dtype)
+                               for p, b in eval_sets.items()}
     responses = []
     for entry in splits["test"]:
         prompt = format_prompt(entry) + "\n\n### Response:\n"

@@ -4,6 +4,7 @@ stage function, then write its metrics JSON and its per-eval history for plots."
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,7 +12,8 @@ from .checkpoint import atomic_write_text
 from .config import from_dict, section
 from .distributed import is_main_process
 from .loggers import MultiLogger, NullLogger, StdoutLogger, WandbLogger, wandb_from_env
-from .stages import Paths, WandbConfig, paths_of, write_metrics
+from .plots import write_stage_plots
+from .stages import SECTION_CONFIGS, Paths, WandbConfig, paths_of, validate_params, write_metrics
 
 
 def _fetch(params, logger, resume, progress):
@@ -68,20 +70,40 @@ STAGES: dict[str, tuple[Callable[..., dict[str, Any]], str | None]] = {
 
 
 def open_logger(params: dict, stage: str, paths: Paths) -> tuple[Any, WandbLogger | None]:
+    """Stdout plus a W&B run (offline unless params/env say otherwise). The run folder is
+    given as an absolute path: W&B's service process may run in another directory."""
     wcfg = from_dict(WandbConfig, wandb_from_env(section(params, "wandb")), "params.wandb")
     if wcfg.mode == "disabled":
         return StdoutLogger(), None
     wb = WandbLogger(project=wcfg.project, entity=wcfg.entity or None, name=stage, mode=wcfg.mode,
-                     dir=paths.wandb, job_type=stage, config={stage: params.get(stage, {})})
+                     dir=Path(paths.wandb).resolve(), job_type=stage, config={stage: params.get(stage, {})})
     return MultiLogger(StdoutLogger(), wb), wb
 
 
+# Figures that differ from run to run (speed, wall time, the W&B run folder): written to
+# metrics/runtime/<stage>.json, so metrics/<stage>.json is identical on a rerun with the
+# same params and seed (CPU) and `dvc metrics diff` shows only real changes.
+RUNTIME_KEYS = ("wall_time_s", "tokens_per_s", "examples_per_s", "wandb_run", "stage_wall_time_s", "stage_cpu_time_s")
+
+
+def split_runtime(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(deterministic metrics, run-dependent figures)."""
+    runtime = {k: metrics[k] for k in RUNTIME_KEYS if k in metrics}
+    return {k: v for k, v in metrics.items() if k not in runtime}, runtime
+
+
 def run_stage(name: str, params: dict, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run stage `name`; write metrics/<stage>.json, metrics/runtime/<stage>.json and
+    its plot files. Returns all metrics (runtime figures included)."""
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; expected one of {sorted(STAGES)}")
     fn, ckpt_key = STAGES[name]
+    # Every section the stage reads parses before anything runs: a typo or a wrong type
+    # stops the stage here, with no W&B run opened and no output touched.
+    validate_params(params, [s for s in ("paths", "data", name, "wandb") if s in SECTION_CONFIGS])
     paths = paths_of(params)
     main = is_main_process()  # under torchrun only rank 0 logs and writes files
+    t0, cpu0 = time.perf_counter(), time.process_time()
     logger, wb = open_logger(params, name, paths) if (ckpt_key and main) else (NullLogger(), None)
     try:
         metrics = fn(params, logger, resume, progress)
@@ -89,16 +111,19 @@ def run_stage(name: str, params: dict, resume: bool = False, progress: bool = Tr
         samples = metrics.pop("samples", None)
         if not main:
             return metrics
-        if history is not None:
-            plot = Path(paths.plots) / f"{name}.json"
-            atomic_write_text(plot, json.dumps(history, indent=1) + "\n")
+        write_stage_plots(paths.plots, name, history, metrics)
         if samples is not None:
             atomic_write_text(Path(paths.metrics) / f"{name}_samples.json", json.dumps(samples, indent=1) + "\n")
         if wb is not None:
             metrics["wandb_run"] = wb.run_path
             wb.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             wb.log_artifact(getattr(paths, ckpt_key), name=f"{name}-checkpoint", type="model")
-        write_metrics(paths, name, metrics)
+        metrics["stage_wall_time_s"] = time.perf_counter() - t0
+        metrics["stage_cpu_time_s"] = time.process_time() - cpu0  # all threads; on a busy machine
+        stable, runtime = split_runtime(metrics)
+        write_metrics(paths, name, stable)
+        atomic_write_text(Path(paths.metrics) / "runtime" / f"{name}.json",
+                          json.dumps(runtime, indent=2, sort_keys=True) + "\n")
     finally:
         logger.finish()
     if wb is not None:

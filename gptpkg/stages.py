@@ -232,4 +232,66 @@ def read_corpus(paths: Paths, sources: list[str], part: str):
             raise FileNotFoundError(f"{f} missing; run the prepare stage first")
         pieces.append(np.load(f).astype(np.int64))
         pieces.append(np.asarray([EOT_ID], dtype=np.int64))
-    return np.concatenate(pieces[:-1])
+    ids = np.concatenate(pieces[:-1])
+    if len(ids) <= len(sources) - 1:  # nothing but separators
+        from .data import DataError
+
+        raise DataError(f"params.pretrain.corpus {sources}: the {part} split in {paths.processed}/corpus "
+                        f"holds no tokens; choose other sources or rerun prepare")
+    return ids
+
+
+# ---------------------------------------------------------------------------------
+# Profiles for DVC: `dvc repro` reads params.yaml only, so a profile is applied by
+# writing its keys into params.yaml (comments kept); `git diff params.yaml` shows it.
+
+SECTION_CONFIGS = {"paths": Paths, "data": DataConfig, "prepare": PrepareConfig, "pretrain": PretrainConfig,
+                   "finetune_spam": SpamConfig, "baseline_spam": BaselineConfig,
+                   "finetune_instruct": InstructConfig, "wandb": WandbConfig}
+
+
+def validate_params(params: dict, sections: list[str] | None = None) -> None:
+    """Parse `sections` (default: every section this module knows that params holds);
+    an unknown key, a wrong type or a missing section raises ConfigError."""
+    for name in sections if sections is not None else [n for n in SECTION_CONFIGS if n in params]:
+        stage_config(params, name, SECTION_CONFIGS[name])
+
+
+def apply_profile(params_file: str | Path, profile: str) -> list[str]:
+    """Write profiles/<profile>.yaml over `params_file` in place. Returns the changed
+    keys ("section.key"). Nothing is written when the result would not parse."""
+    import io
+
+    import yaml
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedSeq
+
+    from .config import load_params, profile_path, read_yaml
+
+    params_file = Path(params_file)
+    merged = load_params(params_file, profile=profile)  # unknown profile/key -> ConfigError
+    validate_params(merged)
+    over = read_yaml(profile_path(params_file, profile))
+    rt = YAML()  # round trip: comments and key order stay
+    rt.preserve_quotes = True
+    rt.width = 4096
+    # Written so every YAML 1.1 reader (PyYAML) reads the same values back: 5e-05 would be
+    # a string there (needs "5.0e-05"), and null stays spelled out.
+    rt.representer.add_representer(
+        float, lambda r, v: r.represent_scalar("tag:yaml.org,2002:float", yaml.safe_dump(v).split("\n")[0]))
+    rt.representer.add_representer(type(None), lambda r, v: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = rt.load(params_file.read_text(encoding="utf-8"))
+    changed = []
+    for sec, keys in over.items():
+        for key, value in (keys or {}).items():
+            if doc[sec][key] == value:
+                continue  # keep its spelling
+            changed.append(f"{sec}.{key}")
+            if isinstance(value, list):
+                value = CommentedSeq(value)
+                value.fa.set_flow_style()
+            doc[sec][key] = value
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    atomic_write_text(params_file, buf.getvalue())
+    return changed

@@ -1,0 +1,222 @@
+"""The DVC pipeline end to end: the project copied into a temp git + DVC repository, the
+tiny profile written into params.yaml, then real `dvc repro`, `dvc exp run`, `dvc metrics
+show`, `dvc plots show`, and the W&B offline run files read back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STAGES = ["fetch", "prepare", "pretrain", "finetune_spam", "baseline_spam", "finetune_instruct"]
+
+pytestmark = pytest.mark.integration
+
+
+def sh(repo: Path, *args: str, env: dict | None = None, check: bool = True) -> str:
+    proc = subprocess.run(list(args), cwd=repo, env=env or repo_env(repo), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=900)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
+    return proc.stdout
+
+
+def repo_env(repo: Path) -> dict:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(repo), PATH=f"{BIN}{os.pathsep}{env['PATH']}", PYTHONUNBUFFERED="1",
+               WANDB_MODE="offline", DVC_NO_ANALYTICS="1")
+    return env
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """The project in a fresh git + DVC repo, after one full `dvc repro` on the tiny
+    profile (importtime on, to see which gptpkg modules each stage loads)."""
+    repo = tmp_path_factory.mktemp("project")
+    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    for name in ("profiles", "gptpkg"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / ".dvc").mkdir()
+    for name in ("config", ".gitignore"):
+        shutil.copy(ROOT / ".dvc" / name, repo / ".dvc" / name)
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "config", "user.email", "test@example.com")
+    sh(repo, "git", "config", "user.name", "test")
+    sh(repo, str(BIN / "gptpkg"), "profile", "tiny")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "project, tiny profile")
+    env = repo_env(repo)
+    env["PYTHONPROFILEIMPORTTIME"] = "1"
+    t0 = time.perf_counter()
+    out = sh(repo, str(BIN / "dvc"), "repro", env=env)
+    return repo, out, time.perf_counter() - t0
+
+
+def test_repro_runs_every_stage_and_writes_outputs(repo):
+    path, out, _ = repo
+    assert ran(out) == STAGES or sorted(ran(out)) == sorted(STAGES)
+    lock = yaml.safe_load((path / "dvc.lock").read_text())
+    assert sorted(lock["stages"]) == sorted(STAGES)
+    for stage, entry in lock["stages"].items():
+        for out_entry in entry.get("outs", []):
+            assert (path / out_entry["path"]).exists(), f"{stage}: {out_entry['path']} missing"
+    m = {s: json.loads((path / "metrics" / f"{s}.json").read_text()) for s in STAGES}
+    assert m["pretrain"]["val_loss"] < m["pretrain"]["initial_val_loss"]
+    assert 0.0 <= m["finetune_spam"]["test_accuracy"] <= 1.0
+    assert m["baseline_spam"]["test_accuracy"] > 0.9
+    assert m["finetune_instruct"]["judge"] == "skipped"
+    for s in ("pretrain", "finetune_spam", "finetune_instruct"):
+        runtime = json.loads((path / "metrics" / "runtime" / f"{s}.json").read_text())
+        assert runtime["stage_wall_time_s"] > 0 and "wandb_run" in runtime
+        assert "wall_time_s" not in m[s]  # run-dependent figures kept out of the metrics
+    responses = json.loads((path / "metrics" / "instruct_responses.json").read_text())
+    assert len(responses) == 110
+    assert set(responses[0]) == {"instruction", "input", "output", "model_response"}
+    history = json.loads((path / "plots" / "finetune_spam.json").read_text())
+    assert history[-1]["step"] == m["finetune_spam"]["steps"] and "val_accuracy" in history[-1]
+    for png in ("pretrain_loss", "finetune_spam_loss", "finetune_spam_confusion", "finetune_instruct_loss"):
+        assert (path / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "W&B offline run in" in out and "wandb sync" in out
+
+
+def test_stage_deps_are_the_modules_it_runs(repo):
+    """dvc.yaml lists, per stage, exactly the gptpkg modules that stage imports
+    (hf_weights.py is loaded only with init: openai)."""
+    path, out, _ = repo
+    dvc = yaml.safe_load((path / "dvc.yaml").read_text())
+    chunks = re.split(r"Running stage '([^']+)'", out)[1:]
+    seen = {}
+    for stage, text in zip(chunks[::2], chunks[1::2]):
+        mods = set(re.findall(r"import time:.*\|\s+(gptpkg(?:\.\w+)?)\s*$", text, flags=re.M))
+        seen[stage] = {("gptpkg/__init__.py" if m == "gptpkg" else m.replace(".", "/") + ".py") for m in mods}
+    assert sorted(seen) == sorted(STAGES)
+    for stage, imported in seen.items():
+        declared = {d for d in dvc["stages"][stage]["deps"] if d.startswith("gptpkg/")}
+        assert imported <= declared, f"{stage}: undeclared deps {sorted(imported - declared)}"
+        assert declared - imported <= {"gptpkg/hf_weights.py"}, f"{stage}: unused deps {sorted(declared - imported)}"
+
+
+def test_second_repro_does_nothing(repo):
+    path, _, _ = repo
+    t0 = time.perf_counter()
+    out = sh(path, str(BIN / "dvc"), "repro")
+    assert ran(out) == []
+    assert "Data and pipelines are up to date" in out
+    assert time.perf_counter() - t0 < 60
+
+
+def test_finetune_param_change_reruns_only_that_stage(repo):
+    path, _, _ = repo
+    sh(path, str(BIN / "dvc"), "params", "diff")  # smoke
+    params = (path / "params.yaml").read_text()
+    new = re.sub(r"(finetune_spam:\n(?:  .*\n)*?  max_steps:) 4", r"\1 3", params)
+    assert new != params
+    (path / "params.yaml").write_text(new)
+    status = json.loads(sh(path, str(BIN / "dvc"), "status", "--json"))
+    assert sorted(status) == ["finetune_spam"]
+    out = sh(path, str(BIN / "dvc"), "repro")
+    assert ran(out) == ["finetune_spam"]
+    assert json.loads((path / "metrics" / "finetune_spam.json").read_text())["steps"] == 3
+    sh(path, "git", "add", "-A")
+    sh(path, "git", "commit", "-qm", "finetune_spam.max_steps=3")
+
+
+def _find(node, pred):
+    if pred(node):
+        return node
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else []
+    for c in children:
+        hit = _find(c, pred)
+        if hit is not None:
+            return hit
+    return None
+
+
+def test_exp_run_and_exp_show(repo):
+    path, _, _ = repo
+    out = sh(path, str(BIN / "dvc"), "exp", "run", "-S", "finetune_spam.lr=0.001")
+    assert ran(out) == ["finetune_spam"]
+    shown = json.loads(sh(path, str(BIN / "dvc"), "exp", "show", "--json"))
+
+    def is_exp(node):
+        try:
+            lr = node["params"]["params.yaml"]["data"]["finetune_spam"]["lr"]
+            acc = node["metrics"]["metrics/finetune_spam.json"]["data"]["test_accuracy"]
+        except (KeyError, TypeError):
+            return False
+        return lr == 0.001 and isinstance(acc, float)
+
+    assert _find(shown, is_exp) is not None, json.dumps(shown)[:3000]
+
+
+def test_metrics_show_and_plots_show(repo):
+    path, _, _ = repo
+    metrics = json.loads(sh(path, str(BIN / "dvc"), "metrics", "show", "--json"))
+    assert _find(metrics, lambda n: isinstance(n, dict) and "test_spam_f1" in n) is not None
+    out = sh(path, str(BIN / "dvc"), "plots", "show")
+    html = (path / "dvc_plots" / "index.html").read_text()
+    assert "dvc_plots/index.html" in out
+    for plot in ("pretrain_loss", "finetune_spam_accuracy", "finetune_spam_confusion", "finetune_instruct_loss"):
+        assert plot in html
+    assert "finetune_spam_confusion.png" in html  # the PNGs are stage plots too
+
+
+def _wandb_records(run_file: Path):
+    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.sdk.internal.datastore import DataStore
+
+    ds = DataStore()
+    ds.open_for_scan(str(run_file))
+    while (data := ds.scan_data()) is not None:
+        rec = pb.Record()
+        rec.ParseFromString(data)
+        yield rec
+
+
+def test_wandb_offline_runs_hold_history_config_and_checkpoint(repo):
+    path, _, _ = repo
+    runs = {}
+    for f in (path / "wandb_runs" / "wandb").glob("offline-run-*/run-*.wandb"):
+        recs = list(_wandb_records(f))
+        run = next(r.run for r in recs if r.WhichOneof("record_type") == "run")
+        runs.setdefault(run.job_type, []).append((run, recs))
+    assert {"pretrain", "finetune_spam", "finetune_instruct"} <= set(runs)
+    run, recs = runs["pretrain"][0]
+    config = {c.key: json.loads(c.value_json) for c in run.config.update}
+    assert config["pretrain"]["model"] == "tiny"
+    history = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+               for r in recs if r.WhichOneof("record_type") == "history"]
+    assert len(history) >= 2 and all("val_loss" in h and "train_loss" in h for h in history)
+    artifacts = {(r.artifact.name, r.artifact.type) for r in recs if r.WhichOneof("record_type") == "artifact"}
+    assert ("pretrain-checkpoint", "model") in artifacts
+    assert any(t == "run_table" for _, t in artifacts)  # the samples table
+
+
+def test_forced_rerun_gives_identical_metrics_and_weights(repo):
+    path, _, _ = repo
+
+    def snapshot():
+        return ((path / "metrics" / "pretrain.json").read_text(),
+                hashlib.sha256((path / "models" / "pretrained" / "model.safetensors").read_bytes()).hexdigest(),
+                (path / "metrics" / "pretrain_samples.json").read_text())
+
+    before = snapshot()
+    out = sh(path, str(BIN / "dvc"), "repro", "--force", "--single-item", "pretrain")
+    assert ran(out) == ["pretrain"]
+    assert snapshot() == before
