@@ -22,13 +22,14 @@ from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig, from_dict
 from .model import GPT
+from .errors import GptpkgError
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAINER = "trainer.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(GptpkgError, RuntimeError):
     pass
 
 

@@ -111,22 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "profile":
         return _profile(args)
 
-    from .checkpoint import CheckpointError
-    from .config import ConfigError, load_params
-    from .data import DataError
-    from .export import ExportError
-    from .onnx_classifier import ModelUnavailable
-    from .fetch import FetchError
+    from .config import load_params
+    from .errors import GptpkgError
     from .runner import run_stage
-    from .tokenizer import TokenizerUnavailable
-    from .train import TrainingDiverged
 
     try:
         params = load_params(args.params, args.overrides, args.profile)
         metrics = run_stage(args.stage, params, resume=getattr(args, "resume", False),
                             progress=not getattr(args, "no_progress", False))
-    except (ConfigError, DataError, FetchError, CheckpointError, TokenizerUnavailable,
-            TrainingDiverged, FileNotFoundError, ExportError, ModelUnavailable) as e:
+    except (GptpkgError, FileNotFoundError) as e:
         print(f"gptpkg {args.stage}: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=1, default=str))

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+from .errors import GptpkgError
 
 
-class ConfigError(ValueError):
+class ConfigError(GptpkgError, ValueError):
     """A params file, section or key is missing, unknown or of the wrong type."""
 
 

@@ -18,12 +18,13 @@ import torch
 from torch.utils.data import Dataset
 
 from .tokenizer import PAD_ID, EOT_ID
+from .errors import GptpkgError
 
 IGNORE_INDEX = -100
 SPAM_LABELS = ("ham", "spam")
 
 
-class DataError(ValueError):
+class DataError(GptpkgError, ValueError):
     """An input file or split has the wrong shape, is empty or too short."""
 
 

@@ -23,11 +23,12 @@ from typing import Any
 
 from .config import from_dict, section
 from .onnx_classifier import FP32_FILE, INT8_FILE, POOLING, TOKENIZER_DIR, ModelMeta, OnnxSpamClassifier
+from .errors import GptpkgError
 
 MIN_OPSET = 17
 
 
-class ExportError(RuntimeError):
+class ExportError(GptpkgError, RuntimeError):
     """The exported model failed a check; nothing was written over the previous export."""
 
 

@@ -18,11 +18,12 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from .errors import GptpkgError
 
 MIRROR_ENV = "GPTPKG_DATA_MIRROR"
 
 
-class FetchError(RuntimeError):
+class FetchError(GptpkgError, RuntimeError):
     """A raw file could not be obtained or did not match its pinned checksum."""
 
 

@@ -15,6 +15,7 @@ import torch
 
 from .config import ModelConfig
 from .model import GPT
+from .errors import GptpkgError
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _BLOCK_MAP = {
@@ -27,7 +28,7 @@ _BLOCK_MAP = {
 }
 
 
-class WeightsError(RuntimeError):
+class WeightsError(GptpkgError, RuntimeError):
     pass
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from .errors import GptpkgError
 
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -28,7 +29,7 @@ META_KEYS = ("gptpkg.tokenizer", "gptpkg.max_length", "gptpkg.pad_id", "gptpkg.p
 POOLING = "last_real_token"
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(GptpkgError, RuntimeError):
     """The ONNX model file is missing, unreadable or lacks gptpkg's metadata."""
 
 

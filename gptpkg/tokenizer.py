@@ -16,13 +16,14 @@ import tempfile
 from pathlib import Path
 
 from .fetch import MIRROR_ENV, SOURCES, mirror_dir, sha256_of
+from .errors import GptpkgError
 
 END_OF_TEXT = "<|endoftext|>"
 EOT_ID = 50256
 PAD_ID = EOT_ID  # GPT-2 has no pad token; the book pads with <|endoftext|>
 
 
-class TokenizerUnavailable(RuntimeError):
+class TokenizerUnavailable(GptpkgError, RuntimeError):
     pass
 
 

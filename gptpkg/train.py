@@ -25,6 +25,7 @@ from . import distributed
 from .config import TrainConfig
 from .data import IGNORE_INDEX
 from .loggers import MetricLogger, NullLogger
+from .errors import GptpkgError
 
 # A loss function maps (model, batch) to (mean loss, number of tokens in the batch).
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, int]]
@@ -33,7 +34,7 @@ EvalFn = Callable[[nn.Module], dict[str, float]]
 BatchPlan = Callable[[int], list[list[int]]]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(GptpkgError, RuntimeError):
     """The loss became NaN or infinite."""
 
 

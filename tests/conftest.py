@@ -49,6 +49,9 @@ def _offline_env(tmp_path_factory):
     os.environ["WANDB_MODE"] = "offline"
     os.environ["WANDB_SILENT"] = "true"
     os.environ.setdefault("WANDB_DIR", str(tmp_path_factory.mktemp("wandb")))
+    # the BentoML model store of every test run (and of `dvc repro` inside tests) is private
+    os.environ["BENTOML_HOME"] = str(tmp_path_factory.mktemp("bentoml-home"))
+    os.environ["BENTOML_DO_NOT_TRACK"] = "true"
     socket.socket.connect = _guarded_connect
     yield
     socket.socket.connect = _real_connect

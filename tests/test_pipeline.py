@@ -19,7 +19,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = ["fetch", "prepare", "pretrain", "finetune_spam", "baseline_spam", "finetune_instruct"]
+STAGES = ["fetch", "prepare", "pretrain", "finetune_spam", "baseline_spam", "finetune_instruct",
+          "export_onnx", "package"]
 
 pytestmark = pytest.mark.integration
 
@@ -121,7 +122,7 @@ def test_second_repro_does_nothing(repo):
     assert time.perf_counter() - t0 < 60
 
 
-def test_finetune_param_change_reruns_only_that_stage(repo):
+def test_finetune_param_change_reruns_only_that_stage_and_its_downstream(repo):
     path, _, _ = repo
     sh(path, str(BIN / "dvc"), "params", "diff")  # smoke
     params = (path / "params.yaml").read_text()
@@ -131,7 +132,8 @@ def test_finetune_param_change_reruns_only_that_stage(repo):
     status = json.loads(sh(path, str(BIN / "dvc"), "status", "--json"))
     assert sorted(status) == ["finetune_spam"]
     out = sh(path, str(BIN / "dvc"), "repro")
-    assert ran(out) == ["finetune_spam"]
+    # the classifier changed, so its export and package follow; nothing upstream or beside
+    assert ran(out) == ["finetune_spam", "export_onnx", "package"]
     assert json.loads((path / "metrics" / "finetune_spam.json").read_text())["steps"] == 3
     sh(path, "git", "add", "-A")
     sh(path, "git", "commit", "-qm", "finetune_spam.max_steps=3")
@@ -151,7 +153,7 @@ def _find(node, pred):
 def test_exp_run_and_exp_show(repo):
     path, _, _ = repo
     out = sh(path, str(BIN / "dvc"), "exp", "run", "-S", "finetune_spam.lr=0.001")
-    assert ran(out) == ["finetune_spam"]
+    assert ran(out) == ["finetune_spam", "export_onnx", "package"]
     shown = json.loads(sh(path, str(BIN / "dvc"), "exp", "show", "--json"))
 
     def is_exp(node):
