@@ -114,7 +114,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--max-batch-size", type=int, default=64)
-    ap.add_argument("--max-latency-ms", type=int, default=1000)
+    ap.add_argument("--max-latency-ms", type=int, default=5000,
+                    help="batcher queue bound; a request that would wait longer gets a 503")
     ap.add_argument("--ort-threads", type=int, default=1, help="ONNX Runtime intra-op threads in the server")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
