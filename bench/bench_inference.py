@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -30,7 +31,9 @@ def main() -> None:
     ap.add_argument("--model-dir", help="where to export (default: a temp folder)")
     ap.add_argument("--texts", type=int, default=256, help="SMS texts measured per engine and repeat")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and ORT alike")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads for torch and ORT alike (1: on a shared, busy machine more "
+                         "threads measure the scheduler; see the load average printed)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 
@@ -69,6 +72,7 @@ def main() -> None:
             thr[name].append(len(ids) / (time.perf_counter() - t0))
     tokens = [len(r) for r in ids]
     result = {"model": args.checkpoint or "cpu-mini (fresh)", "threads": args.threads, "texts": len(ids),
+              "load_average_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
               "median_tokens_per_text": statistics.median(tokens), "repeats": args.repeats,
               "fp32_mb": round((folder / FP32_FILE).stat().st_size / 2**20, 2),
               "int8_mb": round((folder / INT8_FILE).stat().st_size / 2**20, 2),
@@ -77,7 +81,8 @@ def main() -> None:
                               "label_agreement_with_pytorch": agree[k]} for k in engines}}
     base = result["engines"]["pytorch_eager"]
     print(f"model {result['model']}, {len(ids)} SMS texts (median {result['median_tokens_per_text']} tokens), "
-          f"{args.threads} threads, median of {args.repeats} repeats")
+          f"{args.threads} threads, median of {args.repeats} repeats, load average {result['load_average_1m']} "
+          f"on {result['cpus']} CPUs")
     print("| engine | latency/text, batch 1 (ms) | throughput, batch 32 (texts/s) | vs PyTorch (latency / throughput) |")
     print("|---|---:|---:|---:|")
     for k, v in result["engines"].items():

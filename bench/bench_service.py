@@ -44,7 +44,7 @@ def start_server(model_file: Path, batching: bool, args) -> tuple[subprocess.Pop
     port = free_port()
     env = {**os.environ, "GPTPKG_MODEL_PATH": str(model_file), "GPTPKG_BATCHING": "on" if batching else "off",
            "GPTPKG_MAX_BATCH_SIZE": str(args.max_batch_size), "GPTPKG_MAX_LATENCY_MS": str(args.max_latency_ms),
-           "BENTOML_DO_NOT_TRACK": "true", "PYTHONPATH": str(ROOT)}
+           "GPTPKG_ORT_THREADS": str(args.ort_threads), "BENTOML_DO_NOT_TRACK": "true", "PYTHONPATH": str(ROOT)}
     bentoml = str(Path(sys.executable).parent / "bentoml")
     proc = subprocess.Popen([bentoml, "serve", "serving.service:SpamClassifier", "--host", "127.0.0.1",
                              "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -114,7 +114,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--max-batch-size", type=int, default=64)
-    ap.add_argument("--max-latency-ms", type=int, default=1000)
+    ap.add_argument("--max-latency-ms", type=int, default=5000,
+                    help="batcher queue bound; a request that would wait longer gets a 503")
+    ap.add_argument("--ort-threads", type=int, default=1, help="ONNX Runtime intra-op threads in the server")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     if not (1 <= args.clients <= 256 and 0 < args.duration <= 600):
@@ -129,14 +131,17 @@ def main() -> None:
         try:
             asyncio.run(load(url, texts, args.clients, 3.0))  # warm-up
             results["on" if batching else "off"] = asyncio.run(load(url, texts, args.clients, args.duration))
+            results["on" if batching else "off"]["load_average_1m"] = round(os.getloadavg()[0], 2)
         finally:
             stop_server(proc)
     print(f"{args.variant} model, {args.clients} concurrent clients x {args.duration:.0f} s, one text per request, "
-          f"max_batch_size {args.max_batch_size}, max_latency_ms {args.max_latency_ms}")
-    print("| adaptive batching | requests/s | p50 (ms) | p99 (ms) | errors |")
-    print("|---|---:|---:|---:|---:|")
+          f"max_batch_size {args.max_batch_size}, max_latency_ms {args.max_latency_ms}, {args.ort_threads} ORT thread(s), "
+          f"client and server on the same {os.cpu_count()} CPUs")
+    print("| adaptive batching | requests/s | p50 (ms) | p99 (ms) | errors | load average (1 min) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for mode, r in results.items():
-        print(f"| {mode} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
+        print(f"| {mode} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
+              f"{r['load_average_1m']} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"variant": args.variant, "clients": args.clients,
                                                "duration_s": args.duration, "results": results}, indent=2) + "\n")

@@ -141,6 +141,7 @@ def run(params: dict) -> dict[str, Any]:
     paths = paths_of(params)
     cfg = export_config(params)
     model, config = load_checkpoint(paths.spam_classifier)
+    model.eval()
     meta = model_meta(config, paths.spam_classifier)
     test = read_spam_split(paths, "test")
     y_true = [y for _, y in test]
@@ -217,7 +218,10 @@ def quantize_int8(folder: Path, ids: list[list[int]], y_true: list[int], fp32_ac
 
 def package(params: dict) -> dict[str, Any]:
     """Import the exported folder into the BentoML model store; returns its tag."""
-    import bentoml  # only here: the core library does not depend on bentoml
+    try:
+        import bentoml  # only here: the core library does not depend on bentoml
+    except ImportError:
+        raise ExportError("the package stage needs BentoML: pip install 'gptpkg[serving]'") from None
 
     from .fetch import sha256_of
     from .stages import paths_of

@@ -147,7 +147,7 @@ class OnnxSpamClassifier:
         return out
 
     def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[dict]:
-        """[{"label": name, "<label>_probability"...}] per text, in order; see `results`."""
+        """One {"label", "spam_probability"} per text, in order (see `results`)."""
         if not texts:
             return []
         return self.results(self.logits_of_ids([self.encode(t) for t in texts], batch_size))

@@ -33,7 +33,8 @@ def service_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPTPKG_MODEL_")}
     env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true", GPTPKG_MAX_TEXTS=str(MAX_TEXTS),
                GPTPKG_MAX_TEXT_CHARS=str(MAX_CHARS), GPTPKG_ORT_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(extra)
     return env
 
 
@@ -161,8 +162,11 @@ def test_wrong_content_type_and_single_route_errors(server):
 def test_health_metrics_and_openapi(server):
     assert httpx.get(server + "/livez", timeout=5).status_code == 200
     assert httpx.get(server + "/readyz", timeout=5).status_code == 200
+    assert post(server, "/classify", {"texts": ["hello"]}).status_code == 200
     metrics = httpx.get(server + "/metrics", timeout=5)
     assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
+    # /classify went through the adaptive batcher (on by default)
+    assert 'bentoml_service_adaptive_batch_size_count{method_name="classify"' in metrics.text
     spec = httpx.get(server + "/docs.json", timeout=5).json()
     assert "/classify" in spec["paths"] and "/classify_text" in spec["paths"]
 
@@ -186,6 +190,13 @@ def test_refuses_to_start_without_a_model(tmp_path):
     assert "unreadable" in out
     out = _refused(service_env(tmp_path / "empty-home", GPTPKG_MODEL_PATH=str(tmp_path / "nowhere")))
     assert "no ONNX model at" in out
+
+
+def test_refuses_bad_settings(packaged):
+    out = _refused(service_env(packaged[0], GPTPKG_BATCHING="sometimes"))
+    assert "GPTPKG_BATCHING='sometimes': expected on|off" in out
+    out = _refused(service_env(packaged[0], GPTPKG_MAX_TEXTS="0"))
+    assert "GPTPKG_MAX_TEXTS=0: expected an integer >= 1" in out
 
 
 def test_serving_path_never_imports_torch(packaged):
