@@ -26,7 +26,7 @@ def run(params: dict, logger: MetricLogger, resume: bool = False, progress: bool
 
     paths = paths_of(params)
     cfg, train = stage_config(params, "pretrain", PretrainConfig)
-    mcfg = model_config(cfg.model, drop_rate=cfg.drop_rate)
+    mcfg = model_config(cfg.model, drop_rate=cfg.drop_rate, vocab_multiple=cfg.vocab_multiple)
     if cfg.max_length > mcfg.context_length:
         raise ConfigError(
             f"params.pretrain.max_length={cfg.max_length} exceeds the context_length "

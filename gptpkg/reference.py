@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .model import GPT, IGNORE_INDEX, KVCache
+from .model import GPT, IGNORE_INDEX, MLP, CausalSelfAttention, KVCache
 
 
 class PlainLayerNorm(nn.Module):
@@ -37,14 +37,12 @@ def plain_gelu(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-class PlainAttention(nn.Module):
+class PlainAttention(CausalSelfAttention):
+    """The same projections; scores materialised and masked by hand instead of SDPA."""
+
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.n_heads = cfg.n_heads
-        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        super().__init__(cfg)
         self.attn_drop = nn.Dropout(cfg.drop_rate)
-        self.resid_drop = nn.Dropout(cfg.drop_rate)
         ctx = cfg.context_length
         # (ctx, ctx) True above the diagonal: the future a query must not see.
         self.register_buffer("mask", torch.triu(torch.ones(ctx, ctx, dtype=torch.bool), diagonal=1),
@@ -64,13 +62,7 @@ class PlainAttention(nn.Module):
         return self.resid_drop(self.proj(y))
 
 
-class PlainMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
-        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
-        self.drop = nn.Dropout(cfg.drop_rate)
-
+class PlainMLP(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.proj(plain_gelu(self.fc(x))))
 

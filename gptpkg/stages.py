@@ -61,6 +61,7 @@ class PrepareConfig:
 class PretrainConfig:
     model: str
     drop_rate: float
+    vocab_multiple: int  # pad the vocabulary to a multiple of this (64 on GPUs; 1 = none)
     corpus: list[str]
     max_length: int
     stride: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from functools import partial
 from statistics import mean
 
 import pytest
@@ -62,3 +63,45 @@ def test_batching_settings_and_errors():
         _batching("pad_longest", "finetune_instruct", lengths, cfg, None)
     with pytest.raises(ValueError, match="batching must be one of"):
         batch_plan_for("sorted", lengths, 4, 0)
+
+
+def test_fit_with_a_bucketed_plan_resumes_to_the_same_weights(tmp_path):
+    import torch
+
+    from gptpkg.config import model_config
+    from gptpkg.model import GPT
+    from gptpkg.train import classification_loss, fit
+
+    rng = random.Random(1)
+    data = [{"input_ids": [rng.randrange(500) for _ in range(rng.randint(2, 30))], "label": i % 2}
+            for i in range(40)]
+    cfg = TrainConfig(lr=1e-3, epochs=1.0, max_steps=6, batch_size=4, checkpoint_every=2, eval_every=0,
+                      device="cpu", compile="false")
+    plan = bucketed_batches([len(d["input_ids"]) for d in data], 4, seed=5)
+    collate = partial(classification_collate, pad_id=0)  # the tiny test vocabulary has no 50256
+
+    def model():
+        torch.manual_seed(0)
+        return GPT(model_config("tiny", vocab_size=500, drop_rate=0.0)).to_classifier(2)
+
+    straight = model()
+    fit(straight, data, collate, cfg, classification_loss(), batch_plan=plan, progress=False)
+
+    calls = {"n": 0}
+    base_loss = classification_loss()
+
+    def crash_after_three_steps(m, batch):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt("simulated crash")
+        return base_loss(m, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model(), data, collate, cfg, crash_after_three_steps, batch_plan=plan,
+            checkpoint_dir=tmp_path / "ck", progress=False)
+    resumed = model()
+    r = fit(resumed, data, collate, cfg, base_loss, batch_plan=plan,
+            checkpoint_dir=tmp_path / "ck", resume=True, progress=False)
+    assert r.steps == 6 and r.examples_seen == sum(len(b) for b in (plan(0) + plan(1))[:6])
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)

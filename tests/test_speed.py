@@ -87,3 +87,39 @@ def test_fast_path_trains_like_plain_path_for_a_few_steps():
             opt.step()
             opt.zero_grad()
     torch.testing.assert_close(fast(x), plain(x), atol=1e-4, rtol=1e-3)
+
+
+def test_fast_gpu_profile_parses_and_pads_the_vocabulary():
+    from pathlib import Path
+
+    from gptpkg.config import load_params
+    from gptpkg.stages import PretrainConfig, stage_config
+
+    root = Path(__file__).resolve().parents[1]
+    params = load_params(root / "params.yaml", profile="fast")
+    cfg, train = stage_config(params, "pretrain", PretrainConfig)
+    mcfg = model_config(cfg.model, vocab_multiple=cfg.vocab_multiple)
+    assert (mcfg.padded_vocab_size, cfg.max_length, train.precision, train.compile) == (50304, 1024, "bf16", "true")
+    assert train.batch_size % 8 == 0  # splits evenly over 1, 2, 4 or 8 GPUs
+
+
+def test_gpu_switches_of_fit_on_a_cpu():
+    from gptpkg.train import TrainConfig, autocast_dtype, make_optimizer, should_compile
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert should_compile("auto", cuda) and not should_compile("auto", cpu) and should_compile("true", cpu)
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16 and autocast_dtype("auto", cpu) is None
+    model = GPT(model_config("tiny", vocab_size=100))
+    assert make_optimizer(model, TrainConfig(), cpu).defaults["fused"] is True
+
+
+def test_loss_under_bf16_autocast_takes_the_logits_path_and_stays_close():
+    fast, _ = _pair(vocab_multiple=64)
+    x, y = _batch(fast.cfg)
+    ref = fast(x, targets=y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = fast(x, targets=y)
+    low.backward()
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, ref, atol=2e-2, rtol=2e-2)
+    assert fast.tok_emb.weight.grad[fast.cfg.vocab_size:].abs().max() == 0

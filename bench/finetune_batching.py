@@ -1,0 +1,141 @@
+"""Fine-tuning batches: length-bucketed vs pad-to-longest (the book's) vs shuffled.
+
+    GPTPKG_DATA_MIRROR=/work/shared/data PYTHONPATH=. python bench/finetune_batching.py
+
+Classifier: the book's balanced SMS split (`book_spam_splits`), the same initial
+weights (`--preset`, from scratch: no pretrained GPT-2 weights exist here) and the same
+hyperparameters, trained through `fit` with each `batching` of `finetune_spam`:
+`pad_longest` pads every message to the longest in the training set (the book: 120
+tokens), `shuffled` pads each random batch to its longest, `bucketed` groups messages
+of similar length. Reports training examples/s (median over interleaved repetitions)
+and the val/test accuracy each reaches. Instruction batches: the same for
+`finetune_instruct` (`shuffled` vs `bucketed`) on the first `--instruct-examples`
+training records, with the val loss each reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gptpkg.config import TrainConfig, model_config  # noqa: E402
+from gptpkg.data import (  # noqa: E402
+    ClassificationDataset, InstructionDataset, book_spam_splits, classification_collate,
+    instruction_collate, read_instructions, split_instructions,
+)
+from gptpkg.finetune import _batching, evaluate_classifier  # noqa: E402
+from gptpkg.model import GPT  # noqa: E402
+from gptpkg.tokenizer import get_tokenizer  # noqa: E402
+from gptpkg.train import batches_of, classification_loss, fit, lm_loss, mean_loss  # noqa: E402
+
+
+def padded_tokens(plan, lengths, collate_pad: int | None) -> int:
+    return sum(len(b) * (collate_pad or max(lengths[i] for i in b)) for b in plan)
+
+
+def spam(args, mirror: Path, tok) -> dict:
+    splits = book_spam_splits(mirror / "SMSSpamCollection", seed=123)
+    sets = {p: ClassificationDataset(rows, tok, args.max_length) for p, rows in splits.as_dict().items()}
+    lengths = [len(ids) for ids in sets["train"].ids]
+    torch.manual_seed(args.seed)
+    base = GPT(model_config(args.preset, drop_rate=0.0)).to_classifier(2)
+    base.set_trainable(args.trainable, 1)
+    cfg = TrainConfig(lr=args.lr, warmup_steps=10, epochs=args.epochs, batch_size=args.batch_size,
+                      eval_every=0, seed=args.seed, device="cpu", compile="false", beta2=0.999)
+    rates: dict[str, list[float]] = {m: [] for m in args.modes}
+    out: dict = {"train_examples": len(lengths), "mean_length": statistics.mean(lengths),
+                 "longest": max(lengths), "epochs": args.epochs, "batch_size": args.batch_size,
+                 "preset": args.preset, "trainable": args.trainable}
+    for rep in range(args.reps):
+        for mode in args.modes:
+            plan, collate = _batching(mode, "finetune_spam", lengths, cfg, classification_collate)
+            model = copy.deepcopy(base)
+            r = fit(model, sets["train"], collate, cfg, loss_fn=classification_loss(), batch_plan=plan,
+                    progress=False)
+            rates[mode].append(r.examples_seen / r.wall_time_s)
+            row = out.setdefault(mode, {})
+            row["padded_tokens_per_epoch"] = padded_tokens(plan(0), lengths, max(lengths) if mode == "pad_longest" else None)
+            for part in ("val", "test"):
+                acc = evaluate_classifier(model, sets[part], f"{part}_", 32)[f"{part}_accuracy"]
+                row.setdefault(f"{part}_accuracy", []).append(acc)
+            print(f"spam rep {rep + 1} {mode}: {rates[mode][-1]:.1f} examples/s, val acc "
+                  f"{row['val_accuracy'][-1]:.4f}, test acc {row['test_accuracy'][-1]:.4f}", flush=True)
+    for mode in args.modes:
+        out[mode]["examples_per_s_median"] = statistics.median(rates[mode])
+        out[mode]["examples_per_s_all"] = rates[mode]
+    if "pad_longest" in rates:
+        for mode in args.modes:
+            out[mode]["speedup_vs_pad_longest"] = out[mode]["examples_per_s_median"] / out["pad_longest"]["examples_per_s_median"]
+    return out
+
+
+def instruct(args, mirror: Path, tok) -> dict:
+    data = split_instructions(read_instructions(mirror / "instruction-data.json"), seed=123)
+    train = InstructionDataset(data["train"][: args.instruct_examples], tok)
+    val = InstructionDataset(data["val"], tok)
+    collate = partial(instruction_collate, allowed_max_length=args.instruct_max_length)
+    val_batches = batches_of(val, collate, args.batch_size)
+    lengths = [len(it["input_ids"]) for it in train.items]
+    torch.manual_seed(args.seed)
+    base = GPT(model_config(args.preset, drop_rate=0.0))
+    cfg = TrainConfig(lr=5e-4, warmup_steps=2, epochs=1.0, batch_size=args.batch_size, eval_every=0,
+                      seed=args.seed, device="cpu", compile="false")
+    out: dict = {"train_examples": len(lengths), "mean_length": statistics.mean(lengths), "longest": max(lengths)}
+    rates: dict[str, list[float]] = {"shuffled": [], "bucketed": []}
+    for rep in range(args.reps):
+        for mode in rates:
+            plan, _ = _batching(mode, "finetune_instruct", lengths, cfg, None)
+            model = copy.deepcopy(base)
+            r = fit(model, train, collate, cfg, loss_fn=lm_loss, batch_plan=plan, progress=False)
+            rates[mode].append(r.examples_seen / r.wall_time_s)
+            row = out.setdefault(mode, {})
+            row["padded_tokens_per_epoch"] = padded_tokens(plan(0), [n + 1 for n in lengths], None)
+            row.setdefault("val_loss", []).append(mean_loss(model, val_batches, lm_loss, torch.device("cpu")))
+            print(f"instruct rep {rep + 1} {mode}: {rates[mode][-1]:.2f} examples/s, val loss {row['val_loss'][-1]:.4f}",
+                  flush=True)
+    for mode in rates:
+        out[mode]["examples_per_s_median"] = statistics.median(rates[mode])
+    out["bucketed_over_shuffled"] = out["bucketed"]["examples_per_s_median"] / out["shuffled"]["examples_per_s_median"]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="cpu-mini")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--trainable", default="all", help="head | last_blocks (1 block, the book's) | all")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--max-length", type=int, default=256, help="truncation of the SMS texts (none below 256)")
+    p.add_argument("--modes", nargs="+", default=["pad_longest", "shuffled", "bucketed"])
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--instruct-examples", type=int, default=160, help="0 = skip the instruction comparison")
+    p.add_argument("--instruct-max-length", type=int, default=256)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    mirror = Path(os.environ.get("GPTPKG_DATA_MIRROR", "../shared/data"))
+    tok = get_tokenizer(str(mirror))
+    result = {"spam": spam(args, mirror, tok)}
+    if args.instruct_examples:
+        result["instruct"] = instruct(args, mirror, tok)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
