@@ -79,6 +79,20 @@ def split_runtime(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return {k: v for k, v in metrics.items() if k not in runtime}, runtime
 
 
+def check_openai_weights(params: dict, name: str) -> None:
+    """init: openai needs a local Hugging Face gpt2 folder; say which key, before any work."""
+    from .config import ConfigError
+
+    sec = params.get(name) or {}
+    if sec.get("init") != "openai":
+        return
+    folder = Path(sec.get("openai_weights") or "")
+    if not sec.get("openai_weights") or not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"params.{name}.openai_weights={sec.get('openai_weights')!r}: init: openai needs a local folder "
+            f"with the Hugging Face gpt2 files (config.json + model.safetensors); nothing is downloaded")
+
+
 def check_resumable(params: dict, name: str, checkpoint_dir: Path) -> None:
     """`--resume` continues only a checkpoint written with the same training params, so
     a resumed result is the one params.yaml describes (and what dvc.lock records)."""
@@ -111,6 +125,7 @@ def run_stage(name: str, params: dict, resume: bool = False, progress: bool = Tr
     # Every section the stage reads parses before anything runs: a typo or a wrong type
     # stops the stage here, with no W&B run opened and no output touched.
     validate_params(params, [s for s in ("paths", "data", name, "wandb") if s in SECTION_CONFIGS])
+    check_openai_weights(params, name)
     paths = paths_of(params)
     if resume and ckpt_key:
         check_resumable(params, name, Path(getattr(paths, ckpt_key)))

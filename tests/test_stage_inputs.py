@@ -230,3 +230,12 @@ def test_written_files_get_the_usual_mode(tmp_path):
     os.umask(umask)
     for f in ("m.json", "c.png"):
         assert (tmp_path / f).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_openai_init_without_local_weights(project, capsys):
+    edit_params(project, "finetune_spam", init="openai", openai_weights="models/openai/gpt2")
+    old = sentinel(project / "models" / "spam_classifier")
+    rc, err = run(["finetune_spam"], capsys)
+    assert rc == 1
+    assert "params.finetune_spam.openai_weights='models/openai/gpt2'" in err and "config.json" in err
+    assert old.read_bytes() == b"earlier output"
