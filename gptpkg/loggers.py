@@ -30,11 +30,18 @@ class NullLogger:
     def finish(self): pass
 
 
+# Keys of the rows `fit` logs after every optimizer step (between evals): W&B plots them,
+# the console skips them (one line per eval is enough there).
+STEP_KEYS = frozenset({"step_loss", "lr"})
+
+
 class StdoutLogger(NullLogger):
     def __init__(self, stream=None) -> None:
         self.stream = stream or sys.stderr
 
     def log(self, metrics, step):
+        if set(metrics) <= STEP_KEYS:
+            return
         parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()]
         print(f"[step {step}] " + " ".join(parts), file=self.stream, flush=True)
 

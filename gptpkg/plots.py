@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, file_mode
 
 LABELS = ("ham", "spam")
 
@@ -42,6 +42,7 @@ def _save(fig, out: Path) -> None:
     try:
         # No timestamp in the PNG metadata: same history -> same bytes.
         fig.savefig(tmp, dpi=80, metadata={"Software": None})
+        os.chmod(tmp, file_mode())
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

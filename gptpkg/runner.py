@@ -13,7 +13,7 @@ from .config import from_dict, section
 from .distributed import is_main_process
 from .loggers import MultiLogger, NullLogger, StdoutLogger, WandbLogger, wandb_from_env
 from .plots import write_stage_plots
-from .stages import SECTION_CONFIGS, Paths, WandbConfig, paths_of, validate_params, write_metrics
+from .stages import SECTION_CONFIGS, Paths, WandbConfig, paths_of, stage_config, validate_params, write_metrics
 
 
 def _fetch(params, logger, resume, progress):
@@ -92,6 +92,43 @@ def split_runtime(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return {k: v for k, v in metrics.items() if k not in runtime}, runtime
 
 
+def check_openai_weights(params: dict, name: str) -> None:
+    """init: openai needs a local Hugging Face gpt2 folder; say which key, before any work."""
+    from .config import ConfigError
+
+    sec = params.get(name) or {}
+    if sec.get("init") != "openai":
+        return
+    folder = Path(sec.get("openai_weights") or "")
+    if not sec.get("openai_weights") or not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"params.{name}.openai_weights={sec.get('openai_weights')!r}: init: openai needs a local folder "
+            f"with the Hugging Face gpt2 files (config.json + model.safetensors); nothing is downloaded")
+
+
+def check_resumable(params: dict, name: str, checkpoint_dir: Path) -> None:
+    """`--resume` continues only a checkpoint written with the same training params, so
+    a resumed result is the one params.yaml describes (and what dvc.lock records)."""
+    from dataclasses import asdict
+
+    from .checkpoint import read_config
+    from .config import ConfigError
+
+    if not (checkpoint_dir / "config.json").is_file():
+        return  # nothing to resume: the stage starts from step 0
+    saved = read_config(checkpoint_dir).get("meta", {}).get("train")
+    _, train = stage_config(params, name, SECTION_CONFIGS[name])
+    now = asdict(train)
+    if saved is None:
+        raise ConfigError(f"--resume: {checkpoint_dir} holds no training state to resume")
+    differ = sorted(k for k in now if saved.get(k) != now[k])
+    if differ:
+        raise ConfigError(
+            f"--resume: {checkpoint_dir} was trained with other params.{name} values for {differ} "
+            f"(checkpoint: {[saved.get(k) for k in differ]}, params: {[now[k] for k in differ]}); "
+            f"restore them or run without --resume")
+
+
 def run_stage(name: str, params: dict, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run stage `name`; write metrics/<stage>.json, metrics/runtime/<stage>.json and
     its plot files. Returns all metrics (runtime figures included)."""
@@ -101,8 +138,11 @@ def run_stage(name: str, params: dict, resume: bool = False, progress: bool = Tr
     # Every section the stage reads parses before anything runs: a typo or a wrong type
     # stops the stage here, with no W&B run opened and no output touched.
     validate_params(params, [s for s in ("paths", "data", name, "wandb") if s in SECTION_CONFIGS])
+    check_openai_weights(params, name)
     paths = paths_of(params)
     main = is_main_process()  # under torchrun only rank 0 logs and writes files
+    if resume and ckpt_key:
+        check_resumable(params, name, Path(getattr(paths, ckpt_key)))
     t0, cpu0 = time.perf_counter(), time.process_time()
     logger, wb = open_logger(params, name, paths) if (ckpt_key and main) else (NullLogger(), None)
     try:

@@ -406,6 +406,8 @@ def fit(
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == steps:
             evaluate(window_loss / window_n, window_tokens / max(now - window_t, 1e-9))
             window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, time.perf_counter()
+        else:  # every optimizer step (W&B); the console logger prints eval rows only
+            logger.log({"step_loss": value, "lr": lr}, step=step)
         if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != steps:
             save(final=False)
     bar.close()

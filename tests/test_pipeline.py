@@ -204,7 +204,9 @@ def test_wandb_offline_runs_hold_history_config_and_checkpoint(repo):
     assert config["pretrain"]["model"] == "tiny"
     history = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
                for r in recs if r.WhichOneof("record_type") == "history"]
-    assert len(history) >= 2 and all("val_loss" in h and "train_loss" in h for h in history)
+    evals = [h for h in history if "val_loss" in h]
+    assert len(evals) >= 2 and all("train_loss" in h and "val_perplexity" in h for h in evals)
+    assert any("step_loss" in h for h in history)  # every optimizer step between evals
     artifacts = {(r.artifact.name, r.artifact.type) for r in recs if r.WhichOneof("record_type") == "artifact"}
     assert ("pretrain-checkpoint", "model") in artifacts
     assert any(t == "run_table" for _, t in artifacts)  # the samples table

@@ -216,3 +216,26 @@ def test_confusion_rows_expand_counts():
     assert len(rows) == 6
     assert rows.count({"actual": "ham", "predicted": "spam"}) == 1
     assert rows.count({"actual": "spam", "predicted": "spam"}) == 3
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    import os
+
+    from gptpkg.checkpoint import atomic_write_text
+    from gptpkg.plots import render_curves
+
+    atomic_write_text(tmp_path / "m.json", "{}")
+    render_curves([{"step": 1, "train_loss": 2.0, "val_loss": 2.5}], tmp_path / "c.png", "t")
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in ("m.json", "c.png"):
+        assert (tmp_path / f).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_openai_init_without_local_weights(project, capsys):
+    edit_params(project, "finetune_spam", init="openai", openai_weights="models/openai/gpt2")
+    old = sentinel(project / "models" / "spam_classifier")
+    rc, err = run(["finetune_spam"], capsys)
+    assert rc == 1
+    assert "params.finetune_spam.openai_weights='models/openai/gpt2'" in err and "config.json" in err
+    assert old.read_bytes() == b"earlier output"

@@ -1,0 +1,82 @@
+"""`--resume` with DVC: an interrupted stage leaves its last periodic checkpoint in the
+workspace; `gptpkg <stage> --resume` finishes it with the same result as an uninterrupted
+run, and refuses a checkpoint written with other training params."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gptpkg.cli import main
+from gptpkg.config import ConfigError, load_params
+from gptpkg.loggers import NullLogger
+from gptpkg.stages import apply_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = ["pretrain.max_steps=6", "pretrain.eval_every=3", "pretrain.checkpoint_every=2"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAtFirstEval(NullLogger):
+    def log(self, metrics, step):
+        if "val_loss" in metrics:
+            raise Interrupt(f"interrupted at step {step}")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from gptpkg.runner import run_stage
+
+    root = tmp_path_factory.mktemp("resume")
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    shutil.copytree(ROOT / "profiles", root / "profiles")
+    apply_profile(root / "params.yaml", "tiny")
+    cwd = Path.cwd()
+    import os
+
+    os.chdir(root)
+    try:
+        params = load_params("params.yaml")
+        run_stage("fetch", params)
+        run_stage("prepare", params)
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def test_resume_finishes_an_interrupted_stage_identically(prepared, monkeypatch, capsys):
+    import gptpkg.runner as runner
+
+    monkeypatch.chdir(prepared)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert main(["pretrain", "--no-progress", "--set", SETS[0], "--set", SETS[1], "--set", SETS[2]]) == 0
+    uninterrupted = json.loads(Path("metrics/pretrain.json").read_text())
+    weights = Path("models/pretrained/model.safetensors").read_bytes()
+
+    with monkeypatch.context() as m:
+        m.setattr(runner, "open_logger", lambda params, stage, paths: (StopAtFirstEval(), None))
+        with pytest.raises(Interrupt):
+            runner.run_stage("pretrain", load_params("params.yaml", SETS))
+    cfg = json.loads(Path("models/pretrained/config.json").read_text())
+    assert cfg["meta"]["step"] == 2  # the periodic checkpoint the interruption left
+
+    assert main(["pretrain", "--no-progress", "--resume", "--set", SETS[0], "--set", SETS[1], "--set", SETS[2]]) == 0
+    assert json.loads(Path("metrics/pretrain.json").read_text()) == uninterrupted
+    assert Path("models/pretrained/model.safetensors").read_bytes() == weights
+
+
+def test_resume_refuses_other_training_params(prepared, monkeypatch, capsys):
+    monkeypatch.chdir(prepared)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert main(["pretrain", "--no-progress", "--set", SETS[0]]) == 0
+    before = Path("models/pretrained/model.safetensors").read_bytes()
+    assert main(["pretrain", "--no-progress", "--resume", "--set", "pretrain.max_steps=8", "--set", "pretrain.lr=0.001"]) == 1
+    err = capsys.readouterr().err
+    assert "--resume" in err and "['lr', 'max_steps']" in err and "run without --resume" in err
+    assert Path("models/pretrained/model.safetensors").read_bytes() == before
