@@ -22,11 +22,16 @@ from .resources import DvcWorkspace
 CHANGED = "dvc-changed"  # provenance of a stage DVC considers out of date: never equals a real version
 
 
-def _recorded_entry(instance: DagsterInstance, name: str) -> str | None:
+def _recorded(instance: DagsterInstance, name: str) -> tuple[str | None, dict[str, str]]:
+    """(dvc.lock entry hash, input data versions) of the asset's latest materialization."""
     ev = instance.get_latest_materialization_event(AssetKey(name))
     mat = ev.asset_materialization if ev else None
-    val = mat.metadata.get(LOCK_ENTRY_KEY) if mat else None
-    return getattr(val, "value", None)
+    if mat is None:
+        return None, {}
+    val = mat.metadata.get(LOCK_ENTRY_KEY)
+    prefix = "dagster/input_data_version/"
+    inputs = {k[len(prefix):]: v for k, v in (mat.tags or {}).items() if k.startswith(prefix)}
+    return getattr(val, "value", None), inputs
 
 
 def dvc_status(root) -> dict:
@@ -41,12 +46,24 @@ def dvc_status(root) -> dict:
 
 
 def shell_run_events(instance: DagsterInstance, dvc: DvcWorkspace) -> list[AssetMaterialization] | None:
-    """Materializations for the stages DVC ran outside Dagster (None: the workspace is busy)."""
+    """Materializations for what DVC did outside Dagster (None: the workspace is busy):
+    a stage whose dvc.lock entry Dagster has not recorded (`dvc repro` ran it), and a stage
+    whose recorded inputs are older than DVC's although `dvc status` calls it up to date
+    (an upstream stage reran, but the files this stage reads did not change)."""
     lock = read_lock(dvc.path)
     stages = load_stages(dvc.path)
-    todo = [s for s in stages if lock_entry_version(lock.get(s.name))
-            and _recorded_entry(instance, s.name) != lock_entry_version(lock.get(s.name))]
-    if not todo:
+    current = {s.name: outs_version(lock.get(s.name)) for s in stages}
+    candidates = []
+    for s in stages:
+        entry = lock_entry_version(lock.get(s.name))
+        if entry is None:
+            continue
+        rec_entry, rec_inputs = _recorded(instance, s.name)
+        if rec_entry != entry:
+            candidates.append((s, True))
+        elif rec_entry is not None and any(rec_inputs.get(u) != current[u] for u in s.upstream if current[u]):
+            candidates.append((s, False))
+    if not candidates:
         return []
     with dvc.locked(wait=False) as got:
         if not got:
@@ -58,20 +75,23 @@ def shell_run_events(instance: DagsterInstance, dvc: DvcWorkspace) -> list[Asset
                 return None
             raise
         lock = read_lock(dvc.path)
+    current = {s.name: outs_version(lock.get(s.name)) for s in stages}
     events = []
-    for s in todo:
+    for s, reran in candidates:
         entry = lock.get(s.name)
         fresh = s.name not in status
-        tags = {"dagster/data_version": outs_version(entry) or "none",
+        if not reran and not fresh:
+            continue  # DVC would rerun it too: Dagster's "stale" is right
+        tags = {"dagster/data_version": current[s.name] or "none",
                 "dagster/data_version_is_user_provided": "true",
                 "dagster/code_version": s.code_version if fresh else CHANGED}
         for u in s.upstream:
-            v = outs_version(lock.get(u))
-            tags[f"dagster/input_data_version/{u}"] = v if fresh and v else CHANGED
+            tags[f"dagster/input_data_version/{u}"] = current[u] if fresh and current[u] else CHANGED
         md = stage_metadata(s, dvc.path, entry)
-        md["reported_by"] = "dvc.lock sensor: stage reproduced outside Dagster (dvc repro)"
+        md["reported_by"] = ("dvc.lock sensor: stage reproduced outside Dagster (dvc repro)" if reran else
+                             "dvc.lock sensor: an upstream stage reran but `dvc status` finds this stage up to date")
         events.append(AssetMaterialization(asset_key=s.name, metadata=md, tags=tags,
-                                           description="dvc repro outside Dagster"))
+                                           description="dvc repro outside Dagster" if reran else "up to date per dvc status"))
     return events
 
 
