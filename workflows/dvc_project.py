@@ -47,7 +47,7 @@ class Stage:
     outs: tuple[str, ...]
     metrics: tuple[str, ...]  # metrics outs (JSON)
     plots: tuple[str, ...]  # plots outs (PNG images first)
-    code_version: str  # hash of cmd + content of the deps no stage produces (the gptpkg modules)
+    code_version: str  # hash of cmd + content of the file deps no stage produces (the gptpkg modules)
     group: str = field(default=DEFAULT_GROUP)
 
     def metrics_file(self, suffix: str = "") -> str | None:
@@ -76,6 +76,7 @@ def _hash_path(h: "hashlib._Hash", p: Path) -> None:
 
 def load_stages(root: str | Path) -> list[Stage]:
     """The pipeline stages of `root/dvc.yaml`, in dvc.yaml order, via DVC's own parser."""
+    from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
     root = Path(root).resolve()
@@ -91,8 +92,11 @@ def load_stages(root: str | Path) -> list[Stage]:
             rel = lambda o: Path(os.path.relpath(o.fs_path, root)).as_posix()  # noqa: E731
             outs = [o for o in s.outs]
             upstream = {d.name for d in graph.successors(s) if getattr(d, "name", None)}
+            # params are DVC's business (per key, in dvc.lock): a profile written for one run
+            # must not make every asset's code version differ from the one it ran with
+            files = [d for d in s.deps if not isinstance(d, ParamsDependency)]
             raw.append((s.name, s.cmd if isinstance(s.cmd, str) else " && ".join(s.cmd),
-                        upstream, [rel(d) for d in s.deps], [rel(o) for o in outs],
+                        upstream, [rel(d) for d in files], [rel(o) for o in outs],
                         [rel(o) for o in outs if o.metric], [rel(o) for o in outs if o.plot]))
     finally:
         repo.close()

@@ -34,6 +34,11 @@ def _recorded(instance: DagsterInstance, name: str) -> tuple[str | None, dict[st
     return getattr(val, "value", None), inputs
 
 
+def _latest_storage_id(instance: DagsterInstance, name: str) -> str:
+    records = instance.fetch_materializations(AssetKey(name), limit=1).records
+    return str(records[0].storage_id) if records else "NULL"
+
+
 def dvc_status(root) -> dict:
     """`dvc status` of the workspace: {stage: [changes]} for every stage DVC would rerun."""
     from dvc.repo import Repo
@@ -87,6 +92,7 @@ def shell_run_events(instance: DagsterInstance, dvc: DvcWorkspace) -> list[Asset
                 "dagster/code_version": s.code_version if fresh else CHANGED}
         for u in s.upstream:
             tags[f"dagster/input_data_version/{u}"] = current[u] if fresh and current[u] else CHANGED
+            tags[f"dagster/input_event_pointer/{u}"] = _latest_storage_id(instance, u)
         md = stage_metadata(s, dvc.path, entry)
         md["reported_by"] = ("dvc.lock sensor: stage reproduced outside Dagster (dvc repro)" if reran else
                              "dvc.lock sensor: an upstream stage reran but `dvc status` finds this stage up to date")
