@@ -49,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="write profiles/NAME.yaml into the params file (for dvc repro)",
                         description="write the keys of profiles/NAME.yaml into the params file in place "
                                     "(comments kept), so `dvc repro` / `dvc exp run` run that profile")
-    pr.add_argument("name", help="profile name (profiles/NAME.yaml next to the params file)")
+    pr.add_argument("name", nargs="?", default=None, help="profile name (profiles/NAME.yaml next to the params file)")
     pr.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="also write this key (repeatable; after the profile); the value is YAML")
     pr.set_defaults(stage=None)
 
     i = sub.add_parser("presets", help="list the model presets with their parameter counts",
@@ -94,11 +96,15 @@ def _profile(args) -> int:
     from .stages import apply_profile
 
     try:
-        changed = apply_profile(args.params, args.name)
+        if not args.name and not args.overrides:
+            raise ConfigError("give a profile name and/or --set SECTION.KEY=VALUE")
+        changed = apply_profile(args.params, args.name, args.overrides)
     except ConfigError as e:
         print(f"gptpkg profile: error: {e}", file=sys.stderr)
         return 1
-    print(f"{args.params}: profile {args.name!r} applied, {len(changed)} key(s) changed: {', '.join(changed) or '-'}")
+    what = " and ".join(x for x in (f"profile {args.name!r}" if args.name else "",
+                                    f"{len(args.overrides)} override(s)" if args.overrides else "") if x)
+    print(f"{args.params}: {what} applied, {len(changed)} key(s) changed: {', '.join(changed) or '-'}")
     return 0
 
 

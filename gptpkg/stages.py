@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .checkpoint import atomic_write_text
 from .config import ConfigError, from_dict, section, split_train
@@ -258,21 +258,22 @@ def validate_params(params: dict, sections: list[str] | None = None) -> None:
         stage_config(params, name, SECTION_CONFIGS[name])
 
 
-def apply_profile(params_file: str | Path, profile: str) -> list[str]:
-    """Write profiles/<profile>.yaml over `params_file` in place. Returns the changed
-    keys ("section.key"). Nothing is written when the result would not parse."""
+def apply_profile(params_file: str | Path, profile: str | None, overrides: Sequence[str] = ()) -> list[str]:
+    """Write profiles/<profile>.yaml, then the `section.key=value` overrides, over
+    `params_file` in place. Returns the changed keys ("section.key"). Nothing is written
+    when nothing changes or the result would not parse."""
     import io
 
     import yaml
     from ruamel.yaml import YAML
     from ruamel.yaml.comments import CommentedSeq
 
-    from .config import load_params, profile_path, read_yaml
+    from .config import load_params, read_yaml
 
     params_file = Path(params_file)
-    merged = load_params(params_file, profile=profile)  # unknown profile/key -> ConfigError
+    merged = load_params(params_file, list(overrides), profile)  # unknown profile/key -> ConfigError
     validate_params(merged)
-    over = read_yaml(profile_path(params_file, profile))
+    base = read_yaml(params_file)
     rt = YAML()  # round trip: comments and key order stay
     rt.preserve_quotes = True
     rt.width = 4096
@@ -283,16 +284,17 @@ def apply_profile(params_file: str | Path, profile: str) -> list[str]:
     rt.representer.add_representer(type(None), lambda r, v: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = rt.load(params_file.read_text(encoding="utf-8"))
     changed = []
-    for sec, keys in over.items():
-        for key, value in (keys or {}).items():
-            if doc[sec][key] == value:
+    for sec, keys in merged.items():
+        for key, value in (keys.items() if isinstance(keys, dict) else ()):
+            if (base.get(sec) or {}).get(key) == value:
                 continue  # keep its spelling
             changed.append(f"{sec}.{key}")
             if isinstance(value, list):
                 value = CommentedSeq(value)
                 value.fa.set_flow_style()
             doc[sec][key] = value
-    buf = io.StringIO()
-    rt.dump(doc, buf)
-    atomic_write_text(params_file, buf.getvalue())
+    if changed:
+        buf = io.StringIO()
+        rt.dump(doc, buf)
+        atomic_write_text(params_file, buf.getvalue())
     return changed

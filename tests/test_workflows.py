@@ -1,0 +1,446 @@
+"""Dagster over the DVC pipeline: definitions derived from dvc.yaml, a real materialization
+of the whole graph (tiny profile) in a temp DVC repository, checks, failures, the
+dvc.lock sensor, and `dagster definitions validate`."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PROJECT_FILES = ["params.yaml", "profiles", "dvc.yaml", ".dvcignore", ".dvc/config", "gptpkg", ".gitignore"]
+
+
+def make_project(dest: Path) -> Path:
+    """A fresh git + DVC repository holding this project's pipeline files."""
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=dest, check=True)
+    return dest
+
+
+def dvc(root: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(root)}
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, check=True,
+                          capture_output=True, text=True).stdout
+
+
+@pytest.fixture()
+def stage_env(monkeypatch, tmp_path):
+    """Stages run the project copy's gptpkg (the code DVC hashes)."""
+    def use(root: Path):
+        monkeypatch.setenv("PYTHONPATH", str(root))
+    return use
+
+
+def stage_names(dvc_yaml: Path) -> list[str]:
+    return list(yaml.safe_load(dvc_yaml.read_text())["stages"])
+
+
+# ---------------------------------------------------------------- definitions
+
+def test_assets_mirror_dvc_yaml():
+    from dagster import AssetKey
+
+    from workflows import build_definitions
+    from workflows.dvc_project import GROUPS
+
+    defs = build_definitions(ROOT)
+    graph = defs.resolve_asset_graph()
+    names = stage_names(ROOT / "dvc.yaml")
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == set(names)
+    expected_parents = {"fetch": set(), "prepare": {"fetch"}, "pretrain": {"prepare"},
+                        "finetune_spam": {"pretrain", "prepare"}, "baseline_spam": {"prepare"},
+                        "finetune_instruct": {"pretrain", "prepare"}}
+    for name in names:
+        node = graph.get(AssetKey(name))
+        assert node.group_name == GROUPS.get(name, "pipeline")
+        if name in expected_parents:
+            assert {p.to_user_string() for p in node.parent_keys} == expected_parents[name], name
+    checks = {k.name for k in graph.asset_check_keys}
+    assert {"val_loss_below_initial", "accuracy_above_floor", "accuracy_at_least_baseline"} <= checks
+    assert ("onnx_matches_pytorch" in checks) == ("export_onnx" in names)
+    jobs = {j.name for j in defs.resolve_all_job_defs()}
+    assert {"full_pipeline", "classifier_only"} <= jobs
+
+
+def test_a_new_dvc_stage_becomes_an_asset(tmp_path):
+    """export_onnx / package added to dvc.yaml (as the serving branch does) appear as assets in
+    the serving group, with the parity check and in the classifier_only job; an unknown stage
+    lands in the default group."""
+    from dagster import AssetKey
+
+    from workflows import build_definitions
+
+    root = make_project(tmp_path)
+    doc = yaml.safe_load((root / "dvc.yaml").read_text())
+    doc["stages"]["export_onnx"] = {"cmd": "gptpkg export_onnx", "deps": ["${paths.spam_classifier}"],
+                                    "outs": ["${paths.onnx}"],
+                                    "metrics": [{"${paths.metrics}/export_onnx.json": {"cache": False}}]}
+    doc["stages"]["package"] = {"cmd": "gptpkg package", "deps": ["${paths.onnx}"]}
+    doc["stages"]["report"] = {"cmd": "echo", "deps": ["${paths.metrics}/export_onnx.json"]}
+    (root / "dvc.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    defs = build_definitions(root)
+    graph = defs.resolve_asset_graph()
+    assert {p.to_user_string() for p in graph.get(AssetKey("export_onnx")).parent_keys} == {"finetune_spam"}
+    assert {p.to_user_string() for p in graph.get(AssetKey("package")).parent_keys} == {"export_onnx"}
+    assert {p.to_user_string() for p in graph.get(AssetKey("report")).parent_keys} == {"export_onnx"}
+    assert graph.get(AssetKey("package")).group_name == "serving"
+    assert graph.get(AssetKey("report")).group_name == "pipeline"
+    assert "onnx_matches_pytorch" in {k.name for k in graph.asset_check_keys}
+    job = defs.resolve_job_def("classifier_only")
+    assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == {"finetune_spam", "export_onnx", "package"}
+
+
+def test_onnx_parity_check_reads_export_metrics(tmp_path):
+    """The parity check against the export stage's metrics keys: passes on agreement, fails on a
+    label mismatch, fails clearly when the keys are missing."""
+    import json
+
+    from dagster import build_asset_check_context
+
+    from workflows.checks import build_checks
+    from workflows.dvc_project import Stage
+    from workflows.resources import DvcWorkspace
+
+    stage = Stage("export_onnx", "gptpkg export_onnx", ("finetune_spam",), (), ("models/onnx",),
+                  ("metrics/export_onnx.json",), (), "x", "serving")
+    (check,) = build_checks([stage])
+    (tmp_path / "metrics").mkdir()
+    m = tmp_path / "metrics" / "export_onnx.json"
+    res = DvcWorkspace(root=str(tmp_path))
+
+    def run():
+        return check(build_asset_check_context(), dvc=res)
+
+    m.write_text(json.dumps({"parity_max_abs_logit_diff": 2e-6, "parity_label_mismatches": 0, "parity_atol": 1e-4}))
+    assert run().passed
+    m.write_text(json.dumps({"parity_max_abs_logit_diff": 2e-6, "parity_label_mismatches": 3, "parity_atol": 1e-4}))
+    assert not run().passed
+    m.write_text(json.dumps({"export_s": 1.0}))
+    r = run()
+    assert not r.passed and "parity_max_abs_logit_diff" in r.description
+
+
+def test_wandb_resource_reaches_the_stage_logger(monkeypatch):
+    """The resource's settings are what gptpkg's W&B logger reads (over params.yaml: wandb)."""
+    from gptpkg.loggers import wandb_from_env
+    from workflows.resources import WandbResource
+
+    assert WandbResource().env() == {"WANDB_MODE": "offline", "WANDB_PROJECT": "gptpkg"}
+    for k, v in WandbResource(mode="online", project="p", entity="team").env().items():
+        monkeypatch.setenv(k, v)
+    assert wandb_from_env({"mode": "offline", "project": "gptpkg", "entity": ""}) == \
+        {"mode": "online", "project": "p", "entity": "team"}
+    assert WandbResource(mode="online").run_link("team/p/abc123").value == "https://wandb.ai/team/p/runs/abc123"
+
+
+def test_run_config_params_go_through_gptpkg_profile(tmp_path):
+    """Profile + overrides are written into params.yaml by the same code as `gptpkg profile`:
+    comments kept, only changed keys, a bad key a clear error that writes nothing."""
+    from dagster import Failure
+
+    from gptpkg.cli import main
+    from workflows.resources import DvcWorkspace
+
+    for name in ("params.yaml", "profiles"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(ROOT / name, tmp_path / name)
+    before = (tmp_path / "params.yaml").read_text()
+    assert DvcWorkspace(root=str(tmp_path)).apply_params() == []
+    assert (tmp_path / "params.yaml").read_text() == before
+    changed = DvcWorkspace(root=str(tmp_path), profile="tiny", set=["finetune_spam.lr=0.001"]).apply_params()
+    assert "pretrain.model" in changed and "finetune_spam.lr" in changed and "pretrain.lr" not in changed
+    after = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    assert after["pretrain"]["model"] == "tiny" and after["finetune_spam"]["lr"] == 0.001
+    assert "# every file and folder the pipeline reads or writes" in (tmp_path / "params.yaml").read_text()
+    written = (tmp_path / "params.yaml").read_text()
+    with pytest.raises(Failure, match="finetune_spam.no_such_key"):
+        DvcWorkspace(root=str(tmp_path), set=["finetune_spam.no_such_key=1"]).apply_params()
+    assert main(["profile", "--params", str(tmp_path / "params.yaml"), "--set", "finetune_spam.no_such_key=1"]) == 1
+    assert (tmp_path / "params.yaml").read_text() == written
+    assert main(["profile", "--params", str(tmp_path / "params.yaml"), "--set", "finetune_spam.lr=0.002"]) == 0
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["finetune_spam"]["lr"] == 0.002
+
+
+def test_workspace_lock_serializes_stages(tmp_path):
+    """While one stage holds the workspace lock another waits (and gives up with a clear error
+    after lock_timeout_s); the sensor does not wait at all."""
+    import threading
+
+    from dagster import Failure
+
+    from workflows.resources import DvcWorkspace
+
+    ws = DvcWorkspace(root=str(tmp_path), lock_timeout_s=1.0)
+    with ws.locked():
+        with ws.locked(wait=False) as got:
+            assert got is False
+        t0 = time.perf_counter()
+        with pytest.raises(Failure, match="stayed locked"):
+            with ws.locked():
+                pass
+        assert time.perf_counter() - t0 >= 1.0
+    order = []
+
+    def second():
+        with DvcWorkspace(root=str(tmp_path)).locked():
+            order.append("second")
+
+    with ws.locked():
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.8)
+        order.append("first done")
+    t.join(10)
+    assert order == ["first done", "second"]
+
+
+@pytest.mark.integration
+def test_definitions_validate_from_the_root():
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([str(BIN / "dagster"), "definitions", "validate"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Validation successful for code location gptpkg" in p.stdout + p.stderr
+
+
+# ---------------------------------------------------------------- real runs
+
+def _resources(root: Path, **dvc_over):
+    from workflows.resources import DvcWorkspace, QualityGates, WandbResource
+
+    return {"dvc": DvcWorkspace(root=str(root), **dvc_over), "wandb": WandbResource(mode="offline"),
+            "gates": QualityGates(spam_accuracy_floor=0.0)}
+
+
+def _all(defs):
+    return list(defs.assets) + list(defs.asset_checks)
+
+
+@pytest.mark.integration
+def test_materialize_all_tiny_then_dvc_agrees(tmp_path, stage_env):
+    from dagster import AssetKey, DagsterInstance, materialize
+    from dagster._core.definitions.data_version import StaleStatus
+    from dagster._utils.test.data_versions import get_stale_status_resolver
+
+    from workflows import build_definitions
+    from workflows.dvc_project import outs_version, read_lock
+    from workflows.sensors import shell_run_events
+
+    root = make_project(tmp_path / "proj")
+    stage_env(root)
+    defs = build_definitions(root)
+    names = stage_names(root / "dvc.yaml")
+    instance = DagsterInstance.ephemeral()
+
+    result = materialize(_all(defs), instance=instance, resources=_resources(root, profile="tiny"))
+    assert result.success
+    assert {m.asset_key.to_user_string() for m in result.get_asset_materialization_events()
+            and [e.event_specific_data.materialization for e in result.get_asset_materialization_events()]} == set(names)
+
+    # DVC is the record: nothing to do, and the data versions are dvc.lock's output hashes
+    assert "Data and pipelines are up to date" in dvc(root, "status")
+    lock = read_lock(root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert params["pretrain"]["model"] == "tiny"  # the run config's profile, written for DVC to record
+    for name in names:
+        ev = instance.get_latest_materialization_event(AssetKey(name))
+        assert ev.asset_materialization.tags["dagster/data_version"] == outs_version(lock[name]), name
+
+    md = {e.event_specific_data.materialization.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+          for e in result.get_asset_materialization_events()}
+    assert md["pretrain"]["val_loss"].value == pytest.approx(
+        __import__("json").loads((root / "metrics/pretrain.json").read_text())["val_loss"])
+    for key in ("initial_val_loss", "tokens_per_s", "wall_time_s", "wandb_run", "outputs", "plot_pretrain_loss"):
+        assert key in md["pretrain"], key
+    assert md["pretrain"]["plot_pretrain_loss"].value.startswith("![pretrain_loss](data:image/png;base64,")
+    assert Path(md["pretrain"]["wandb_run"].value).name.startswith("offline-run-")
+    for key in ("test_accuracy", "test_confusion", "plot_finetune_spam_confusion", "plot_finetune_spam_loss"):
+        assert key in md["finetune_spam"], key
+    assert "test_accuracy" in md["baseline_spam"]
+    assert "models/spam_classifier" in md["finetune_spam"]["outputs"].value
+
+    checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
+    assert set(checks) >= {"val_loss_below_initial", "accuracy_above_floor", "accuracy_at_least_baseline"}
+    m = __import__("json").loads((root / "metrics/pretrain.json").read_text())
+    assert checks["val_loss_below_initial"].passed == (m["val_loss"] < m["initial_val_loss"])
+    assert checks["accuracy_above_floor"].passed  # floor 0.0
+    spam = __import__("json").loads((root / "metrics/finetune_spam.json").read_text())
+    base = __import__("json").loads((root / "metrics/baseline_spam.json").read_text())
+    assert checks["accuracy_at_least_baseline"].passed == (spam["test_accuracy"] >= base["test_accuracy"])
+    assert checks["accuracy_at_least_baseline"].severity.value == "WARN"
+
+    # unchanged: the classifier re-materializes in seconds (DVC skips it); a floor above 1 fails loudly
+    from workflows.resources import QualityGates
+
+    t0 = time.perf_counter()
+    sel = [a for a in _all(defs) if AssetKey("finetune_spam") in a.keys or
+           any(k.asset_key == AssetKey("finetune_spam") for k in a.check_keys)]
+    again = materialize(sel, instance=instance, selection=[AssetKey("finetune_spam")],
+                        resources={**_resources(root, profile="tiny"), "gates": QualityGates(spam_accuracy_floor=1.01)})
+    took = time.perf_counter() - t0
+    assert again.success
+    (ev,) = again.get_asset_materialization_events()
+    assert ev.event_specific_data.materialization.metadata["dvc_skipped"].value is True
+    floor = {e.asset_check_key.name: e for e in again.get_asset_check_evaluations()}["accuracy_above_floor"]
+    assert not floor.passed and floor.severity.value == "ERROR"
+    print(f"re-materialize unchanged finetune_spam: {took:.1f} s")
+    assert took < 60
+
+    # nothing to report while dvc.lock matches what Dagster recorded
+    res = _resources(root)["dvc"]
+    assert shell_run_events(instance, res) == []
+
+    # `dvc repro` from a shell after a params change: DVC reruns baseline_spam; the sensor reports it
+    # with DVC's hash and provenance, so Dagster shows it fresh, as `dvc status` does
+    text = (root / "params.yaml").read_text().replace("C: 10.0", "C: 1.0")
+    (root / "params.yaml").write_text(text)
+    dvc(root, "repro")
+    events = shell_run_events(instance, res)
+    assert [e.asset_key.to_user_string() for e in events] == ["baseline_spam"]
+    for e in events:
+        instance.report_runless_asset_event(e)
+    assert "Data and pipelines are up to date" in dvc(root, "status")
+    resolver = get_stale_status_resolver(instance, list(defs.assets))
+    assert {n: resolver.get_status(AssetKey(n)) for n in names} == {n: StaleStatus.FRESH for n in names}
+
+    # a stage changed by hand but not reproduced: DVC and Dagster both call its dependents stale
+    text = (root / "params.yaml").read_text().replace("seed: 123                 # spam", "seed: 7                 # spam")
+    (root / "params.yaml").write_text(text)
+    dvc(root, "repro", "--single-item", "prepare")
+    for e in shell_run_events(instance, res):
+        instance.report_runless_asset_event(e)
+    resolver = get_stale_status_resolver(instance, list(defs.assets))
+    stale = {n for n in names if resolver.get_status(AssetKey(n)) == StaleStatus.STALE}
+    dvc_stale = set(yaml.safe_load(dvc(root, "status", "--json")) or {})
+    print(f"after `dvc repro --single-item prepare`: dvc status {sorted(dvc_stale)}, Dagster stale {sorted(stale)}")
+    assert {"pretrain", "finetune_spam", "baseline_spam"} <= dvc_stale <= stale
+    assert resolver.get_status(AssetKey("prepare")) == resolver.get_status(AssetKey("fetch")) == StaleStatus.FRESH
+
+
+@pytest.mark.integration
+def test_failing_stage_fails_its_asset_with_the_stage_error(tmp_path, stage_env, shared_data, monkeypatch):
+    """A corrupt raw file in the data mirror: fetch fails with gptpkg's own message, nothing
+    downstream is materialized, and the good files are untouched."""
+    from dagster import materialize
+
+    from workflows import build_definitions
+
+    mirror = tmp_path / "mirror"
+    shutil.copytree(shared_data, mirror)
+    (mirror / "SMSSpamCollection").write_bytes(b"not the spam collection\n")
+    monkeypatch.setenv("GPTPKG_DATA_MIRROR", str(mirror))
+    root = make_project(tmp_path / "proj")
+    stage_env(root)
+    defs = build_definitions(root)
+    result = materialize(_all(defs), resources=_resources(root, profile="tiny"), raise_on_error=False)
+    assert not result.success
+    assert result.get_asset_materialization_events() == []
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.step_key == "fetch"
+    text = str(failure.event_specific_data.error)
+    assert "gptpkg fetch: error:" in text and "SMSSpamCollection" in text and "expected" in text
+    assert "failed to reproduce 'fetch'" in text
+    assert not (root / "dvc.lock").exists()
+
+
+# ---------------------------------------------------------------- the UI
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_dagster_dev_shows_every_asset_in_headless_chromium(tmp_path):
+    """`dagster dev` from a project root serves the asset graph; headless Chromium (driven over
+    the DevTools protocol) sees every DVC stage as an asset; the screenshot is kept in
+    test-artifacts/dagster_asset_graph.png."""
+    import signal
+    import urllib.request
+
+    from cdp import Browser, find_chromium
+
+    if find_chromium() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have chromium (.ci/run installs Debian's package)")
+        pytest.skip("chromium is not installed here (CI installs it: apt-get install chromium)")
+    root = make_project(tmp_path / "proj")
+    for name in ("pyproject.toml", "workflows"):
+        src = ROOT / name
+        (shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
+         else shutil.copy2(src, root / name))
+    names = stage_names(root / "dvc.yaml")
+    port = _free_port()
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(root),
+           "DAGSTER_HOME": str(home)}
+    log = open(tmp_path / "dagster_dev.log", "w")
+    server = subprocess.Popen([str(BIN / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port)], cwd=root, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    browser = None
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "dagster_dev.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "dagster dev did not serve within 300 s"
+                time.sleep(1)
+        browser = Browser()
+        browser.open(f"http://127.0.0.1:{port}/asset-groups")
+        deadline = time.monotonic() + 180
+        while "Global asset lineage" not in browser.text() or not any(g in browser.text() for g in ("data", "classifier")):
+            assert time.monotonic() < deadline, browser.text()[:2000]
+            time.sleep(1)
+        def dismiss_prompt():  # the newsletter prompt, which pops up once the app has loaded
+            browser.call("Runtime.evaluate", expression="[...document.querySelectorAll('button')]"
+                         ".filter(b => b.innerText.trim() === 'Skip').forEach(b => b.click())")
+
+        # "Expand all groups" (its keyboard shortcut, Alt+E) shows every asset node
+        missing = names
+        while missing:  # Alt+E toggles: press once, then give the layout time before pressing again
+            for kind in ("rawKeyDown", "keyUp"):
+                browser.call("Input.dispatchKeyEvent", type=kind, modifiers=1, key="e", code="KeyE",
+                             windowsVirtualKeyCode=69)
+            for _ in range(20):
+                time.sleep(1)
+                missing = [n for n in names if n not in browser.text().split()]
+                if not missing:
+                    break
+            assert time.monotonic() < deadline, f"assets not shown in the graph: {missing}"
+        for _ in range(5):
+            dismiss_prompt()
+            time.sleep(1)
+        shot = ROOT / "test-artifacts" / "dagster_asset_graph.png"
+        browser.screenshot(shot)
+        assert shot.stat().st_size > 10_000
+    finally:
+        if browser is not None:
+            browser.close()
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()

@@ -1,0 +1,105 @@
+"""One asset per DVC stage. Materializing it runs `dvc repro --single-item <stage>` in the
+workspace, so DVC's cache and dvc.lock stay the one record; the asset's data version is
+the hash of the stage's outputs as dvc.lock records them."""
+
+
+import base64
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from dagster import (
+    AssetExecutionContext,
+    AssetsDefinition,
+    DataVersion,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from .dvc_project import Stage, human_size, lock_entry_version, outs_version, read_lock
+from .resources import DvcWorkspace, WandbResource
+
+POOL = "dvc_workspace"  # one DVC workspace: stages also take the workspace flock (resources.py)
+LOCK_ENTRY_KEY = "dvc_lock_entry"  # metadata key the dvc.lock sensor compares against
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _value(v: Any) -> MetadataValue:
+    if isinstance(v, bool):
+        return MetadataValue.bool(v)
+    if isinstance(v, int):
+        return MetadataValue.int(v)
+    if isinstance(v, float):
+        return MetadataValue.float(v) if math.isfinite(v) else MetadataValue.text(str(v))
+    if isinstance(v, (list, dict)):
+        return MetadataValue.json(v)
+    return MetadataValue.text(str(v))
+
+
+def stage_metadata(stage: Stage, root: Path, lock_entry: dict[str, Any] | None,
+                   wandb: WandbResource | None = None) -> dict[str, Any]:
+    """Figures from the stage's metrics files, its outputs (path, size, DVC hash) and plots."""
+    md: dict[str, Any] = {}
+    for rel in stage.metrics:
+        for k, v in (read_json(root / rel) or {}).items():
+            if k == "wandb_run" and isinstance(v, str) and v:
+                md["wandb_run"] = (wandb or WandbResource()).run_link(v)
+            elif v is not None:
+                md[k] = _value(v)
+    if lock_entry:
+        rows = ["| output | size | files | DVC md5 |", "| --- | --- | --- | --- |"]
+        for o in lock_entry.get("outs", []):
+            rows.append(f"| `{o['path']}` | {human_size(o.get('size'))} | {o.get('nfiles', 1)} | `{o.get('md5', '')}` |")
+        md["outputs"] = MetadataValue.md("\n".join(rows))
+        md["output_bytes"] = MetadataValue.int(sum(int(o.get("size") or 0) for o in lock_entry.get("outs", [])))
+        md[LOCK_ENTRY_KEY] = MetadataValue.text(lock_entry_version(lock_entry) or "")
+    if stage.outs:
+        md["path"] = MetadataValue.path(str(root / stage.outs[0]))
+    for rel in stage.plots:
+        p = root / rel
+        if p.suffix == ".png" and p.is_file():
+            data = base64.b64encode(p.read_bytes()).decode()
+            md[f"plot_{p.stem}"] = MetadataValue.md(f"![{p.stem}](data:image/png;base64,{data})\n\n`{rel}`")
+    return md
+
+
+def stage_asset(stage: Stage) -> AssetsDefinition:
+    outs = "\n".join(f"- `{o}`" for o in stage.outs)
+
+    @asset(
+        name=stage.name,
+        deps=list(stage.upstream),
+        group_name=stage.group,
+        code_version=stage.code_version,
+        pool=POOL,
+        kinds={"dvc"},
+        description=f"DVC stage `{stage.name}`: `{stage.cmd}`\n\nOutputs:\n{outs}",
+    )
+    def _materialize(context: AssetExecutionContext, dvc: DvcWorkspace, wandb: WandbResource) -> MaterializeResult:
+        with dvc.locked(context.log.info):
+            changed = dvc.apply_params()
+            if changed:
+                context.log.warning(f"params.yaml: run config (profile={dvc.profile!r}, set={list(dvc.set)}) "
+                                    f"wrote {len(changed)} key(s): {', '.join(changed)}")
+            lines = dvc.run(["repro", "--single-item", stage.name], wandb.env(), context.log.info)
+            entry = read_lock(dvc.path).get(stage.name)
+        if entry is None:
+            raise Failure(f"`dvc repro --single-item {stage.name}` succeeded but dvc.lock has no entry for it")
+        skipped = any("didn't change, skipping" in ln for ln in lines)
+        md = stage_metadata(stage, dvc.path, entry, wandb)
+        md["dvc_skipped"] = MetadataValue.bool(skipped)
+        if changed:
+            md["params_written"] = MetadataValue.json(changed)
+        return MaterializeResult(data_version=DataVersion(outs_version(entry) or "none"), metadata=md)
+
+    return _materialize

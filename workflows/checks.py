@@ -1,0 +1,95 @@
+"""Asset checks over the metrics files the stages write (read from the DVC workspace).
+A check exists only when its stage is in dvc.yaml."""
+
+
+import math
+
+from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, AssetChecksDefinition, asset_check
+
+from .assets import read_json
+from .dvc_project import Stage
+from .resources import DvcWorkspace, QualityGates
+
+
+def _metrics(dvc: DvcWorkspace, stage: Stage) -> tuple[dict | None, str]:
+    rel = stage.metrics_file() or f"metrics/{stage.name}.json"
+    return read_json(dvc.path / rel), rel
+
+
+def _missing(rel: str, keys: list[str], severity=AssetCheckSeverity.ERROR) -> AssetCheckResult:
+    return AssetCheckResult(passed=False, severity=severity,
+                            description=f"{rel}: missing or without the key(s) {keys}; expected numbers there")
+
+
+def _num(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def build_checks(stages: list[Stage]) -> list[AssetChecksDefinition]:
+    by = {s.name: s for s in stages}
+    checks: list[AssetChecksDefinition] = []
+
+    if "pretrain" in by:
+        @asset_check(asset="pretrain", name="val_loss_below_initial",
+                     description="pretraining reduced the validation loss: final val_loss is finite and below initial_val_loss")
+        def val_loss_below_initial(context: AssetCheckExecutionContext, dvc: DvcWorkspace) -> AssetCheckResult:
+            m, rel = _metrics(dvc, by["pretrain"])
+            init, final = _num((m or {}).get("initial_val_loss")), _num((m or {}).get("val_loss"))
+            if init is None or final is None:
+                return _missing(rel, ["initial_val_loss", "val_loss"])
+            ok = math.isfinite(final) and final < init
+            return AssetCheckResult(passed=ok, severity=AssetCheckSeverity.ERROR,
+                                    description=f"val_loss {final:.4f} vs initial {init:.4f}",
+                                    metadata={"val_loss": final, "initial_val_loss": init})
+        checks.append(val_loss_below_initial)
+
+    if "finetune_spam" in by:
+        @asset_check(asset="finetune_spam", name="accuracy_above_floor",
+                     description="test accuracy of the spam classifier is above the configured floor (resource gates)")
+        def accuracy_above_floor(context: AssetCheckExecutionContext, dvc: DvcWorkspace,
+                                 gates: QualityGates) -> AssetCheckResult:
+            m, rel = _metrics(dvc, by["finetune_spam"])
+            acc = _num((m or {}).get("test_accuracy"))
+            if acc is None:
+                return _missing(rel, ["test_accuracy"])
+            return AssetCheckResult(passed=acc > gates.spam_accuracy_floor, severity=AssetCheckSeverity.ERROR,
+                                    description=f"test accuracy {acc:.4f} vs floor {gates.spam_accuracy_floor}",
+                                    metadata={"test_accuracy": acc, "floor": gates.spam_accuracy_floor})
+        checks.append(accuracy_above_floor)
+
+        if "baseline_spam" in by:
+            @asset_check(asset="finetune_spam", name="accuracy_at_least_baseline", additional_deps=["baseline_spam"],
+                         description="the GPT classifier is at least as accurate as the TF-IDF baseline on the same test split")
+            def accuracy_at_least_baseline(context: AssetCheckExecutionContext, dvc: DvcWorkspace) -> AssetCheckResult:
+                m, rel = _metrics(dvc, by["finetune_spam"])
+                b, brel = _metrics(dvc, by["baseline_spam"])
+                acc, base = _num((m or {}).get("test_accuracy")), _num((b or {}).get("test_accuracy"))
+                if acc is None or base is None:
+                    return _missing(f"{rel} / {brel}", ["test_accuracy"], AssetCheckSeverity.WARN)
+                return AssetCheckResult(passed=acc >= base, severity=AssetCheckSeverity.WARN,
+                                        description=f"test accuracy {acc:.4f} vs TF-IDF baseline {base:.4f}",
+                                        metadata={"test_accuracy": acc, "baseline_test_accuracy": base})
+            checks.append(accuracy_at_least_baseline)
+
+    if "export_onnx" in by:
+        @asset_check(asset="export_onnx", name="onnx_matches_pytorch",
+                     description="the ONNX model gives the PyTorch logits (within parity_atol) and the same labels on the test split")
+        def onnx_matches_pytorch(context: AssetCheckExecutionContext, dvc: DvcWorkspace) -> AssetCheckResult:
+            m, rel = _metrics(dvc, by["export_onnx"])
+            m = m or {}
+            diff = _num(m.get("parity_max_abs_logit_diff", m.get("max_abs_logit_diff")))
+            atol = _num(m.get("parity_atol"))
+            mism = _num(m.get("parity_label_mismatches"))
+            agree = _num(m.get("parity_label_agreement", m.get("label_agreement")))
+            if diff is None or (mism is None and agree is None):
+                return _missing(rel, ["parity_max_abs_logit_diff", "parity_label_mismatches"])
+            labels_ok = (mism == 0) if mism is not None else (agree == 1.0)
+            diff_ok = math.isfinite(diff) and (atol is None or diff <= atol)
+            meta = {k: v for k, v in (("max_abs_logit_diff", diff), ("parity_atol", atol),
+                                      ("label_mismatches", mism), ("label_agreement", agree)) if v is not None}
+            return AssetCheckResult(passed=labels_ok and diff_ok, severity=AssetCheckSeverity.ERROR,
+                                    description=f"max |Δlogit| {diff:.3g} (atol {atol}), "
+                                                f"label mismatches {mism if mism is not None else 1 - agree}",
+                                    metadata=meta)
+        checks.append(onnx_matches_pytorch)
+    return checks
