@@ -140,13 +140,15 @@ def full_spam_splits(path: str | Path, seed: int = 123, ratios=(0.7, 0.1, 0.2)) 
 
 
 class ClassificationDataset(Dataset):
-    """Token ids of each text (truncated to `max_length`) and its label."""
+    """Token ids of each text (truncated to `max_length`) and its label. Text is plain
+    text: a literal "<|endoftext|>" in a message is not the special token (the ONNX
+    server tokenizes the same way), and an empty text becomes one end token."""
 
     def __init__(self, rows: Sequence[tuple[str, int]], tokenizer, max_length: int) -> None:
         if not rows:
             raise DataError("classification split is empty")
         self.labels = [int(label) for _, label in rows]
-        self.ids = [tokenizer.encode(text)[:max_length] or [EOT_ID] for text, _ in rows]
+        self.ids = [tokenizer.encode_ordinary(text)[:max_length] or [EOT_ID] for text, _ in rows]
         self.max_length = max_length
 
     def __len__(self) -> int:
@@ -223,8 +225,8 @@ class InstructionDataset(Dataset):
             raise DataError("instruction split is empty")
         self.items = []
         for e in entries:
-            prompt = tokenizer.encode(format_prompt(e))
-            response = tokenizer.encode(format_response(e))
+            prompt = tokenizer.encode_ordinary(format_prompt(e))
+            response = tokenizer.encode_ordinary(format_response(e))
             self.items.append({"input_ids": prompt + response, "prompt_len": len(prompt)})
 
     def __len__(self) -> int:

@@ -106,3 +106,9 @@ def test_bad_instruction_file(tmp_path):
     f.write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):
         read_instructions(f)
+
+
+def test_special_token_text_in_a_message_is_plain_text(tok):
+    ds = ClassificationDataset([("a <|endoftext|> b", 1)], tok, max_length=32)
+    assert EOT_ID not in ds[0]["input_ids"]
+    assert tok.decode(ds[0]["input_ids"]) == "a <|endoftext|> b"
