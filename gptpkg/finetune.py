@@ -84,6 +84,8 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
                           f"context_length {model.cfg.context_length}")
     model.to_classifier(len(SPAM_LABELS))
     model.set_trainable(cfg.trainable, cfg.n_blocks)
+    if cfg.freeze_embeddings:
+        model.tok_emb.weight.requires_grad_(False)
     tok = get_tokenizer(mirror_of(params))
     rows = {p: read_spam_split(paths, p) for p in ("val", "test")}
     rows["train"] = spam_train_rows(paths, cfg.train_data, "params.finetune_spam")

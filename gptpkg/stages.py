@@ -96,6 +96,9 @@ class SpamConfig:
     max_length: int
     class_weights: list[float] | None
     train_data: str = "book"  # book | all (see SPAM_TRAIN_DATA)
+    # Keep the token embedding (50257 x emb_dim, most of a small model's weights) as
+    # pretrained: its AdamW update dominates a fine-tuning step's cost on CPU.
+    freeze_embeddings: bool = False
 
 
 @dataclass(frozen=True)

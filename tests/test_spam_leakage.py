@@ -101,9 +101,9 @@ def test_training_data_and_heldout_full(prepared, train_data):
         assert 4800 < len(rows) < 4900 and 0.09 < sum(y for _, y in rows) / len(rows) < 0.11
     else:
         assert len(rows) == 1045
-    heldout = heldout_full_rows(paths, rows)
-    assert not _keys(heldout) & _keys(rows)
-    assert len(heldout) + sum(text_key(t) in _keys(rows) for t, _ in read_spam_split(paths, "all")) == 5574
+    heldout, row_keys = heldout_full_rows(paths, rows), _keys(rows)
+    assert not _keys(heldout) & row_keys
+    assert len(heldout) + sum(text_key(t) in row_keys for t, _ in read_spam_split(paths, "all")) == 5574
     # test texts missing from heldout_full are exactly those trained on
     missing = held["test"] - _keys(heldout)
     assert len(missing) == (0 if train_data == "all" else BOOK_TEST_ROWS_ALSO_IN_BOOK_TRAIN[1])
@@ -126,10 +126,16 @@ def test_finetune_and_baseline_report_heldout_full(prepared, tmp_path):
         "finetune_spam.init=scratch", "finetune_spam.model=tiny", "finetune_spam.max_length=32",
         "finetune_spam.max_steps=2", "finetune_spam.batch_size=8", "finetune_spam.eval_every=0",
         "finetune_spam.train_data=all", "finetune_spam.class_weights=[1.0, 4.0]",
-        "baseline_spam.train_data=all"], profile=None)
+        "finetune_spam.freeze_embeddings=true", "baseline_spam.train_data=all"], profile=None)
     m = run_spam(over, NullLogger(), progress=False)
     n_train = len(spam_train_rows(paths, "all", "x"))
     assert m["train_messages"] == n_train and m["steps"] == 2
+    from gptpkg.config import model_config
+    from gptpkg.model import GPT
+
+    tiny = GPT(model_config("tiny"))
+    tiny.to_classifier(2)
+    assert m["n_trainable_params"] == tiny.num_params() - tiny.tok_emb.weight.numel()
     assert m["heldout_full_messages"] == len(heldout_full_rows(paths, spam_train_rows(paths, "all", "x")))
     for k in ("heldout_full_accuracy", "heldout_full_spam_f1", "test_accuracy", "val_accuracy"):
         assert 0.0 <= m[k] <= 1.0
