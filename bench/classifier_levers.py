@@ -46,6 +46,7 @@ CONFIGS: dict[str, dict[str, str]] = {
     "verdict pretrain, all train (new finetune)": {**OLD_PRETRAIN},
     "no pretrain (scratch), all train": {"finetune_spam.init": "scratch", "finetune_spam.freeze_embeddings": "false"},
     "sms pretrain, book train (old finetune)": {**OLD_FINETUNE},
+    "sms pretrain, all train, frozen embeddings": {"finetune_spam.freeze_embeddings": "true"},
     "shipped defaults: sms pretrain, all train": {},
 }
 
