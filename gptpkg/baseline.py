@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from .metrics import classification_metrics
-from .stages import BaselineConfig, paths_of, read_spam_split, stage_config
+from .stages import BaselineConfig, heldout_full_rows, paths_of, read_spam_split, spam_train_rows, stage_config
 
 
 def run(params: dict) -> dict[str, Any]:
@@ -16,7 +16,9 @@ def run(params: dict) -> dict[str, Any]:
 
     paths = paths_of(params)
     cfg, _ = stage_config(params, "baseline_spam", BaselineConfig)
-    parts = {p: read_spam_split(paths, p) for p in ("train", "val", "test")}
+    parts = {p: read_spam_split(paths, p) for p in ("val", "test")}
+    parts["train"] = spam_train_rows(paths, cfg.train_data, "params.baseline_spam")
+    parts["heldout_full"] = heldout_full_rows(paths, parts["train"])
     t0 = time.perf_counter()
     vec = TfidfVectorizer(max_features=cfg.max_features or None, ngram_range=(1, cfg.ngram_max))
     X = vec.fit_transform([t for t, _ in parts["train"]])
@@ -26,4 +28,5 @@ def run(params: dict) -> dict[str, Any]:
         pred = clf.predict(vec.transform([t for t, _ in rows])).tolist()
         metrics.update(classification_metrics([y for _, y in rows], pred, f"{p}_"))
     metrics["wall_time_s"] = time.perf_counter() - t0
+    metrics.update(train_messages=len(parts["train"]), heldout_full_messages=len(parts["heldout_full"]))
     return metrics

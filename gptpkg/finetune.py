@@ -20,7 +20,10 @@ from .generate import generate_text
 from .loggers import MetricLogger
 from .metrics import classification_metrics
 from .model import GPT
-from .stages import InstructConfig, SpamConfig, mirror_of, paths_of, read_spam_split, stage_config
+from .stages import (
+    InstructConfig, SpamConfig, heldout_full_rows, mirror_of, paths_of, read_spam_split, spam_train_rows,
+    stage_config,
+)
 from .tokenizer import PAD_ID, get_tokenizer
 from .train import (
     BATCHING, autocast, autocast_dtype, batch_plan_for, batches_of, classification_loss, fit,
@@ -93,8 +96,13 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
                           f"context_length {model.cfg.context_length}")
     model.to_classifier(len(SPAM_LABELS))
     model.set_trainable(cfg.trainable, cfg.n_blocks)
+    if cfg.freeze_embeddings:
+        model.tok_emb.weight.requires_grad_(False)
     tok = get_tokenizer(mirror_of(params))
-    sets = {p: ClassificationDataset(read_spam_split(paths, p), tok, cfg.max_length) for p in ("train", "val", "test")}
+    rows = {p: read_spam_split(paths, p) for p in ("val", "test")}
+    rows["train"] = spam_train_rows(paths, cfg.train_data, "params.finetune_spam")
+    rows["heldout_full"] = heldout_full_rows(paths, rows["train"])
+    sets = {p: ClassificationDataset(r, tok, cfg.max_length) for p, r in rows.items()}
     device = resolve_device(train.device)
     dtype = autocast_dtype(train.precision, device)
     model.to(device)
@@ -108,14 +116,15 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
 
     lengths = [len(ids) for ids in sets["train"].ids]
     plan, collate = _batching(cfg.batching, "finetune_spam", lengths, train, classification_collate)
-    meta = {"stage": "finetune_spam", "labels": list(SPAM_LABELS), "max_length": cfg.max_length,
+    meta = {"stage": "finetune_spam", "train_data": cfg.train_data, "labels": list(SPAM_LABELS), "max_length": cfg.max_length,
             "pad_id": PAD_ID, "pooling": "last_real_token", "tokenizer": "gpt2"}
     result = fit(model, sets["train"], collate, train, loss_fn=loss_fn, eval_fn=evaluate, batch_plan=plan,
                  checkpoint_dir=paths.spam_classifier, resume=resume, logger=logger, meta=meta,
                  progress=progress, desc="finetune_spam")
     metrics: dict[str, Any] = {"steps": result.steps, "wall_time_s": result.wall_time_s,
                                "examples_per_s": result.examples_seen / max(result.wall_time_s, 1e-9),
-                               "n_trainable_params": model.num_params(trainable_only=True)}
+                               "n_trainable_params": model.num_params(trainable_only=True),
+                               "train_messages": len(rows["train"]), "heldout_full_messages": len(rows["heldout_full"])}
     for part, ds in sets.items():
         metrics.update(evaluate_classifier(model, ds, f"{part}_", train.batch_size, device=device, dtype=dtype))
     metrics["history"] = result.history

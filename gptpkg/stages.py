@@ -22,6 +22,24 @@ TEXT_SOURCES = ("the-verdict.txt", "tinyshakespeare.txt")
 SMS_SOURCE = "sms"
 CORPUS_SOURCES = TEXT_SOURCES + (SMS_SOURCE,)
 RAW_FILES = ("the-verdict.txt", "tinyshakespeare.txt", "SMSSpamCollection", "instruction-data.json")
+# What the spam classifier trains on: the book's balanced train split, or every message
+# of the collection whose text is neither a validation nor a test text (imbalanced).
+SPAM_TRAIN_DATA = ("book", "all")
+
+
+def text_key(text: str) -> str:
+    """A message's identity for leak checks. The book's split reads the file with
+    pandas' quoting, which strips the quotes around some messages, so two readings of one
+    message differ only in double quotes and whitespace; case is folded to be strict."""
+    return " ".join(text.replace('"', "").split()).casefold()
+
+
+def contains_any(text: str, keys: set[str]) -> bool:
+    """Whether the text of a message holds any of `keys` (text_key forms): strict, so a
+    longer message quoting a test message ("Sorry, I'll call later in meeting" holds the
+    test text "Sorry, I'll call later") is kept out of training data too."""
+    k = text_key(text)
+    return any(h in k for h in keys)
 
 
 # ---------------------------------------------------------------------------------
@@ -79,6 +97,10 @@ class SpamConfig:
     max_length: int
     class_weights: list[float] | None
     batching: str  # bucketed | shuffled | pad_longest (the book's: pad to the longest text)
+    train_data: str  # book | all (see SPAM_TRAIN_DATA)
+    # Keep the token embedding (50257 x emb_dim, most of a small model's weights) as
+    # pretrained: its AdamW update dominates a fine-tuning step's cost on CPU.
+    freeze_embeddings: bool
 
 
 @dataclass(frozen=True)
@@ -86,6 +108,7 @@ class BaselineConfig:
     max_features: int
     ngram_max: int
     C: float
+    train_data: str  # book | all, as finetune_spam.train_data
 
 
 @dataclass(frozen=True)
@@ -168,12 +191,13 @@ def prepare(params: dict) -> dict[str, Any]:
 
     sms_file = verify_file(raw / "SMSSpamCollection", "SMSSpamCollection")
     splits = (book_spam_splits if cfg.spam_split == "book" else full_spam_splits)(sms_file, seed=cfg.seed)
-    test_texts = {t for t, _ in splits.test}
-    # Texts for domain-adaptive pretraining: every message whose text is not a test text
-    # (duplicates of test messages excluded too), read with correct parsing.
+    test_keys = {text_key(t) for t, _ in splits.test}
+    # Texts for domain-adaptive pretraining: every message (correct parsing) that holds
+    # no test text; duplicates of test messages and messages quoting one are left out.
     from .data import read_sms_spam
 
-    sms_corpus = [t for t, _ in read_sms_spam(sms_file) if t not in test_texts]
+    messages = read_sms_spam(sms_file)
+    sms_corpus = [t for t, _ in messages if not contains_any(t, test_keys)]
     texts = {name: verify_file(raw / name, name).read_text(encoding="utf-8") for name in TEXT_SOURCES}
     texts[SMS_SOURCE] = "<|endoftext|>".join(sms_corpus)
 
@@ -190,7 +214,9 @@ def prepare(params: dict) -> dict[str, Any]:
         for key, arr in arrays.items():
             np.save(tmp / "corpus" / f"{key}.npy", arr)
         (tmp / "spam").mkdir()
-        for part, rows in splits.as_dict().items():
+        # "all": every message of the collection (correct parsing, 5,574), from which
+        # finetune_spam.train_data=all and the held-out figures are drawn.
+        for part, rows in {**splits.as_dict(), "all": messages}.items():
             lines = [json.dumps({"text": t, "label": y}) for t, y in rows]
             (tmp / "spam" / f"{part}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
             metrics[f"spam/{part}"] = len(rows)
@@ -214,6 +240,24 @@ def read_spam_split(paths: Paths, part: str) -> list[tuple[str, int]]:
     if not f.is_file():
         raise FileNotFoundError(f"{f} missing; run the prepare stage first")
     return [(r["text"], int(r["label"])) for r in map(json.loads, f.read_text(encoding="utf-8").splitlines()) if r]
+
+
+def spam_train_rows(paths: Paths, train_data: str, where: str) -> list[tuple[str, int]]:
+    """The classifier's training messages: the split's own train part (`book`), or every
+    message that holds no validation or test text (`all`, imbalanced)."""
+    if train_data not in SPAM_TRAIN_DATA:
+        raise ConfigError(f"{where}.train_data: expected one of {list(SPAM_TRAIN_DATA)}, got {train_data!r}")
+    if train_data == "book":
+        return read_spam_split(paths, "train")
+    held = {text_key(t) for part in ("val", "test") for t, _ in read_spam_split(paths, part)}
+    return [r for r in read_spam_split(paths, "all") if not contains_any(r[0], held)]
+
+
+def heldout_full_rows(paths: Paths, train_rows: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """All messages of the collection minus those whose text was trained on: the
+    imbalanced (~13% spam) traffic a deployed classifier meets."""
+    seen = {text_key(t) for t, _ in train_rows}
+    return [r for r in read_spam_split(paths, "all") if text_key(r[0]) not in seen]
 
 
 def read_corpus(paths: Paths, sources: list[str], part: str):
