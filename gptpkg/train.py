@@ -34,6 +34,10 @@ EvalFn = Callable[[nn.Module], dict[str, float]]
 BatchPlan = Callable[[int], list[list[int]]]
 
 
+# History fields that measure the machine, not the model.
+TIMING_KEYS = frozenset({"elapsed_s", "tokens_per_s"})
+
+
 class TrainingDiverged(GptpkgError, RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -337,10 +341,14 @@ def fit(
         if not dist_ctx.is_main:
             distributed.barrier(dist_ctx)  # wait until rank 0 has written it
             return
+        # The final checkpoint is a pipeline output: leave timings out of it, so the same
+        # params and seed give byte-identical files (DVC then skips the stages below).
+        elapsed = 0.0 if final else time.perf_counter() - t0 + elapsed0
+        kept = [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history] if final else history
         ckpt.save_checkpoint(checkpoint_dir, model, meta={**(meta or {}), "step": step, "train": asdict(cfg)},
                              trainer_state={
                                  "step": step, "tokens": tokens, "examples": examples,
-                                 "history": history, "elapsed": time.perf_counter() - t0 + elapsed0,
+                                 "history": kept, "elapsed": elapsed,
                                  "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                              })
         distributed.barrier(dist_ctx)

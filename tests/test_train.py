@@ -175,3 +175,12 @@ def test_total_steps_from_epochs_and_cap():
     assert total_steps(10, TrainConfig(epochs=1, grad_accum_steps=3, batch_size=1)) == 3
     with pytest.raises(ValueError, match="fewer than batch_size=8"):
         shuffled_batches(5, 8, 0)
+
+
+def test_final_checkpoint_is_byte_identical_for_the_same_seed(verdict_ids, tmp_path):
+    """Timings stay out of the final checkpoint, so DVC sees the same output hash."""
+    data = TokenWindows(verdict_ids, 16, 16)
+    for name in ("a", "b"):
+        fit(tiny_model(), data, collate, cfg(max_steps=4, eval_every=2), checkpoint_dir=tmp_path / name, progress=False)
+    for f in ("model.safetensors", "config.json", "trainer.pt"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
