@@ -130,9 +130,8 @@ def throughput(args, device: torch.device) -> dict:
 
 
 def rss_child(args_json: str) -> None:
-    """One `fit` run in this process; print its peak RSS (MiB) as JSON."""
-    import resource
-
+    """One `fit` run in this process; print its peak RSS (MiB) as JSON. VmHWM, not
+    ru_maxrss: Linux carries the parent's RSS at fork into ru_maxrss across exec."""
     from gptpkg.data import TokenWindows
     from gptpkg.train import fit
 
@@ -148,7 +147,8 @@ def rss_child(args_json: str) -> None:
                        eval_every=0, device="cpu", compile="false")
     t = time.perf_counter()
     result = fit(model, data, stack, tcfg, progress=False)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_mib": hwm_kib / 1024,
                       "tokens_per_s": result.tokens_seen / (time.perf_counter() - t)}))
 
 
@@ -208,6 +208,7 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=200)
     p.add_argument("--gen-prompt", type=int, default=20)
     p.add_argument("--gen-reps", type=int, default=2, help="0 = skip the generation comparison")
+    p.add_argument("--parts", default="train,memory,generation", help="comma-separated parts to run")
     p.add_argument("--json", default=None, help="write the figures to this file")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -217,8 +218,20 @@ def main() -> None:
     from gptpkg.train import resolve_device
 
     device = resolve_device(args.device)
-    result = {"torch": torch.__version__, "train": throughput(args, device)}
-    t = result["train"]
+    parts = set(args.parts.split(","))
+    result: dict = {"torch": torch.__version__}
+    if "train" in parts:
+        result["train"] = report(throughput(args, device), args, device)
+    if "memory" in parts and args.accum_batch and device.type == "cpu":
+        result["memory"] = memory(args)
+    if "generation" in parts and args.gen_reps:
+        result["generation"] = generation(args, device)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def report(t: dict, args, device) -> dict:
     print(f"\n{args.preset} B={args.batch_size} T={args.seq_len} on {device} ({t['threads']} threads); "
           f"peak {t['peak_flops'] / 1e9:.1f} GFLOP/s ({t['peak_source']})")
     for name in ("fast", "plain"):
@@ -226,13 +239,7 @@ def main() -> None:
               + (f"   per CPU-second: {t[name]['tokens_per_cpu_s_median']:8.0f} tokens, MFU "
                  f"{100 * t[name]['mfu_cpu_time']:5.1f}%" if "mfu_cpu_time" in t[name] else ""))
     print(f"  fast / plain: median {t['fast_over_plain_median']:.2f}x, min {t['fast_over_plain_min']:.2f}x")
-    if args.accum_batch and device.type == "cpu":
-        result["memory"] = memory(args)
-    if args.gen_reps:
-        result["generation"] = generation(args, device)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return t
 
 
 if __name__ == "__main__":
