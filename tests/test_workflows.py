@@ -316,7 +316,8 @@ def test_materialize_all_tiny_then_dvc_agrees(tmp_path, stage_env):
         instance.report_runless_asset_event(e)
     assert "Data and pipelines are up to date" in dvc(root, "status")
     resolver = get_stale_status_resolver(instance, list(defs.assets))
-    assert {n: resolver.get_status(AssetKey(n)) for n in names} == {n: StaleStatus.FRESH for n in names}
+    causes = {n: [c.reason for c in resolver.get_stale_causes(AssetKey(n))] for n in names}
+    assert {n: resolver.get_status(AssetKey(n)) for n in names} == {n: StaleStatus.FRESH for n in names}, causes
 
     # a stage changed by hand but not reproduced: DVC and Dagster both call its dependents stale
     text = (root / "params.yaml").read_text().replace("seed: 123                 # spam", "seed: 7                 # spam")

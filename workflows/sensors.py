@@ -44,8 +44,8 @@ def dvc_status(root) -> dict:
     from dvc.repo import Repo
 
     repo = Repo(str(root))
-    try:
-        return repo.status()
+    try:  # keys are addressed relative to the cwd ("../proj/dvc.yaml:prepare"): keep the stage name
+        return {k.rsplit(":", 1)[-1]: v for k, v in repo.status().items()}
     finally:
         repo.close()
 
