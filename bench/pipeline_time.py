@@ -22,12 +22,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["fetch", "prepare", "pretrain", "finetune_spam", "baseline_spam", "finetune_instruct"]
+STAGES = ["fetch", "prepare", "pretrain", "finetune_spam", "baseline_spam", "finetune_instruct",
+          "export_onnx", "package"]
 HEADLINE = {
     "pretrain": ["val_loss", "val_perplexity", "steps", "tokens_seen"],
     "finetune_spam": ["test_accuracy", "test_spam_f1", "val_accuracy", "train_accuracy"],
     "baseline_spam": ["test_accuracy", "test_spam_f1"],
     "finetune_instruct": ["test_loss", "val_loss", "train_loss"],
+    "export_onnx": ["parity_max_abs_logit_diff", "parity_label_mismatches", "int8_kept"],
 }
 
 
@@ -60,7 +62,8 @@ def main() -> int:
     bin_dir = Path(sys.executable).parent
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="gptpkg-pipeline-"))
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(work),
-               WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
+               WANDB_MODE=os.environ.get("WANDB_MODE", "offline"),
+               BENTOML_HOME=os.environ.get("BENTOML_HOME", str(work / "bentoml-home")))
     mirror = ROOT.parent / "shared" / "data"
     if "GPTPKG_DATA_MIRROR" not in env and mirror.is_dir():
         env["GPTPKG_DATA_MIRROR"] = str(mirror)  # the clone lives elsewhere: ../shared/data would miss

@@ -76,7 +76,7 @@ def test_resume_refuses_other_training_params(prepared, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert main(["pretrain", "--no-progress", "--set", SETS[0]]) == 0
     before = Path("models/pretrained/model.safetensors").read_bytes()
-    assert main(["pretrain", "--no-progress", "--resume", "--set", "pretrain.max_steps=8", "--set", "pretrain.lr=0.001"]) == 1
+    assert main(["pretrain", "--no-progress", "--resume", "--set", "pretrain.max_steps=8", "--set", "pretrain.lr=0.0123"]) == 1
     err = capsys.readouterr().err
     assert "--resume" in err and "['lr', 'max_steps']" in err and "run without --resume" in err
     assert Path("models/pretrained/model.safetensors").read_bytes() == before

@@ -130,7 +130,7 @@ def test_corpus_without_tokens(project, capsys):
     for part in ("train", "val"):
         np.save(corpus / f"the-verdict.txt.{part}.npy", np.zeros(0, dtype=np.uint16))
     old = sentinel(project / "models" / "pretrained")
-    rc, err = run(["pretrain"], capsys)
+    rc, err = run(["pretrain", "--set", "pretrain.corpus=[the-verdict.txt]"], capsys)
     assert rc == 1
     assert "['the-verdict.txt']: the train split" in err and "holds no tokens" in err
     assert old.read_bytes() == b"earlier output"
