@@ -48,6 +48,8 @@ CONFIGS: dict[str, dict[str, str]] = {
     "sms pretrain, book train (old finetune)": {**OLD_FINETUNE},
     "sms pretrain, all train, frozen embeddings": {"finetune_spam.freeze_embeddings": "true"},
     "shipped defaults: sms pretrain, all train": {},
+    "sms pretrain 200 steps, all train": {"pretrain.max_steps": "200"},
+    "sms pretrain 300 steps, all train": {"pretrain.max_steps": "300"},
 }
 
 
