@@ -32,10 +32,14 @@ def write_confusion(plots_dir: str | Path, stage: str, confusion: list[list[int]
     return out
 
 
-def _save(fig, out: Path) -> None:
+def _save(fig, out: Path, ax=None, title: str | None = None) -> None:
+    """Title, tight layout, then an atomic, byte-reproducible PNG write."""
     import os
     import tempfile
 
+    if ax is not None and title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
     os.close(fd)
@@ -81,9 +85,7 @@ def render_curves(history: list[dict[str, Any]], out: str | Path, title: str) ->
             h2, l2 = ax2.get_legend_handles_labels()
             handles, labels = handles + h2, labels + l2
         ax.legend(handles, labels, loc="best", fontsize=8)
-        ax.set_title(title, fontsize=10)
-        fig.tight_layout()
-        _save(fig, out)
+        _save(fig, out, ax, title)
     finally:
         plt.close(fig)
     return out
@@ -103,9 +105,7 @@ def render_confusion(confusion: list[list[int]], out: str | Path, title: str, la
         ax.set_yticks(range(len(labels)), labels)
         ax.set_xlabel("predicted")
         ax.set_ylabel("actual")
-        ax.set_title(title, fontsize=10)
-        fig.tight_layout()
-        _save(fig, out)
+        _save(fig, out, ax, title)
     finally:
         plt.close(fig)
     return out

@@ -56,7 +56,7 @@ def _package(params, logger, resume, progress):
     return package(params)
 
 
-# name -> (function, trains a model?, the checkpoint path key it writes)
+# name -> (stage function, the `paths` key of the checkpoint it trains, or None)
 STAGES: dict[str, tuple[Callable[..., dict[str, Any]], str | None]] = {
     "fetch": (_fetch, None),
     "prepare": (_prepare, None),
