@@ -9,7 +9,7 @@ hyperparameters, trained through `fit` with each `batching` of `finetune_spam`:
 tokens), `shuffled` pads each random batch to its longest, `bucketed` groups messages
 of similar length. Reports training examples/s (median over interleaved repetitions)
 and the val/test accuracy each reaches. Instruction batches: the same for
-`finetune_instruct` (`shuffled` vs `bucketed`) on the first `--instruct-examples`
+`finetune_instruct` (`pad_longest`, `shuffled` = the book's per-batch padding, `bucketed`) on `--instruct-examples`
 training records, with the val loss each reaches.
 """
 
@@ -70,12 +70,7 @@ def spam(args, mirror: Path, tok) -> dict:
                 row.setdefault(f"{part}_accuracy", []).append(acc)
             print(f"spam rep {rep + 1} {mode}: {rates[mode][-1]:.1f} examples/s, val acc "
                   f"{row['val_accuracy'][-1]:.4f}, test acc {row['test_accuracy'][-1]:.4f}", flush=True)
-    for mode in args.modes:
-        out[mode]["examples_per_s_median"] = statistics.median(rates[mode])
-        out[mode]["examples_per_s_all"] = rates[mode]
-    if "pad_longest" in rates:
-        for mode in args.modes:
-            out[mode]["speedup_vs_pad_longest"] = out[mode]["examples_per_s_median"] / out["pad_longest"]["examples_per_s_median"]
+    speedups(out, rates)
     return out
 
 
@@ -91,22 +86,32 @@ def instruct(args, mirror: Path, tok) -> dict:
     cfg = TrainConfig(lr=5e-4, warmup_steps=2, epochs=1.0, batch_size=args.batch_size, eval_every=0,
                       seed=args.seed, device="cpu", compile="false")
     out: dict = {"train_examples": len(lengths), "mean_length": statistics.mean(lengths), "longest": max(lengths)}
-    rates: dict[str, list[float]] = {"shuffled": [], "bucketed": []}
+    rates: dict[str, list[float]] = {m: [] for m in args.modes}
     for rep in range(args.reps):
         for mode in rates:
-            plan, _ = _batching(mode, "finetune_instruct", lengths, cfg, None)
+            plan, train_collate = _batching(mode, "finetune_instruct", lengths, cfg, collate)
             model = copy.deepcopy(base)
-            r = fit(model, train, collate, cfg, loss_fn=lm_loss, batch_plan=plan, progress=False)
+            r = fit(model, train, train_collate, cfg, loss_fn=lm_loss, batch_plan=plan, progress=False)
             rates[mode].append(r.examples_seen / r.wall_time_s)
             row = out.setdefault(mode, {})
-            row["padded_tokens_per_epoch"] = padded_tokens(plan(0), [n + 1 for n in lengths], None)
+            pad = max(lengths) + 1 if mode == "pad_longest" else None
+            row["padded_tokens_per_epoch"] = padded_tokens(plan(0), [n + 1 for n in lengths], pad)
             row.setdefault("val_loss", []).append(mean_loss(model, val_batches, lm_loss, torch.device("cpu")))
             print(f"instruct rep {rep + 1} {mode}: {rates[mode][-1]:.2f} examples/s, val loss {row['val_loss'][-1]:.4f}",
                   flush=True)
+    speedups(out, rates)
+    return out
+
+
+def speedups(out: dict, rates: dict[str, list[float]]) -> None:
+    """Medians, and each mode's examples/s over pad_longest's and over shuffled's."""
     for mode in rates:
         out[mode]["examples_per_s_median"] = statistics.median(rates[mode])
-    out["bucketed_over_shuffled"] = out["bucketed"]["examples_per_s_median"] / out["shuffled"]["examples_per_s_median"]
-    return out
+        out[mode]["examples_per_s_all"] = rates[mode]
+    for ref in ("pad_longest", "shuffled"):
+        if ref in rates:
+            for mode in rates:
+                out[mode][f"speedup_vs_{ref}"] = out[mode]["examples_per_s_median"] / out[ref]["examples_per_s_median"]
 
 
 def main() -> None:

@@ -7,7 +7,9 @@ import time
 from typing import Any
 
 from .metrics import classification_metrics
-from .stages import BaselineConfig, heldout_full_rows, paths_of, read_spam_split, spam_train_rows, stage_config
+from .stages import (
+    BaselineConfig, heldout_full_rows, paths_of, read_spam_split, spam_train_rows, stage_config, traffic_metrics,
+)
 
 
 def run(params: dict) -> dict[str, Any]:
@@ -28,5 +30,6 @@ def run(params: dict) -> dict[str, Any]:
         pred = clf.predict(vec.transform([t for t, _ in rows])).tolist()
         metrics.update(classification_metrics([y for _, y in rows], pred, f"{p}_"))
     metrics["wall_time_s"] = time.perf_counter() - t0
+    metrics.update(traffic_metrics(paths, metrics))
     metrics.update(train_messages=len(parts["train"]), heldout_full_messages=len(parts["heldout_full"]))
     return metrics

@@ -94,6 +94,7 @@ def write_model(dir_: Path, model: torch.nn.Module, meta: dict[str, Any] | None 
     config = {
         "model": dataclasses.asdict(model.cfg),
         "n_classes": model.n_classes,
+        "pooling": model.pooling,
         "tied": model.tied,
         "meta": meta or {},
     }
@@ -137,7 +138,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path / CONFIG}: bad model config: {e}") from None
     model = GPT(mcfg)
     if config.get("n_classes"):
-        model.to_classifier(int(config["n_classes"]))
+        try:
+            model.to_classifier(int(config["n_classes"]), config.get("pooling", "last_real_token"))
+        except ValueError as e:
+            raise CheckpointError(f"{path / CONFIG}: {e}") from None
     weights = path / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{path}: {WEIGHTS} missing")

@@ -22,6 +22,12 @@ class ConfigError(GptpkgError, ValueError):
     """A params file, section or key is missing, unknown or of the wrong type."""
 
 
+# How a classifier reads one vector out of a text's hidden states: at its last real token
+# (causal attention has let it see the whole text), or their mean over the real tokens.
+# Both ignore padding, so a text's logits do not depend on what it is batched with.
+POOLINGS = ("last_real_token", "mean")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """GPT-2 architecture. Names follow the book (`emb_dim`, `n_heads`, ...)."""

@@ -242,11 +242,13 @@ def instruction_collate(
     ignore_index: int = IGNORE_INDEX,
     allowed_max_length: int | None = None,
     mask_prompt: bool = False,
+    pad_to: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Append one end token to each sequence, pad with end tokens to the longest, shift
-    by one for targets; targets keep the first end token and set the later padding to
-    -100; `mask_prompt` sets the targets that predict prompt tokens to -100 too."""
-    longest = max(len(it["input_ids"]) + 1 for it in items)
+    """Append one end token to each sequence, pad with end tokens to the longest (or to
+    `pad_to` + 1: every batch as long as the longest example), shift by one for targets;
+    targets keep the first end token and set the later padding to -100; `mask_prompt`
+    sets the targets that predict prompt tokens to -100 too."""
+    longest = max(max(len(it["input_ids"]) for it in items), pad_to or 0) + 1
     inputs, targets = [], []
     for it in items:
         seq = list(it["input_ids"]) + [pad_id]

@@ -2,8 +2,8 @@
 
 export_onnx: the fine-tuned classifier checkpoint -> one self-contained ONNX file
 (`input_ids` (B, T) int64 + `lengths` (B,) int64 -> `logits` (B, n_labels); batch and
-sequence length dynamic; last-real-token pooling inside the graph, as `GPT.classify`),
-with the tokenizer / max length / pad id / pooling / labels in its metadata_props. It is
+sequence length dynamic; the pooling (last real token or mean) inside the graph, as
+`GPT.classify`), with the tokenizer / max length / pad id / pooling / labels in its metadata_props. It is
 checked against PyTorch on the whole test split (identical labels, max |Δlogit| within
 `parity_atol`) before it replaces anything; an int8 dynamic-quantized copy is kept only
 when its test accuracy is within `int8_max_drop` points of fp32.
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import from_dict, section
-from .onnx_classifier import FP32_FILE, INT8_FILE, POOLING, TOKENIZER_DIR, ModelMeta, OnnxSpamClassifier
+from .config import POOLINGS, from_dict, section
+from .onnx_classifier import FP32_FILE, INT8_FILE, TOKENIZER_DIR, ModelMeta, OnnxSpamClassifier
 from .errors import GptpkgError
 
 MIN_OPSET = 17
@@ -70,7 +70,7 @@ def model_meta(config: dict, where: str) -> ModelMeta:
     if len(meta["labels"]) != config["n_classes"]:
         raise ExportError(f"{where}: {len(meta['labels'])} labels for {config['n_classes']} classes")
     return ModelMeta(tokenizer=meta.get("tokenizer", "gpt2"), max_length=int(meta["max_length"]),
-                     pad_id=int(meta["pad_id"]), pooling=meta.get("pooling", POOLING),
+                     pad_id=int(meta["pad_id"]), pooling=meta.get("pooling", POOLINGS[0]),
                      labels=tuple(meta["labels"]), context_length=int(config["model"]["context_length"]))
 
 

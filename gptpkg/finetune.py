@@ -6,7 +6,7 @@ import json
 import math
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -22,7 +22,7 @@ from .metrics import classification_metrics
 from .model import GPT
 from .stages import (
     InstructConfig, SpamConfig, heldout_full_rows, mirror_of, paths_of, read_spam_split, spam_train_rows,
-    stage_config,
+    stage_config, traffic_metrics,
 )
 from .tokenizer import PAD_ID, get_tokenizer
 from .train import (
@@ -49,12 +49,11 @@ def initial_model(init: str, params_section: str, pretrained: str, openai_weight
     raise ConfigError(f"params.{params_section}.init: expected pretrained|openai|scratch, got {init!r}")
 
 
-def _batching(batching: str, where: str, lengths: list[int], train, collate):
-    """(batch plan, collate) for a `batching` setting. pad_longest (classifier only)
-    pads every text to the longest in the training set, as the book does."""
-    allowed = BATCHING if collate is not None else ("bucketed", "shuffled")
-    if batching not in allowed:
-        raise ConfigError(f"params.{where}.batching: expected {'|'.join(allowed)}, got {batching!r}")
+def _batching(batching: str, where: str, lengths: list[int], train, collate: Callable):
+    """(batch plan, collate) for a `batching` setting. pad_longest pads every example to
+    the longest in the training set (the book's classifier; a baseline for instructions)."""
+    if batching not in BATCHING:
+        raise ConfigError(f"params.{where}.batching: expected {'|'.join(BATCHING)}, got {batching!r}")
     plan = batch_plan_for(batching, lengths, train.batch_size, train.seed)
     if batching == "pad_longest":
         collate = partial(collate, pad_to=max(lengths))
@@ -94,7 +93,7 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
     if cfg.max_length > model.cfg.context_length:
         raise ConfigError(f"params.finetune_spam.max_length={cfg.max_length} exceeds the model's "
                           f"context_length {model.cfg.context_length}")
-    model.to_classifier(len(SPAM_LABELS))
+    model.to_classifier(len(SPAM_LABELS), cfg.pooling)
     model.set_trainable(cfg.trainable, cfg.n_blocks)
     if cfg.freeze_embeddings:
         model.tok_emb.weight.requires_grad_(False)
@@ -117,7 +116,7 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
     lengths = [len(ids) for ids in sets["train"].ids]
     plan, collate = _batching(cfg.batching, "finetune_spam", lengths, train, classification_collate)
     meta = {"stage": "finetune_spam", "train_data": cfg.train_data, "labels": list(SPAM_LABELS), "max_length": cfg.max_length,
-            "pad_id": PAD_ID, "pooling": "last_real_token", "tokenizer": "gpt2"}
+            "pad_id": PAD_ID, "pooling": cfg.pooling, "tokenizer": "gpt2"}
     result = fit(model, sets["train"], collate, train, loss_fn=loss_fn, eval_fn=evaluate, batch_plan=plan,
                  checkpoint_dir=paths.spam_classifier, resume=resume, logger=logger, meta=meta,
                  progress=progress, desc="finetune_spam")
@@ -127,6 +126,7 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
                                "train_messages": len(rows["train"]), "heldout_full_messages": len(rows["heldout_full"])}
     for part, ds in sets.items():
         metrics.update(evaluate_classifier(model, ds, f"{part}_", train.batch_size, device=device, dtype=dtype))
+    metrics.update(traffic_metrics(paths, metrics))
     metrics["history"] = result.history
     return metrics
 
@@ -157,8 +157,8 @@ def run_instruct(params: dict, logger: MetricLogger, resume: bool = False, progr
         return {"val_loss": mean_loss(m, eval_sets["val"], lm_loss, device, train.eval_batches, dtype)}
 
     lengths = [len(it["input_ids"]) for it in sets["train"].items]
-    plan, _ = _batching(cfg.batching, "finetune_instruct", lengths, train, None)
-    result = fit(model, sets["train"], collate, train, loss_fn=lm_loss, eval_fn=evaluate, batch_plan=plan,
+    plan, train_collate = _batching(cfg.batching, "finetune_instruct", lengths, train, collate)
+    result = fit(model, sets["train"], train_collate, train, loss_fn=lm_loss, eval_fn=evaluate, batch_plan=plan,
                  checkpoint_dir=paths.instruct_model, resume=resume, logger=logger,
                  meta={"stage": "finetune_instruct"}, progress=progress, desc="finetune_instruct")
     # train loss over eval_batches (0 = all) batches: a full pass over the train split costs

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import POOLINGS, ModelConfig
 
 IGNORE_INDEX = -100  # targets equal to this are not scored (padding, masked prompts)
 
@@ -195,6 +195,7 @@ class GPT(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.out_head = nn.Linear(cfg.emb_dim, V, bias=False)
         self.n_classes: int | None = None  # set by `to_classifier`
+        self.pooling = POOLINGS[0]
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -274,26 +275,35 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
     def classify(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Class logits (B, n_classes) read at each row's last real token.
+        """Class logits (B, n_classes) of each row's pooled hidden states (`self.pooling`:
+        the last real token, or the mean over the real tokens).
 
         `idx` is right-padded; `lengths` (B,) counts the real tokens. Causal attention
         means padding after a token cannot change it, so a text's logits do not depend
         on what it is batched with. Only the B pooled rows go through the head.
         """
         h = self.hidden(idx)  # (B, T, C)
-        last = (lengths.to(idx.device) - 1).clamp(min=0)
-        pooled = h[torch.arange(idx.shape[0], device=idx.device), last]  # (B, C)
+        lengths = lengths.to(idx.device).clamp(min=1)
+        if self.pooling == "mean":
+            real = torch.arange(idx.shape[1], device=idx.device)[None, :] < lengths[:, None]  # (B, T)
+            pooled = (h * real[..., None].to(h.dtype)).sum(dim=1) / lengths[:, None].to(h.dtype)
+        else:
+            pooled = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]  # (B, C)
         return self.out_head(pooled)
 
     # -- fine-tuning surgery -----------------------------------------------------
 
-    def to_classifier(self, n_classes: int) -> "GPT":
-        """Swap the LM head for a fresh Linear(C, n_classes) (unties it)."""
+    def to_classifier(self, n_classes: int, pooling: str = POOLINGS[0]) -> "GPT":
+        """Swap the LM head for a fresh Linear(C, n_classes) (unties it) read through
+        `pooling` (see `POOLINGS`)."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {'|'.join(POOLINGS)}, got {pooling!r}")
         head = nn.Linear(self.cfg.emb_dim, n_classes)
         nn.init.normal_(head.weight, mean=0.0, std=0.02)
         nn.init.zeros_(head.bias)
         self.out_head = head.to(self.tok_emb.weight.device)
         self.n_classes = n_classes
+        self.pooling = pooling
         return self
 
     def set_trainable(self, which: Literal["head", "last_blocks", "all"], n_blocks: int = 1) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from .config import POOLINGS
 from .errors import GptpkgError
 
 FP32_FILE = "model.onnx"
@@ -26,7 +27,6 @@ INT8_FILE = "model.int8.onnx"
 TOKENIZER_DIR = "gpt2"  # laid out like the offline mirror: <dir>/gpt2/{vocab.bpe,encoder.json}
 META_KEYS = ("gptpkg.tokenizer", "gptpkg.max_length", "gptpkg.pad_id", "gptpkg.pooling",
              "gptpkg.labels", "gptpkg.context_length")
-POOLING = "last_real_token"
 
 
 class ModelUnavailable(GptpkgError, RuntimeError):
@@ -61,8 +61,8 @@ class ModelMeta:
                        context_length=int(props["gptpkg.context_length"]))
         except (ValueError, TypeError) as e:
             raise ModelUnavailable(f"{where}: bad gptpkg metadata {props}: {e}") from None
-        if meta.pooling != POOLING:
-            raise ModelUnavailable(f"{where}: pooling {meta.pooling!r} unsupported (expected {POOLING!r})")
+        if meta.pooling not in POOLINGS:
+            raise ModelUnavailable(f"{where}: pooling {meta.pooling!r} unsupported (expected one of {list(POOLINGS)})")
         if meta.tokenizer != "gpt2":
             raise ModelUnavailable(f"{where}: tokenizer {meta.tokenizer!r} unsupported (expected 'gpt2')")
         if not 0 < meta.max_length <= meta.context_length:

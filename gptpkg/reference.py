@@ -92,7 +92,7 @@ def reference_copy(model: GPT) -> ReferenceGPT:
     """A `ReferenceGPT` holding the same weights as `model` (same device and dtype)."""
     ref = ReferenceGPT(model.cfg)
     if model.n_classes is not None:
-        ref.to_classifier(model.n_classes)
+        ref.to_classifier(model.n_classes, model.pooling)
     ref.load_state_dict(model.state_dict())
     p = next(model.parameters())
     return ref.to(device=p.device, dtype=p.dtype)

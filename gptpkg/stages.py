@@ -97,6 +97,7 @@ class SpamConfig:
     max_length: int
     class_weights: list[float] | None
     batching: str  # bucketed | shuffled | pad_longest (the book's: pad to the longest text)
+    pooling: str  # last_real_token | mean (config.POOLINGS)
     train_data: str  # book | all (see SPAM_TRAIN_DATA)
     # Keep the token embedding (50257 x emb_dim, most of a small model's weights) as
     # pretrained: its AdamW update dominates a fine-tuning step's cost on CPU.
@@ -120,7 +121,7 @@ class InstructConfig:
     max_new_tokens: int
     judge_url: str
     judge_model: str
-    batching: str  # bucketed | shuffled
+    batching: str  # bucketed | shuffled | pad_longest
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,18 @@ def heldout_full_rows(paths: Paths, train_rows: list[tuple[str, int]]) -> list[t
     imbalanced (~13% spam) traffic a deployed classifier meets."""
     seen = {text_key(t) for t, _ in train_rows}
     return [r for r in read_spam_split(paths, "all") if text_key(r[0]) not in seen]
+
+
+def traffic_metrics(paths: Paths, metrics: dict) -> dict[str, float]:
+    """`heldout_full` accuracy and spam F1 re-weighted to the whole collection's spam
+    share (~13%): what the held-out recalls give on real, imbalanced traffic even when
+    the held-out set itself is not (with train_data=all it is only val + test)."""
+    from .metrics import at_spam_share
+
+    labels = [y for _, y in read_spam_split(paths, "all")]
+    share = sum(labels) / len(labels)
+    return {"collection_spam_share": share,
+            **at_spam_share(metrics["heldout_full_confusion"], share, "heldout_traffic_")}
 
 
 def read_corpus(paths: Paths, sources: list[str], part: str):

@@ -11,7 +11,7 @@ import pytest
 from gptpkg.config import ConfigError, TrainConfig
 from gptpkg.finetune import _batching
 from gptpkg.train import batch_plan_for, bucketed_batches, shuffled_batches
-from gptpkg.data import classification_collate
+from gptpkg.data import classification_collate, instruction_collate
 
 _rng = random.Random(0)
 LENGTHS = [_rng.randint(3, 120) for _ in range(1000)]
@@ -59,8 +59,13 @@ def test_batching_settings_and_errors():
     assert batch["lengths"].tolist() == [3, 5]
     _, collate = _batching("bucketed", "finetune_spam", lengths, cfg, classification_collate)
     assert collate is classification_collate
+    # instructions: every batch as long as the longest example (+1 end token), targets masked
+    _, collate = _batching("pad_longest", "finetune_instruct", lengths, cfg, instruction_collate)
+    batch = collate([{"input_ids": [1] * 3, "prompt_len": 2}, {"input_ids": [1] * 5, "prompt_len": 2}])
+    assert batch["input_ids"].shape == (2, 11)
+    assert (batch["targets"][0, 3:] == -100).all() and (batch["targets"][0, :3] != -100).all()
     with pytest.raises(ConfigError, match="finetune_instruct.batching"):
-        _batching("pad_longest", "finetune_instruct", lengths, cfg, None)
+        _batching("sorted", "finetune_instruct", lengths, cfg, instruction_collate)
     with pytest.raises(ValueError, match="batching must be one of"):
         batch_plan_for("sorted", lengths, 4, 0)
 

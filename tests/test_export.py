@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from gptpkg.checkpoint import load_checkpoint, save_checkpoint
+from gptpkg.config import model_config
+from gptpkg.model import GPT
 from gptpkg.export import ExportConfig, ExportError, quantize_int8, run
 from gptpkg.onnx_classifier import FP32_FILE, INT8_FILE, META_KEYS, ModelUnavailable, OnnxSpamClassifier
 
@@ -71,6 +73,28 @@ def test_padding_does_not_change_a_result(tiny_onnx_export):
         assert a["label"] == b["label"]
         assert abs(a["spam_probability"] - b["spam_probability"]) < 1e-6
     assert len(clf.encode("x " * 500)) == 32  # cut to max_length, as in training
+
+
+def test_mean_pooled_classifier_exports_with_parity(tiny_onnx_export, tmp_path):
+    params, _ = tiny_onnx_export
+    params = copy.deepcopy(params)
+    for key in ("spam_classifier", "onnx"):
+        params["paths"][key] = str(tmp_path / key)
+    params["export_onnx"]["int8"] = False
+    torch.manual_seed(1)
+    model = GPT(model_config("tiny")).to_classifier(2, "mean")
+    save_checkpoint(params["paths"]["spam_classifier"], model, {
+        "labels": ["ham", "spam"], "max_length": 32, "pad_id": 50256, "pooling": "mean", "tokenizer": "gpt2"})
+    reloaded, _ = load_checkpoint(params["paths"]["spam_classifier"])
+    assert reloaded.pooling == "mean"
+    m = run(params)  # checks parity with PyTorch on the whole test split itself
+    assert m["parity_label_mismatches"] == 0 and m["parity_max_abs_logit_diff"] <= 1e-4
+    clf = OnnxSpamClassifier(Path(params["paths"]["onnx"]) / FP32_FILE, device="cpu")
+    assert clf.meta.pooling == "mean"
+    texts = ["Free entry in 2 a wkly comp to win FA Cup final tkts", "ok", ""]
+    together = clf.predict(texts)
+    for t, b in zip(texts, together):
+        assert abs(clf.predict([t])[0]["spam_probability"] - b["spam_probability"]) < 1e-6
 
 
 def test_int8_gate_keeps_or_drops(tiny_onnx_export, tmp_path):

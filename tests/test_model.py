@@ -89,17 +89,26 @@ def test_dropout_switches():
     torch.testing.assert_close(model(idx), model(idx))
 
 
-def test_classifier_pools_last_real_token(tiny):
-    tiny.to_classifier(2)
+@pytest.mark.parametrize("pooling", ["last_real_token", "mean"])
+def test_classifier_pooling_ignores_padding_and_batch_mates(tiny, pooling):
+    tiny.to_classifier(2, pooling)
     a = torch.randint(0, 50256, (1, 6))
     padded = torch.cat([a, torch.full((1, 4), 50256)], dim=1)
     alone = tiny.classify(a, torch.tensor([6]))
     in_batch = tiny.classify(torch.cat([padded, torch.randint(0, 50256, (1, 10))]), torch.tensor([6, 10]))
     assert alone.shape == (1, 2)
     torch.testing.assert_close(in_batch[:1], alone, atol=1e-5, rtol=0)
+    h = tiny.hidden(a)[0]  # (6, C)
+    expected = tiny.out_head(h[-1] if pooling == "last_real_token" else h.mean(dim=0))
+    torch.testing.assert_close(alone[0], expected, atol=1e-5, rtol=0)
     # not the last padded position
     last_pos = tiny.out_head(tiny.hidden(padded)[:, -1])
     assert not torch.allclose(last_pos, alone)
+
+
+def test_unknown_pooling_is_refused(tiny):
+    with pytest.raises(ValueError, match="pooling must be one of last_real_token|mean"):
+        tiny.to_classifier(2, "max")
 
 
 def test_trainable_parts(tiny):
