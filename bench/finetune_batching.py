@@ -35,6 +35,7 @@ from gptpkg.data import (  # noqa: E402
 )
 from gptpkg.finetune import _batching, evaluate_classifier  # noqa: E402
 from gptpkg.model import GPT  # noqa: E402
+from gptpkg.perf import keep_freed_memory  # noqa: E402
 from gptpkg.tokenizer import get_tokenizer  # noqa: E402
 from gptpkg.train import batches_of, classification_loss, fit, lm_loss, mean_loss  # noqa: E402
 
@@ -131,6 +132,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    keep_freed_memory()  # as the finetune stages run (gptpkg.runner.run_stage)
     mirror = Path(os.environ.get("GPTPKG_DATA_MIRROR", "../shared/data"))
     tok = get_tokenizer(str(mirror))
     result = {"spam": spam(args, mirror, tok)}

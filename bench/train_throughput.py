@@ -1,6 +1,6 @@
 """Training throughput and MFU: the fast path against the textbook path, side by side.
 
-    PYTHONPATH=. python bench/train_throughput.py --preset cpu-small --seq-len 256 --batch-size 4
+    PYTHONPATH=. python bench/train_throughput.py --preset cpu-small --seq-len 256 --batch-size 8
 
 In one run, on the same preset, batch and sequence length, with the same weights:
 - training tokens/s of `GPT` (SDPA attention, fused LayerNorm/GELU kernels, fused and
@@ -35,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptpkg.config import TrainConfig, model_config  # noqa: E402
 from gptpkg.model import GPT  # noqa: E402
-from gptpkg.perf import flops_per_token, gpu_peak_flops, matmul_params, measure_matmul_flops  # noqa: E402
+from gptpkg.perf import (  # noqa: E402
+    flops_per_token, gpu_peak_flops, keep_freed_memory, matmul_params, measure_matmul_flops,
+)
 from gptpkg.reference import reference_copy  # noqa: E402
 from gptpkg.train import autocast, autocast_dtype, make_optimizer, param_groups, should_compile  # noqa: E402
 
@@ -195,7 +197,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cpu-small")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=2, help="training steps per timed repetition")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--mm-size", type=int, default=2048)
@@ -208,18 +210,22 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=200)
     p.add_argument("--gen-prompt", type=int, default=20)
     p.add_argument("--gen-reps", type=int, default=2, help="0 = skip the generation comparison")
+    p.add_argument("--allocator", choices=("keep", "default"), default="keep",
+                   help="keep: gptpkg.perf.keep_freed_memory(), as the training stages; default: leave malloc as is")
     p.add_argument("--parts", default="train,memory,generation", help="comma-separated parts to run")
     p.add_argument("--json", default=None, help="write the figures to this file")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    # As the training stages do (gptpkg.perf.keep_freed_memory); both paths share it.
+    kept = keep_freed_memory() if args.allocator == "keep" else False
     if args.rss_child:
         return rss_child(args.rss_child)
     from gptpkg.train import resolve_device
 
     device = resolve_device(args.device)
     parts = set(args.parts.split(","))
-    result: dict = {"torch": torch.__version__}
+    result: dict = {"torch": torch.__version__, "allocator": "glibc, freed memory kept" if kept else "default"}
     if "train" in parts:
         result["train"] = report(throughput(args, device), args, device)
     if "memory" in parts and args.accum_batch and device.type == "cpu":

@@ -143,6 +143,10 @@ def run_stage(name: str, params: dict, resume: bool = False, progress: bool = Tr
     main = is_main_process()  # under torchrun only rank 0 logs and writes files
     if resume and ckpt_key:
         check_resumable(params, name, Path(getattr(paths, ckpt_key)))
+    if ckpt_key:  # a training stage
+        from .perf import keep_freed_memory
+
+        keep_freed_memory()
     t0, cpu0 = time.perf_counter(), time.process_time()
     logger, wb = open_logger(params, name, paths) if (ckpt_key and main) else (NullLogger(), None)
     try:

@@ -38,3 +38,31 @@ def test_gpu_peak_table_and_cpu_peak_measurement():
         for b in names[i + 1:]:
             assert a.lower() not in b.lower(), (a, b)
     assert measure_matmul_flops(256, reps=3) > 1e8
+
+
+_RSS_AFTER_FREE = """
+import sys
+from gptpkg.perf import keep_freed_memory
+applied = keep_freed_memory()
+def rss_mib():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
+before = rss_mib()
+block = b"x" * (200 * 2**20)  # 200 MiB, every page written
+peak = rss_mib() - before
+del block
+print(applied, peak, rss_mib() - before)
+"""
+
+
+@pytest.mark.parametrize("env, kept", [({}, True), ({"GPTPKG_KEEP_FREED_MEMORY": "0"}, False)])
+def test_keep_freed_memory_keeps_a_freed_block_resident(env, kept):
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env}).stdout.split()
+    applied, peak, grown = out[0] == "True", float(out[1]), float(out[2])
+    assert applied is kept and peak > 150
+    # glibc unmaps a freed 200 MiB block at once by default; kept, it stays for reuse
+    assert (grown > 150) if kept else (grown < 50)
