@@ -36,27 +36,33 @@ ROOT = Path(__file__).resolve().parents[1]
 # together) from them.
 LEVERS: dict[str, list[str]] = {
     "defaults": [],
+    # seed noise: the same configuration, other fine-tuning seeds (batch order, head init)
+    "seed=2": ["finetune_spam.seed=2"],
+    "seed=3": ["finetune_spam.seed=3"],
     # the classifier's pooling: the mean over the real tokens vs the last real token
-    "pooling=last_real_token": ["finetune_spam.pooling=last_real_token"],
+    "pooling=mean": ["finetune_spam.pooling=mean"],
     # training data: the book's balanced 1,045 messages vs every non-val/test message
-    "train_data=book (balanced, no class weights)": ["finetune_spam.train_data=book",
+    "train_data=book (balanced), no class weights": ["finetune_spam.train_data=book",
                                                      "finetune_spam.class_weights=null"],
     "class_weights=[1,1]": ["finetune_spam.class_weights=[1.0,1.0]"],
-    "class_weights=[1,9.5] (balanced)": ["finetune_spam.class_weights=[1.0,9.5]"],
+    "class_weights=[1,6]": ["finetune_spam.class_weights=[1.0,6.0]"],
+    "class_weights=[1,9.5] (inverse frequency)": ["finetune_spam.class_weights=[1.0,9.5]"],
     # which layers train
-    "trainable=last_blocks (1, the book's)": ["finetune_spam.trainable=last_blocks"],
+    "trainable=last_blocks (1 block + head, the book's)": ["finetune_spam.trainable=last_blocks"],
     "freeze_embeddings=true": ["finetune_spam.freeze_embeddings=true"],
     # learning rate and schedule
     "lr=0.001": ["finetune_spam.lr=0.001"],
     "lr=0.0002": ["finetune_spam.lr=0.0002"],
     "epochs=4": ["finetune_spam.epochs=4.0"],
-    # pretraining corpus and length
+    "min_lr_ratio=1.0 (constant lr after warmup)": ["finetune_spam.min_lr_ratio=1.0"],
+    # pretraining: none, the book's corpus, more text, more steps
     "no pretraining (init=scratch)": ["finetune_spam.init=scratch"],
-    "pretrain corpus=verdict (the book's)": ["pretrain.corpus=[the-verdict.txt]"],
-    "pretrain corpus=sms+shakespeare+verdict": ["pretrain.corpus=[sms,tinyshakespeare.txt,the-verdict.txt]"],
-    "pretrain max_steps=300": ["pretrain.max_steps=300"],
+    "pretrain corpus=[the-verdict.txt] (the book's)": ["pretrain.corpus=[the-verdict.txt]"],
+    "pretrain corpus=[sms, tinyshakespeare, verdict], 300 steps":
+        ["pretrain.corpus=[sms,tinyshakespeare.txt,the-verdict.txt]", "pretrain.max_steps=300"],
+    "pretrain 206 steps (2 epochs of the SMS corpus)": ["pretrain.max_steps=300"],
     # model size and context
-    "model=cpu-small (pretrain 300 steps)": ["pretrain.model=cpu-small", "pretrain.max_steps=300"],
+    "model=cpu-small (d=256, 6 layers), 206 pretrain steps": ["pretrain.model=cpu-small", "pretrain.max_steps=300"],
     "max_length=64": ["finetune_spam.max_length=64"],
 }
 
