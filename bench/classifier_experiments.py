@@ -64,6 +64,8 @@ LEVERS: dict[str, list[str]] = {
     # model size and context
     "model=cpu-small (d=256, 6 layers), 206 pretrain steps": ["pretrain.model=cpu-small", "pretrain.max_steps=300"],
     "max_length=64": ["finetune_spam.max_length=64"],
+    # the baseline on the classifier's training data (imbalanced, no class weights)
+    "baseline_spam.train_data=all": ["baseline_spam.train_data=all"],
 }
 
 TARGETS = ["finetune_spam", "baseline_spam"]
@@ -127,6 +129,8 @@ def rows_from_exp_show(show: list[dict]) -> list[dict]:
                          "traffic_accuracy": _get(d, "metrics/finetune_spam.json", "heldout_traffic_accuracy"),
                          "traffic_spam_f1": _get(d, "metrics/finetune_spam.json", "heldout_traffic_spam_f1"),
                          "baseline_test_accuracy": _get(d, "metrics/baseline_spam.json", "test_accuracy"),
+                         "baseline_traffic_accuracy": _get(d, "metrics/baseline_spam.json", "heldout_traffic_accuracy"),
+                         "baseline_traffic_spam_f1": _get(d, "metrics/baseline_spam.json", "heldout_traffic_spam_f1"),
                          "minutes": mins})
     order = list(LEVERS)
     return sorted(rows, key=lambda r: order.index(r["lever"]))
@@ -136,11 +140,13 @@ def markdown(rows: list[dict]) -> str:
     pct = lambda v: "–" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     f4 = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
     lines = ["| lever (change from the defaults) | val acc | test acc | test spam F1 | traffic acc "
-             "| traffic spam F1 | baseline test acc | minutes |", "|" + " --- |" * 8]
+             "| traffic spam F1 | baseline test acc | baseline traffic acc | baseline traffic spam F1 | minutes |",
+             "|" + " --- |" * 10]
     for r in rows:
         lines.append(f"| {r['lever']} | {pct(r['val_accuracy'])} | {pct(r['test_accuracy'])} "
                      f"| {f4(r['test_spam_f1'])} | {pct(r['traffic_accuracy'])} | {f4(r['traffic_spam_f1'])} "
-                     f"| {pct(r['baseline_test_accuracy'])} | {r['minutes']:.1f} |")
+                     f"| {pct(r['baseline_test_accuracy'])} | {pct(r['baseline_traffic_accuracy'])} "
+                     f"| {f4(r['baseline_traffic_spam_f1'])} | {r['minutes']:.1f} |")
     return "\n".join(lines)
 
 

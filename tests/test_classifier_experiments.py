@@ -42,7 +42,8 @@ def _exp(name: str, val: float, test: float, pre_s: float, ft_s: float) -> dict:
     return {"revs": [{"rev": "abc", "name": name, "data": {"metrics": {
         "metrics/finetune_spam.json": m({"val_accuracy": val, "test_accuracy": test, "test_spam_f1": 0.9,
                                          "heldout_traffic_accuracy": 0.99, "heldout_traffic_spam_f1": 0.95}),
-        "metrics/baseline_spam.json": m({"test_accuracy": 0.9667}),
+        "metrics/baseline_spam.json": m({"test_accuracy": 0.9667, "heldout_traffic_accuracy": 0.97,
+                                         "heldout_traffic_spam_f1": 0.8}),
         "metrics/runtime/pretrain.json": m({"stage_wall_time_s": pre_s}),
         "metrics/runtime/finetune_spam.json": m({"stage_wall_time_s": ft_s}),
     }}}], "name": name}
@@ -58,4 +59,4 @@ def test_table_rows_come_from_exp_show_in_lever_order(ce):
     assert [r["lever"] for r in rows] == ["defaults", "seed=2"]
     assert rows[0]["minutes"] == pytest.approx(1.5)
     table = ce.markdown(rows)
-    assert "| defaults | 99.33% | 96.67% | 0.9000 | 99.00% | 0.9500 | 96.67% | 1.5 |" in table
+    assert "| defaults | 99.33% | 96.67% | 0.9000 | 99.00% | 0.9500 | 96.67% | 97.00% | 0.8000 | 1.5 |" in table
