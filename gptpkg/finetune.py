@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from .checkpoint import atomic_write_text, load_checkpoint
-from .config import ConfigError, model_config
+from .config import POOLINGS, ConfigError, model_config
 from .data import (
     SPAM_LABELS, ClassificationDataset, InstructionDataset, classification_collate,
     format_prompt, instruction_collate,
@@ -88,6 +88,8 @@ def evaluate_classifier(model: GPT, dataset, prefix: str, batch_size: int = 32, 
 def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     paths = paths_of(params)
     cfg, train = stage_config(params, "finetune_spam", SpamConfig)
+    if cfg.pooling not in POOLINGS:
+        raise ConfigError(f"params.finetune_spam.pooling: expected one of {'|'.join(POOLINGS)}, got {cfg.pooling!r}")
     set_seed(train.seed)
     model = initial_model(cfg.init, "finetune_spam", paths.pretrained, cfg.openai_weights, cfg.model)
     if cfg.max_length > model.cfg.context_length:

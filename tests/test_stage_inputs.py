@@ -118,6 +118,15 @@ def test_max_length_beyond_context(project, capsys):
     assert old.read_bytes() == b"earlier output"
 
 
+def test_unknown_pooling_stops_finetune_spam(project, capsys):
+    edit_params(project, "finetune_spam", pooling="max")
+    old = sentinel(project / "models" / "spam_classifier")
+    rc, err = run(["finetune_spam"], capsys)
+    assert rc == 1
+    assert "params.finetune_spam.pooling: expected one of last_real_token|mean, got 'max'" in err
+    assert old.read_bytes() == b"earlier output"
+
+
 def test_empty_corpus_list(project, capsys):
     edit_params(project, "pretrain", corpus=[])
     rc, err = run(["pretrain"], capsys)
