@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, ModelConfig, from_dict
+from .config import POOLINGS, ConfigError, ModelConfig, from_dict
 from .model import GPT
 from .errors import GptpkgError
 
@@ -139,7 +139,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     model = GPT(mcfg)
     if config.get("n_classes"):
         try:
-            model.to_classifier(int(config["n_classes"]), config.get("pooling", "last_real_token"))
+            model.to_classifier(int(config["n_classes"]), config.get("pooling", POOLINGS[0]))
         except ValueError as e:
             raise CheckpointError(f"{path / CONFIG}: {e}") from None
     weights = path / WEIGHTS

@@ -3,10 +3,10 @@
 export_onnx: the fine-tuned classifier checkpoint -> one self-contained ONNX file
 (`input_ids` (B, T) int64 + `lengths` (B,) int64 -> `logits` (B, n_labels); batch and
 sequence length dynamic; the pooling (last real token or mean) inside the graph, as
-`GPT.classify`), with the tokenizer / max length / pad id / pooling / labels in its metadata_props. It is
-checked against PyTorch on the whole test split (identical labels, max |Δlogit| within
-`parity_atol`) before it replaces anything; an int8 dynamic-quantized copy is kept only
-when its test accuracy is within `int8_max_drop` points of fp32.
+`GPT.classify`), with the tokenizer / max length / pad id / pooling / labels in its
+metadata_props. It is checked against PyTorch on the whole test split (identical labels,
+max |Δlogit| within `parity_atol`) before it replaces anything; an int8 dynamic-quantized
+copy is kept only when its test accuracy is within `int8_max_drop` points of fp32.
 
 package: the exported folder into the BentoML model store under a versioned tag (the
 version is the first 12 hex digits of the ONNX file's sha256, so the same model gets

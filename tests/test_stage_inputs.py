@@ -95,12 +95,18 @@ def test_unknown_params_key_stops_before_anything_runs(project, capsys):
     assert not (project / "wandb_runs").exists()  # failed before a W&B run was opened
 
 
-def test_wrong_type_names_key_and_expected_type(project, capsys):
-    edit_params(project, "finetune_spam", lr="fast")
-    old = sentinel(project / "models" / "spam_classifier")
-    rc, err = run(["finetune_spam"], capsys)
+@pytest.mark.parametrize("stage, key, value, output, message", [
+    ("finetune_spam", "lr", "fast", "spam_classifier", "params.finetune_spam.lr: expected float, got 'fast'"),
+    ("pretrain", "max_length", 4096, "pretrained", "params.pretrain.max_length=4096 exceeds the context_length"),
+    ("finetune_spam", "pooling", "max", "spam_classifier",
+     "params.finetune_spam.pooling: expected one of last_real_token|mean, got 'max'"),
+])
+def test_bad_value_names_the_key_and_keeps_the_old_output(project, capsys, stage, key, value, output, message):
+    edit_params(project, stage, **{key: value})
+    old = sentinel(project / "models" / output)
+    rc, err = run([stage], capsys)
     assert rc == 1
-    assert "params.finetune_spam.lr: expected float, got 'fast'" in err
+    assert message in err
     assert old.read_bytes() == b"earlier output"
 
 
@@ -109,22 +115,6 @@ def test_override_of_missing_key_is_an_error(project, capsys):
     assert rc == 1 and "no key 'baseline_spam.c'" in err
 
 
-def test_max_length_beyond_context(project, capsys):
-    edit_params(project, "pretrain", max_length=4096)
-    old = sentinel(project / "models" / "pretrained")
-    rc, err = run(["pretrain"], capsys)
-    assert rc == 1
-    assert "params.pretrain.max_length=4096 exceeds the context_length" in err
-    assert old.read_bytes() == b"earlier output"
-
-
-def test_unknown_pooling_stops_finetune_spam(project, capsys):
-    edit_params(project, "finetune_spam", pooling="max")
-    old = sentinel(project / "models" / "spam_classifier")
-    rc, err = run(["finetune_spam"], capsys)
-    assert rc == 1
-    assert "params.finetune_spam.pooling: expected one of last_real_token|mean, got 'max'" in err
-    assert old.read_bytes() == b"earlier output"
 
 
 def test_empty_corpus_list(project, capsys):
