@@ -42,6 +42,12 @@ from gptpkg.tokenizer import get_tokenizer  # noqa: E402
 from gptpkg.train import batches_of, classification_loss, fit, lm_loss, mean_loss  # noqa: E402
 
 
+def run_name(mode: str, sparse_embedding: str) -> str:
+    """`bucketed`, or `bucketed+dense_embedding` for the run without the row-sparse
+    embedding (`TrainConfig.sparse_embedding=false`: dense AdamW over all 50,257 rows)."""
+    return mode if sparse_embedding == "auto" else f"{mode}+dense_embedding"
+
+
 def padded_tokens(plan, lengths, collate_pad: int | None) -> int:
     return sum(len(b) * (collate_pad or max(lengths[i] for i in b)) for b in plan)
 
@@ -55,20 +61,22 @@ def spam(args, mirror: Path, tok) -> dict:
     base.set_trainable(args.trainable, 1)
     cfg = TrainConfig(lr=args.lr, warmup_steps=10, epochs=args.epochs, batch_size=args.batch_size,
                       eval_every=0, seed=args.seed, device="cpu", compile="false", beta2=0.999)
-    rates: dict[str, list[float]] = {m: [] for m in args.modes}
     out: dict = {"train_examples": len(lengths), "mean_length": statistics.mean(lengths),
                  "longest": max(lengths), "epochs": args.epochs, "batch_size": args.batch_size,
                  "preset": args.preset, "trainable": args.trainable}
+    runs = [(m, "auto") for m in args.modes] + [(m, "false") for m in args.modes if args.dense_embedding_too]
+    rates = {run_name(m, e): [] for m, e in runs}
     for rep in range(args.reps):
-        rep_cfg = replace(cfg, seed=args.seed + rep)  # each repetition its own batch order
-        for mode in args.modes:
+        for mode, emb in runs:
+            rep_cfg = replace(cfg, seed=args.seed + rep, sparse_embedding=emb)  # each repetition its own batch order
             plan, collate = _batching(mode, "finetune_spam", lengths, rep_cfg, classification_collate)
             model = copy.deepcopy(base)
             r = fit(model, sets["train"], collate, rep_cfg, loss_fn=classification_loss(), batch_plan=plan,
                     progress=False)
+            mode = run_name(mode, emb)
             rates[mode].append(r.examples_seen / r.wall_time_s)
             row = out.setdefault(mode, {})
-            row["padded_tokens_per_epoch"] = padded_tokens(plan(0), lengths, max(lengths) if mode == "pad_longest" else None)
+            row["padded_tokens_per_epoch"] = padded_tokens(plan(0), lengths, max(lengths) if mode.startswith("pad_longest") else None)
             for part in ("val", "test"):
                 acc = evaluate_classifier(model, sets[part], f"{part}_", 32)[f"{part}_accuracy"]
                 row.setdefault(f"{part}_accuracy", []).append(acc)
@@ -115,7 +123,7 @@ def speedups(out: dict, rates: dict[str, list[float]]) -> None:
         out[mode]["examples_per_s_all"] = rates[mode]
         for key in [k for k in out[mode] if isinstance(out[mode][k], list) and not k.endswith("_all")]:
             out[mode][f"{key}_mean"] = statistics.mean(out[mode][key])  # over the repetitions' seeds
-    for ref in ("pad_longest", "shuffled"):
+    for ref in ("pad_longest", "shuffled", "pad_longest+dense_embedding"):
         if ref in rates:
             for mode in rates:
                 out[mode][f"speedup_vs_{ref}"] = out[mode]["examples_per_s_median"] / out[ref]["examples_per_s_median"]
@@ -134,6 +142,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--instruct-examples", type=int, default=160, help="0 = skip the instruction comparison")
     p.add_argument("--instruct-max-length", type=int, default=256)
+    p.add_argument("--dense-embedding-too", action="store_true",
+                   help="also run each classifier mode with dense AdamW on the token embedding (the old path)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args()

@@ -119,8 +119,13 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16
     compile: str = "auto"  # auto (on CUDA) | true | false
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # auto: an untied, trainable token embedding (a classifier's) gets row-sparse
+    # gradients and RowSparseAdamW on CPU in one process without compile | false
+    sparse_embedding: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.sparse_embedding not in ("auto", "false"):
+            raise ConfigError(f"sparse_embedding must be auto|false, got {self.sparse_embedding!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto|fp32|bf16, got {self.precision!r}")
         if str(self.compile) not in ("auto", "true", "false", "True", "False"):

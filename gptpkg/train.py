@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import distributed
+from . import optim
 from .config import TrainConfig
 from .data import IGNORE_INDEX
 from .loggers import MetricLogger, NullLogger
@@ -108,9 +109,9 @@ def should_compile(setting: str, device: torch.device) -> bool:
     return setting == "true" or (setting == "auto" and device.type == "cuda")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, exclude: nn.Parameter | None = None) -> list[dict]:
     """Decay matrices (linear and embedding weights) only; not biases or norms."""
-    seen, decay, no_decay = set(), [], []
+    seen, decay, no_decay = {id(exclude)}, [], []
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -122,12 +123,37 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                   row_sparse: nn.Parameter | None = None) -> torch.optim.Optimizer | optim.OptimizerSet:
+    """AdamW, fused; with `row_sparse` (the token embedding, trained with sparse
+    gradients), that one matrix gets `RowSparseAdamW` (same decay) beside it."""
+    dense = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay, exclude=row_sparse), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
         # The fused kernel (one pass over each parameter) exists for CUDA and CPU.
         fused=device.type in ("cuda", "cpu"),
     )
+    if row_sparse is None:
+        return dense
+    rows = optim.RowSparseAdamW([row_sparse], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    return optim.OptimizerSet(dense, rows)
+
+
+def sparse_embedding(model: nn.Module, cfg: TrainConfig, device: torch.device, distributed_run: bool,
+                     compiled: bool) -> nn.Embedding | None:
+    """The token embedding to train with row-sparse gradients, or None.
+
+    Only when it pays and is safe: on CPU (measured there; GPUs keep fused dense AdamW),
+    in one process (DDP would all-reduce a dense gradient anyway), without
+    `torch.compile`, and when the embedding is trainable and not tied to the LM head
+    (a tied head's gradient fills every row; a classifier's head is its own).
+    """
+    emb = getattr(model, "tok_emb", None)
+    if cfg.sparse_embedding == "false" or device.type != "cpu" or distributed_run or compiled:
+        return None
+    if not isinstance(emb, nn.Embedding) or not emb.weight.requires_grad:
+        return None
+    shared = sum(p is emb.weight for _, p in model.named_parameters(remove_duplicate=False))
+    return emb if shared == 1 else None
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -316,21 +342,23 @@ def fit(
     model.to(device).train()
     plan = batch_plan or shuffled_batches(len(train_set), cfg.batch_size, cfg.seed)
     steps = total_steps(len(plan(0)), cfg)
-    optimizer = make_optimizer(model, cfg, device)
+    compiled = should_compile(cfg.compile, device)
+    emb = sparse_embedding(model, cfg, device, dist_ctx.enabled, compiled)
+    optimizer = make_optimizer(model, cfg, device, row_sparse=emb.weight if emb is not None else None)
 
     step, tokens, examples, history, elapsed0 = 0, 0, 0, [], 0.0
     state = ckpt.load_trainer_state(checkpoint_dir) if (resume and checkpoint_dir) else None
     if state is not None:
         saved, _ = ckpt.load_checkpoint(checkpoint_dir, map_location=device)
         ckpt._unwrap(model).load_state_dict(saved.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
+        optim.load_optimizer_state(optimizer, state["optimizer"])
         step, tokens, examples = int(state["step"]), int(state["tokens"]), int(state["examples"])
         history, elapsed0 = list(state["history"]), float(state["elapsed"])
         torch.set_rng_state(state["rng"])
     else:
         set_seed(cfg.seed + dist_ctx.rank)  # distinct dropout masks per rank
 
-    run_model = torch.compile(model) if should_compile(cfg.compile, device) else model
+    run_model = torch.compile(model) if compiled else model
     # After resume: DDP broadcasts rank 0's weights to every rank when it wraps.
     run_model = distributed.wrap(run_model, dist_ctx, device)
     micro = _micro_batches(plan, step * cfg.grad_accum_steps)
@@ -341,6 +369,7 @@ def fit(
         if not dist_ctx.is_main:
             distributed.barrier(dist_ctx)  # wait until rank 0 has written it
             return
+        optim.flush(optimizer)
         # The final checkpoint is a pipeline output: leave timings out of it, so the same
         # params and seed give byte-identical files (DVC then skips the stages below).
         elapsed = 0.0 if final else time.perf_counter() - t0 + elapsed0
@@ -360,6 +389,7 @@ def fit(
         if tokens_per_s is not None:
             row["tokens_per_s"] = tokens_per_s
         if eval_fn is not None:
+            optim.flush(optimizer)
             was = model.training
             model.eval()
             with torch.no_grad(), autocast(device, dtype):
@@ -370,55 +400,65 @@ def fit(
         logger.log({k: v for k, v in row.items() if k != "step"}, step=step)
         return row
 
-    t0 = time.perf_counter()
-    window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, time.perf_counter()
-    bar = tqdm(total=steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
-    while step < steps:
-        lr = lr_at(step, steps, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for k in range(cfg.grad_accum_steps):
-            idx = next(micro)
-            if dist_ctx.enabled:
-                idx = distributed.shard(idx, dist_ctx)
-            batch = to_device(collate([train_set[i] for i in idx]), device)
-            # DDP: average gradients across ranks only on the last micro-batch.
-            sync = k == cfg.grad_accum_steps - 1 or not dist_ctx.enabled
-            with (contextlib.nullcontext() if sync else run_model.no_sync()):
-                with autocast(device, dtype):
-                    loss, n_tok = loss_fn(run_model, batch)
-                (loss / cfg.grad_accum_steps).backward()
-            step_loss += loss.detach() / cfg.grad_accum_steps
-            tokens += n_tok * world  # every rank trains on an equal slice
-            window_tokens += n_tok * world
-            examples += batch["input_ids"].shape[0] * world
-        value = distributed.mean_across_ranks(step_loss, dist_ctx).item()
-        if not math.isfinite(value):
+    was_sparse = emb.sparse if emb is not None else False
+    if emb is not None:
+        emb.sparse = True  # its gradient: a sparse tensor over the batch's rows
+        watch = optimizer.optimizers[-1].watch(emb)  # rows owe decay until read
+    try:
+        t0 = time.perf_counter()
+        window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, time.perf_counter()
+        bar = tqdm(total=steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
+        while step < steps:
+            lr = lr_at(step, steps, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for k in range(cfg.grad_accum_steps):
+                idx = next(micro)
+                if dist_ctx.enabled:
+                    idx = distributed.shard(idx, dist_ctx)
+                batch = to_device(collate([train_set[i] for i in idx]), device)
+                # DDP: average gradients across ranks only on the last micro-batch.
+                sync = k == cfg.grad_accum_steps - 1 or not dist_ctx.enabled
+                with (contextlib.nullcontext() if sync else run_model.no_sync()):
+                    with autocast(device, dtype):
+                        loss, n_tok = loss_fn(run_model, batch)
+                    (loss / cfg.grad_accum_steps).backward()
+                step_loss += loss.detach() / cfg.grad_accum_steps
+                tokens += n_tok * world  # every rank trains on an equal slice
+                window_tokens += n_tok * world
+                examples += batch["input_ids"].shape[0] * world
+            value = distributed.mean_across_ranks(step_loss, dist_ctx).item()
+            if not math.isfinite(value):
+                optimizer.zero_grad(set_to_none=True)
+                raise TrainingDiverged(
+                    f"loss became {value} at step {step + 1} (lr {lr:.3g}); lower lr, raise "
+                    f"warmup_steps or keep grad_clip > 0. The last checkpoint "
+                    f"({checkpoint_dir or 'none'}) was left as it was."
+                )
+            if cfg.grad_clip > 0:
+                optim.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(
-                f"loss became {value} at step {step + 1} (lr {lr:.3g}); lower lr, raise "
-                f"warmup_steps or keep grad_clip > 0. The last checkpoint "
-                f"({checkpoint_dir or 'none'}) was left as it was."
-            )
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_loss += value
-        window_n += 1
-        now = time.perf_counter()
-        bar.update(1)
-        bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{window_tokens / max(now - window_t, 1e-9):.0f}")
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == steps:
-            evaluate(window_loss / window_n, window_tokens / max(now - window_t, 1e-9))
-            window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, time.perf_counter()
-        else:  # every optimizer step (W&B); the console logger prints eval rows only
-            logger.log({"step_loss": value, "lr": lr}, step=step)
-        if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != steps:
-            save(final=False)
-    bar.close()
+            step += 1
+            window_loss += value
+            window_n += 1
+            now = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{window_tokens / max(now - window_t, 1e-9):.0f}")
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == steps:
+                evaluate(window_loss / window_n, window_tokens / max(now - window_t, 1e-9))
+                window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, time.perf_counter()
+            else:  # every optimizer step (W&B); the console logger prints eval rows only
+                logger.log({"step_loss": value, "lr": lr}, step=step)
+            if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != steps:
+                save(final=False)
+        bar.close()
+    finally:
+        optim.flush(optimizer)
+        if emb is not None:
+            emb.sparse = was_sparse
+            watch.remove()
     if not history:  # resumed a finished run
         evaluate(None)
     wall = time.perf_counter() - t0 + elapsed0

@@ -1,0 +1,213 @@
+"""AdamW for a row-sparse token embedding, and gradient clipping that accepts it.
+
+Fine-tuning a classifier unties the token embedding from the head, so the embedding's
+gradient touches only the rows of tokens in the batch: a few hundred of 50,257. Dense
+AdamW still zero-fills, clips and updates every row, a fixed ~14 ms per step on this
+CPU for `cpu-mini`, as much as a whole bucketed step's forward and backward.
+
+`RowSparseAdamW` gives the same result as `torch.optim.AdamW` while touching only the
+rows that ever had a gradient. For a row that never had one, both moments are zero,
+so AdamW's update is 0 / (0 + eps) = 0 and the row only decays, `p *= 1 - lr * wd`,
+by the same factor as every other such row. That decay is owed, and paid just before
+a forward pass reads the row (a hook on the embedding), or by `flush()` (before every
+eval and checkpoint, and at the end of training). Rows that have had a gradient are
+updated every step, exactly as AdamW does, since their moments keep decaying.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from .errors import GptpkgError
+
+
+class RowSparseAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias-corrected moments) for 2-D parameters whose
+    gradients are sparse COO tensors over rows (`nn.Embedding(sparse=True)`); dense
+    gradients are taken too (every row then counts as touched).
+
+    Untouched rows owe the decay since their `stamp` (the running product of decay
+    factors when they were last brought up to date). `watch(embedding)` brings the rows
+    a forward pass is about to read up to date first, so the model always computes with
+    AdamW's weights; `flush()` brings every row up to date.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"RowSparseAdamW takes 2-D (rows, dim) parameters, got shape {tuple(p.shape)}")
+
+    def _state(self, p: torch.Tensor) -> dict:
+        st = self.state[p]
+        if not st:
+            st["step"] = 0
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["touched"] = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
+            st["decay"] = 1.0  # product of every step's 1 - lr * wd so far
+            st["stamp"] = torch.ones(p.shape[0], dtype=torch.float64, device=p.device)
+        return st
+
+    @torch.no_grad()
+    def _bring_up_to_date(self, p: torch.Tensor, rows: torch.Tensor) -> None:
+        """Apply to untouched `rows` of `p` the decay they owe."""
+        st = self._state(p)
+        rows = rows[~st["touched"][rows]]
+        if rows.numel() and st["decay"] != 1.0:
+            owed = st["decay"] / st["stamp"][rows]
+            p[rows] = p[rows] * owed.to(p.dtype).unsqueeze(1)
+            st["stamp"][rows] = st["decay"]
+
+    def watch(self, embedding: nn.Embedding):
+        """Before each forward of `embedding`, bring the rows it reads up to date.
+        Returns the hook handle (`.remove()` it when training ends)."""
+        weight = embedding.weight
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._bring_up_to_date(weight, torch.unique(args[0]))
+
+        return embedding.register_forward_pre_hook(hook)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:  # as AdamW: no gradient, no step
+                    continue
+                st = self._state(p)
+                grad = p.grad
+                if grad.is_sparse:
+                    grad = grad.coalesce()
+                    rows, values = grad.indices()[0], grad.values()
+                else:
+                    rows, values = torch.arange(p.shape[0], device=p.device), grad
+                touched = st["touched"]
+                self._bring_up_to_date(p, rows)  # a no-op for rows a watched forward read
+                touched[rows] = True
+                st["step"] += 1
+                t = st["step"]
+                every = bool(touched.all())
+                live = None if every else touched.nonzero().squeeze(1)
+                # This step's gradient on the touched rows (zero on those without one now).
+                g = torch.zeros((p.shape[0] if every else live.numel(), p.shape[1]), dtype=p.dtype, device=p.device)
+                at = rows if every else (torch.cumsum(touched, 0) - 1)[rows]
+                g.index_copy_(0, at, values.to(p.dtype))
+                if every:
+                    w, m, v = p.data, st["exp_avg"], st["exp_avg_sq"]
+                else:
+                    w, m, v = p.data[live], st["exp_avg"][live], st["exp_avg_sq"][live]
+                w.mul_(1 - lr * wd)
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+                w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+                if not every:
+                    p.data.index_copy_(0, live, w)
+                    st["exp_avg"].index_copy_(0, live, m)
+                    st["exp_avg_sq"].index_copy_(0, live, v)
+                st["decay"] *= 1 - lr * wd
+        return loss
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Bring every row up to date: the weights then equal AdamW's."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.state:
+                    self._bring_up_to_date(p, torch.arange(p.shape[0], device=p.device))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for st in self.state.values():  # the base class casts floating tensors to the param's dtype
+            st["touched"] = st["touched"].bool()
+            st["stamp"] = st["stamp"].double()
+
+
+class OptimizerSet:
+    """Several optimizers stepped as one. `fit` sets the learning rate on
+    `param_groups`, which lists every member's groups."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def flush(self) -> None:
+        for o in self.optimizers:
+            flush(o)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers],
+                "kinds": kinds(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
+
+
+def flush(optimizer) -> None:
+    """Bring lazily updated weights up to date (a no-op for other optimizers)."""
+    if isinstance(optimizer, (RowSparseAdamW, OptimizerSet)):
+        optimizer.flush()
+
+
+def kinds(optimizer) -> list[str]:
+    """The optimizer classes behind `optimizer` (an OptimizerSet's members)."""
+    members = optimizer.optimizers if isinstance(optimizer, OptimizerSet) else [optimizer]
+    return [type(o).__name__ for o in members]
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, with a clear error when the checkpoint was
+    written by another optimizer layout (e.g. a dense AdamW run resumed as row-sparse)."""
+    saved = list(state.get("kinds", ["AdamW"]))
+    if saved != kinds(optimizer):
+        raise GptpkgError(
+            f"the checkpoint's optimizer state was written by {saved}, this run uses {kinds(optimizer)}; "
+            f"resume on the device type, and with the trainable layers, the run started with"
+        )
+    optimizer.load_state_dict(state)
+
+
+def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` (L2, same total norm and factor) that also takes
+    sparse gradients; those are coalesced in place first (duplicate rows summed)."""
+    grads = []
+    for p in parameters:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            grads.append(p.grad.values())  # shares the coalesced tensor's storage
+        else:
+            grads.append(p.grad)
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.device))
+    return total

@@ -1,0 +1,143 @@
+"""Row-sparse AdamW for a classifier's token embedding: the same weights as AdamW."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from gptpkg import checkpoint as ckpt
+from gptpkg.config import TrainConfig, model_config
+from gptpkg.errors import GptpkgError
+from gptpkg.model import GPT
+from gptpkg.optim import OptimizerSet, RowSparseAdamW, clip_grad_norm_
+from gptpkg.train import classification_loss, fit, make_optimizer, sparse_embedding
+
+CPU = torch.device("cpu")
+
+
+def test_row_sparse_adamw_matches_adamw_with_decay_a_schedule_and_rows_joining_late():
+    torch.manual_seed(0)
+    ref = nn.Embedding(40, 6)
+    lazy = nn.Embedding(40, 6, sparse=True)
+    lazy.weight.data.copy_(ref.weight.data)
+    kw = dict(betas=(0.9, 0.95), weight_decay=0.3)
+    dense_opt = torch.optim.AdamW(ref.parameters(), lr=0.01, fused=True, **kw)
+    sparse_opt = RowSparseAdamW(lazy.parameters(), lr=0.01, **kw)
+    sparse_opt.watch(lazy)  # rows read by a forward are brought up to date first
+    # Rows 0-9 from the start, 20-24 from step 4, 30 only at step 9; 35-39 never.
+    batches = [torch.randint(0, 10, (3, 5)) for _ in range(4)]
+    batches += [torch.cat([torch.randint(0, 10, (3, 3)), torch.randint(20, 25, (3, 2))], 1) for _ in range(5)]
+    batches += [torch.tensor([[30, 1, 1]])] + [torch.randint(0, 25, (2, 4)) for _ in range(3)]
+    for i, idx in enumerate(batches):
+        lr = 0.01 * (1 + (i % 3))  # changing lr: the owed decay is a product, not a power
+        for opt in (dense_opt, sparse_opt):
+            opt.param_groups[0]["lr"] = lr
+        for emb, opt in ((ref, dense_opt), (lazy, sparse_opt)):
+            (emb(idx) ** 2).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert lazy.weight.grad is None
+    untouched = list(range(35, 40))
+    # Before flush, rows that never had a gradient still owe their decay ...
+    assert not torch.allclose(lazy.weight[untouched], ref.weight[untouched])
+    sparse_opt.flush()
+    # ... after it every row equals AdamW's.
+    torch.testing.assert_close(lazy.weight, ref.weight, rtol=1e-5, atol=1e-6)
+    st = sparse_opt.state[lazy.weight]
+    seen = set(torch.cat([b.flatten() for b in batches]).tolist())
+    assert set(st["touched"].nonzero().flatten().tolist()) == seen
+
+
+def test_clip_grad_norm_takes_sparse_gradients_like_torch_takes_dense_ones():
+    torch.manual_seed(1)
+    idx = torch.tensor([[1, 2, 2, 7]])
+    grads = {}
+    for sparse in (False, True):
+        torch.manual_seed(1)
+        emb, lin = nn.Embedding(9, 4, sparse=sparse), nn.Linear(4, 3)
+        lin(emb(idx)).pow(2).sum().backward()
+        params = list(emb.parameters()) + list(lin.parameters())
+        if sparse:
+            total = clip_grad_norm_(params, 0.5)
+        else:
+            total = torch.nn.utils.clip_grad_norm_(params, 0.5)
+        grads[sparse] = (total, emb.weight.grad.to_dense(), lin.weight.grad.clone())
+    torch.testing.assert_close(grads[True][0], grads[False][0])
+    assert grads[True][0] > 0.5  # the clip did scale
+    torch.testing.assert_close(grads[True][1], grads[False][1])
+    torch.testing.assert_close(grads[True][2], grads[False][2])
+
+
+def _classifier(seed=5):
+    torch.manual_seed(seed)
+    return GPT(model_config("tiny", drop_rate=0.0)).to_classifier(2)
+
+
+def _texts():
+    g = torch.Generator().manual_seed(3)
+    # Tokens from a small part of the vocabulary: most embedding rows never get a gradient.
+    return [{"input_ids": torch.randint(100, 400, (int(n),), generator=g), "label": int(i % 2)}
+            for i, n in enumerate(torch.randint(3, 12, (24,), generator=g))]
+
+
+def _collate(items):
+    n = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), n), 50256)
+    for r, it in enumerate(items):
+        ids[r, : len(it["input_ids"])] = it["input_ids"]
+    return {"input_ids": ids, "lengths": torch.tensor([len(it["input_ids"]) for it in items]),
+            "labels": torch.tensor([it["label"] for it in items])}
+
+
+def test_fit_gives_a_classifier_the_same_weights_with_the_row_sparse_embedding():
+    cfg = TrainConfig(lr=3e-3, warmup_steps=2, epochs=0, max_steps=10, batch_size=4, eval_every=5, seed=7,
+                      device="cpu", compile="false", weight_decay=0.1, grad_clip=1.0, grad_accum_steps=2)
+    models = {}
+    for mode in ("auto", "false"):
+        model = _classifier()
+        assert (sparse_embedding(model, TrainConfig(sparse_embedding=mode), CPU, False, False) is not None) == (mode == "auto")
+        fit(model, _texts(), _collate, TrainConfig(**{**cfg.__dict__, "sparse_embedding": mode}),
+            loss_fn=classification_loss([1.0, 2.0]), progress=False)
+        assert model.tok_emb.sparse is False  # restored after training
+        models[mode] = model
+    sparse, dense = models["auto"].state_dict(), models["false"].state_dict()
+    assert not torch.equal(sparse["tok_emb.weight"], _classifier().state_dict()["tok_emb.weight"])
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_only_an_untied_trainable_embedding_on_one_cpu_process_is_row_sparse():
+    cfg = TrainConfig()
+    lm = GPT(model_config("tiny"))  # tied head: its gradient fills every row
+    assert sparse_embedding(lm, cfg, CPU, False, False) is None
+    clf = _classifier()
+    assert sparse_embedding(clf, cfg, CPU, False, False) is clf.tok_emb
+    assert sparse_embedding(clf, cfg, torch.device("cuda"), False, False) is None
+    assert sparse_embedding(clf, cfg, CPU, True, False) is None  # DDP
+    assert sparse_embedding(clf, cfg, CPU, False, True) is None  # torch.compile
+    clf.set_trainable("head")
+    assert sparse_embedding(clf, cfg, CPU, False, False) is None
+    opt = make_optimizer(_classifier(), cfg, CPU, row_sparse=_classifier().tok_emb.weight)
+    assert isinstance(opt, OptimizerSet)
+
+
+def test_resume_with_another_optimizer_layout_is_a_clear_error(tmp_path):
+    cfg = dict(lr=3e-3, warmup_steps=0, epochs=0, max_steps=4, batch_size=4, eval_every=0, seed=7,
+               device="cpu", compile="false", checkpoint_every=2)
+    model = _classifier()
+    fit(model, _texts(), _collate, TrainConfig(**cfg), loss_fn=classification_loss(), checkpoint_dir=tmp_path,
+        progress=False)
+    state = ckpt.load_trainer_state(tmp_path)
+    assert state["optimizer"]["kinds"] == ["AdamW", "RowSparseAdamW"]
+    # The same layout resumes (a finished run: nothing left to do) ...
+    fit(_classifier(), _texts(), _collate, TrainConfig(**{**cfg, "max_steps": 6}), loss_fn=classification_loss(),
+        checkpoint_dir=tmp_path, resume=True, progress=False)
+    # ... a dense-embedding run does not, and says why.
+    with pytest.raises(GptpkgError, match=r"written by \['AdamW', 'RowSparseAdamW'\].*uses \['AdamW'\]"):
+        fit(_classifier(), _texts(), _collate, TrainConfig(**{**cfg, "max_steps": 8, "sparse_embedding": "false"}),
+            loss_fn=classification_loss(), checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_sparse_embedding_setting_is_checked():
+    from gptpkg.config import ConfigError
+    with pytest.raises(ConfigError, match="sparse_embedding must be auto|false"):
+        TrainConfig(sparse_embedding="yes")
