@@ -29,6 +29,7 @@ class RowSparseAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected moments) for 2-D parameters whose
     gradients are sparse COO tensors over rows (`nn.Embedding(sparse=True)`); dense
     gradients are taken too (every row then counts as touched).
+    Rows "touched" are those that have had a gradient at some step.
 
     Untouched rows owe the decay since their `stamp` (the running product of decay
     factors when they were last brought up to date). `watch(embedding)` brings the rows
@@ -48,9 +49,13 @@ class RowSparseAdamW(torch.optim.Optimizer):
         st = self.state[p]
         if not st:
             st["step"] = 0
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["touched"] = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
+            # Moments of touched rows, packed: slot i holds row rows_by_slot[i], so the
+            # update reads and writes them without a gather or scatter.
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            st["slot"] = torch.full((p.shape[0],), -1, dtype=torch.long, device=p.device)
+            st["rows_by_slot"] = torch.empty(p.shape[0], dtype=torch.long, device=p.device)
+            st["n_touched"] = 0
             st["decay"] = 1.0  # product of every step's 1 - lr * wd so far
             st["stamp"] = torch.ones(p.shape[0], dtype=torch.float64, device=p.device)
         return st
@@ -59,7 +64,7 @@ class RowSparseAdamW(torch.optim.Optimizer):
     def _bring_up_to_date(self, p: torch.Tensor, rows: torch.Tensor) -> None:
         """Apply to untouched `rows` of `p` the decay they owe."""
         st = self._state(p)
-        rows = rows[~st["touched"][rows]]
+        rows = rows[st["slot"][rows] < 0]
         if rows.numel() and st["decay"] != 1.0:
             owed = st["decay"] / st["stamp"][rows]
             p[rows] = p[rows] * owed.to(p.dtype).unsqueeze(1)
@@ -94,30 +99,27 @@ class RowSparseAdamW(torch.optim.Optimizer):
                     rows, values = grad.indices()[0], grad.values()
                 else:
                     rows, values = torch.arange(p.shape[0], device=p.device), grad
-                touched = st["touched"]
                 self._bring_up_to_date(p, rows)  # a no-op for rows a watched forward read
-                touched[rows] = True
+                slot = st["slot"]
+                new = rows[slot[rows] < 0]
+                n = st["n_touched"]
+                if new.numel():
+                    slot[new] = torch.arange(n, n + new.numel(), device=p.device)
+                    st["rows_by_slot"][n: n + new.numel()] = new
+                    n = st["n_touched"] = n + new.numel()
                 st["step"] += 1
                 t = st["step"]
-                every = bool(touched.all())
-                live = None if every else touched.nonzero().squeeze(1)
+                live = st["rows_by_slot"][:n]
                 # This step's gradient on the touched rows (zero on those without one now).
-                g = torch.zeros((p.shape[0] if every else live.numel(), p.shape[1]), dtype=p.dtype, device=p.device)
-                at = rows if every else (torch.cumsum(touched, 0) - 1)[rows]
-                g.index_copy_(0, at, values.to(p.dtype))
-                if every:
-                    w, m, v = p.data, st["exp_avg"], st["exp_avg_sq"]
-                else:
-                    w, m, v = p.data[live], st["exp_avg"][live], st["exp_avg_sq"][live]
+                g = torch.zeros((n, p.shape[1]), dtype=p.dtype, device=p.device)
+                g.index_copy_(0, slot[rows], values.to(p.dtype))
+                w, m, v = p.data[live], st["exp_avg"][:n], st["exp_avg_sq"][:n]
                 w.mul_(1 - lr * wd)
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
                 w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
-                if not every:
-                    p.data.index_copy_(0, live, w)
-                    st["exp_avg"].index_copy_(0, live, m)
-                    st["exp_avg_sq"].index_copy_(0, live, v)
+                p.data.index_copy_(0, live, w)
                 st["decay"] *= 1 - lr * wd
         return loss
 
@@ -131,9 +133,9 @@ class RowSparseAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        for st in self.state.values():  # the base class casts floating tensors to the param's dtype
-            st["touched"] = st["touched"].bool()
+        for st in self.state.values():  # the base class casts every tensor to a float param's dtype
             st["stamp"] = st["stamp"].double()
+            st["slot"], st["rows_by_slot"] = st["slot"].long(), st["rows_by_slot"].long()
 
 
 class OptimizerSet:

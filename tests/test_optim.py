@@ -44,7 +44,7 @@ def test_row_sparse_adamw_matches_adamw_with_decay_a_schedule_and_rows_joining_l
     torch.testing.assert_close(lazy.weight, ref.weight, rtol=1e-5, atol=1e-6)
     st = sparse_opt.state[lazy.weight]
     seen = set(torch.cat([b.flatten() for b in batches]).tolist())
-    assert set(st["touched"].nonzero().flatten().tolist()) == seen
+    assert set((st["slot"] >= 0).nonzero().flatten().tolist()) == seen == set(st["rows_by_slot"][: st["n_touched"]].tolist())
 
 
 def test_clip_grad_norm_takes_sparse_gradients_like_torch_takes_dense_ones():
@@ -120,21 +120,38 @@ def test_only_an_untied_trainable_embedding_on_one_cpu_process_is_row_sparse():
     assert isinstance(opt, OptimizerSet)
 
 
-def test_resume_with_another_optimizer_layout_is_a_clear_error(tmp_path):
-    cfg = dict(lr=3e-3, warmup_steps=0, epochs=0, max_steps=4, batch_size=4, eval_every=0, seed=7,
-               device="cpu", compile="false", checkpoint_every=2)
-    model = _classifier()
-    fit(model, _texts(), _collate, TrainConfig(**cfg), loss_fn=classification_loss(), checkpoint_dir=tmp_path,
-        progress=False)
+def test_an_interrupted_row_sparse_run_resumes_to_the_same_weights_and_refuses_another_layout(tmp_path):
+    cfg = dict(lr=3e-3, warmup_steps=0, epochs=0, max_steps=8, batch_size=4, eval_every=4, seed=7,
+               device="cpu", compile="false")
+    full = _classifier()
+    fit(full, _texts(), _collate, TrainConfig(**cfg), loss_fn=classification_loss(), progress=False)
+
+    class Interrupted(Exception):
+        pass
+
+    calls = {"n": 0}
+
+    def dying_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise Interrupted
+        return classification_loss()(model, batch)
+
+    with pytest.raises(Interrupted):
+        fit(_classifier(), _texts(), _collate, TrainConfig(**{**cfg, "checkpoint_every": 4}), loss_fn=dying_loss,
+            checkpoint_dir=tmp_path, progress=False)
     state = ckpt.load_trainer_state(tmp_path)
-    assert state["optimizer"]["kinds"] == ["AdamW", "RowSparseAdamW"]
-    # The same layout resumes (a finished run: nothing left to do) ...
-    fit(_classifier(), _texts(), _collate, TrainConfig(**{**cfg, "max_steps": 6}), loss_fn=classification_loss(),
-        checkpoint_dir=tmp_path, resume=True, progress=False)
-    # ... a dense-embedding run does not, and says why.
+    assert state["step"] == 4 and state["optimizer"]["kinds"] == ["AdamW", "RowSparseAdamW"]
+    # A dense-embedding run cannot take this optimizer state, and says why ...
     with pytest.raises(GptpkgError, match=r"written by \['AdamW', 'RowSparseAdamW'\].*uses \['AdamW'\]"):
-        fit(_classifier(), _texts(), _collate, TrainConfig(**{**cfg, "max_steps": 8, "sparse_embedding": "false"}),
+        fit(_classifier(), _texts(), _collate, TrainConfig(**{**cfg, "sparse_embedding": "false"}),
             loss_fn=classification_loss(), checkpoint_dir=tmp_path, resume=True, progress=False)
+    # ... the same layout continues to the uninterrupted run's weights.
+    resumed = _classifier(seed=99)
+    fit(resumed, _texts(), _collate, TrainConfig(**cfg), loss_fn=classification_loss(), checkpoint_dir=tmp_path,
+        resume=True, progress=False)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 def test_sparse_embedding_setting_is_checked():
