@@ -9,6 +9,7 @@ from gptpkg.config import TrainConfig, model_config
 from gptpkg.errors import GptpkgError
 from gptpkg.model import GPT
 from gptpkg.optim import OptimizerSet, RowSparseAdamW, clip_grad_norm_
+from helpers import Interrupted, dying
 from gptpkg.train import classification_loss, fit, make_optimizer, sparse_embedding
 
 CPU = torch.device("cpu")
@@ -126,20 +127,9 @@ def test_an_interrupted_row_sparse_run_resumes_to_the_same_weights_and_refuses_a
     full = _classifier()
     fit(full, _texts(), _collate, TrainConfig(**cfg), loss_fn=classification_loss(), progress=False)
 
-    class Interrupted(Exception):
-        pass
-
-    calls = {"n": 0}
-
-    def dying_loss(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise Interrupted
-        return classification_loss()(model, batch)
-
-    with pytest.raises(Interrupted):
-        fit(_classifier(), _texts(), _collate, TrainConfig(**{**cfg, "checkpoint_every": 4}), loss_fn=dying_loss,
-            checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(Interrupted):  # killed during step 6, after the checkpoint of step 4
+        fit(_classifier(), _texts(), _collate, TrainConfig(**{**cfg, "checkpoint_every": 4}),
+            loss_fn=dying(classification_loss(), 6), checkpoint_dir=tmp_path, progress=False)
     state = ckpt.load_trainer_state(tmp_path)
     assert state["step"] == 4 and state["optimizer"]["kinds"] == ["AdamW", "RowSparseAdamW"]
     # A dense-embedding run cannot take this optimizer state, and says why ...

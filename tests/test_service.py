@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import httpx
 import pytest
 
 from gptpkg.onnx_classifier import FP32_FILE, OnnxSpamClassifier
+from helpers import stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 BENTOML = str(Path(sys.executable).parent / "bentoml")
@@ -45,13 +45,7 @@ def start(env: dict[str, str], port: int) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    stop_group(proc, timeout=20)
     return proc.stdout.read() if proc.stdout else ""
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gptpkg import checkpoint as ckpt
+from helpers import Interrupted, dying
 from gptpkg.config import TrainConfig, model_config
 from gptpkg.data import TokenWindows
 from gptpkg.model import GPT
@@ -58,20 +59,9 @@ def test_resume_continues_from_the_saved_step_with_the_same_optimizer_state(verd
     ref = fit(full, data, collate, cfg(max_steps=10, eval_every=5), progress=False)
 
     # an interrupted run: same schedule, checkpoint every 5 steps, killed during step 7
-    class Interrupted(Exception):
-        pass
-
-    calls = {"n": 0}
-
-    def dying_loss(m, batch):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise Interrupted
-        return lm_loss(m, batch)
-
     with pytest.raises(Interrupted):
         fit(tiny_model(), data, collate, cfg(max_steps=10, eval_every=5, checkpoint_every=5),
-            loss_fn=dying_loss, checkpoint_dir=tmp_path / "ck", progress=False)
+            loss_fn=dying(lm_loss, 7), checkpoint_dir=tmp_path / "ck", progress=False)
     state = ckpt.load_trainer_state(tmp_path / "ck")
     assert state["step"] == 5 and state["optimizer"]["state"]
 

@@ -378,6 +378,7 @@ def test_dagster_dev_shows_every_asset_in_headless_chromium(tmp_path):
     import urllib.request
 
     from cdp import Browser, find_chromium
+    from helpers import stop_group
 
     if find_chromium() is None:
         if os.environ.get("CI"):
@@ -439,9 +440,5 @@ def test_dagster_dev_shows_every_asset_in_headless_chromium(tmp_path):
     finally:
         if browser is not None:
             browser.close()
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_group(server, signal.SIGINT, timeout=60)
         log.close()

@@ -3,6 +3,7 @@ A check exists only when its stage is in dvc.yaml."""
 
 
 import math
+from typing import Callable
 
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, AssetChecksDefinition, asset_check
 
@@ -25,6 +26,17 @@ def _num(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
+def _compare(rel: str, figures: dict[str, float | None], passed: Callable[..., bool], severity,
+             description: str) -> AssetCheckResult:
+    """A check on two or more named figures (its metadata): fails naming the missing ones,
+    else `passed(*values)` decides; `description` is formatted with the values."""
+    if any(v is None for v in figures.values()):
+        return _missing(rel, [k for k, v in figures.items() if v is None], severity)
+    values = list(figures.values())
+    return AssetCheckResult(passed=bool(passed(*values)), severity=severity,
+                            description=description.format(*values), metadata=figures)
+
+
 def build_checks(stages: list[Stage]) -> list[AssetChecksDefinition]:
     by = {s.name: s for s in stages}
     checks: list[AssetChecksDefinition] = []
@@ -34,13 +46,9 @@ def build_checks(stages: list[Stage]) -> list[AssetChecksDefinition]:
                      description="pretraining reduced the validation loss: final val_loss is finite and below initial_val_loss")
         def val_loss_below_initial(context: AssetCheckExecutionContext, dvc: DvcWorkspace) -> AssetCheckResult:
             m, rel = _metrics(dvc, by["pretrain"])
-            init, final = _num((m or {}).get("initial_val_loss")), _num((m or {}).get("val_loss"))
-            if init is None or final is None:
-                return _missing(rel, ["initial_val_loss", "val_loss"])
-            ok = math.isfinite(final) and final < init
-            return AssetCheckResult(passed=ok, severity=AssetCheckSeverity.ERROR,
-                                    description=f"val_loss {final:.4f} vs initial {init:.4f}",
-                                    metadata={"val_loss": final, "initial_val_loss": init})
+            figures = {k: _num((m or {}).get(k)) for k in ("val_loss", "initial_val_loss")}
+            return _compare(rel, figures, lambda final, init: math.isfinite(final) and final < init,
+                            AssetCheckSeverity.ERROR, "val_loss {:.4f} vs initial {:.4f}")
         checks.append(val_loss_below_initial)
 
     if "finetune_spam" in by:
@@ -63,12 +71,10 @@ def build_checks(stages: list[Stage]) -> list[AssetChecksDefinition]:
             def accuracy_at_least_baseline(context: AssetCheckExecutionContext, dvc: DvcWorkspace) -> AssetCheckResult:
                 m, rel = _metrics(dvc, by["finetune_spam"])
                 b, brel = _metrics(dvc, by["baseline_spam"])
-                acc, base = _num((m or {}).get("test_accuracy")), _num((b or {}).get("test_accuracy"))
-                if acc is None or base is None:
-                    return _missing(f"{rel} / {brel}", ["test_accuracy"], AssetCheckSeverity.WARN)
-                return AssetCheckResult(passed=acc >= base, severity=AssetCheckSeverity.WARN,
-                                        description=f"test accuracy {acc:.4f} vs TF-IDF baseline {base:.4f}",
-                                        metadata={"test_accuracy": acc, "baseline_test_accuracy": base})
+                figures = {"test_accuracy": _num((m or {}).get("test_accuracy")),
+                           "baseline_test_accuracy": _num((b or {}).get("test_accuracy"))}
+                return _compare(f"{rel} / {brel}", figures, lambda acc, base: acc >= base, AssetCheckSeverity.WARN,
+                                "test accuracy {:.4f} vs TF-IDF baseline {:.4f}")
             checks.append(accuracy_at_least_baseline)
 
     if "export_onnx" in by:
