@@ -140,7 +140,9 @@ def _get(data: dict, file: str, key: str):
 
 
 def rows_from_exp_show(show: list[dict]) -> list[dict]:
-    """One row per experiment named in LEVERS, from `dvc exp show --json -A`."""
+    """One row per lever of LEVERS, from `dvc exp show --json -A`. A lever run on several
+    commits (e.g. before and after cv_folds existed) is the run with CV figures if one
+    has them, then the latest."""
     names = {exp_name(n): n for n in LEVERS}
     rows = []
     for commit in show:
@@ -167,9 +169,16 @@ def rows_from_exp_show(show: list[dict]) -> list[dict]:
                          "baseline_test_accuracy": base("test_accuracy"),
                          "baseline_traffic_accuracy": base("heldout_traffic_accuracy"),
                          "baseline_traffic_spam_f1": base("heldout_traffic_spam_f1"),
-                         "minutes": (secs - cv_s) / 60, "cv_minutes": cv_s / 60})
+                         "minutes": (secs - cv_s) / 60, "cv_minutes": cv_s / 60,
+                         "timestamp": d.get("timestamp") or ""})
+    best: dict[str, dict] = {}
+    for r in rows:
+        rank = (r["cv_balanced_accuracy"] is not None, r["timestamp"])
+        if r["lever"] not in best or rank > (best[r["lever"]]["cv_balanced_accuracy"] is not None,
+                                             best[r["lever"]]["timestamp"]):
+            best[r["lever"]] = r
     order = list(LEVERS)
-    return sorted(rows, key=lambda r: order.index(r["lever"]))
+    return sorted(best.values(), key=lambda r: order.index(r["lever"]))
 
 
 def choose(rows: list[dict]) -> dict | None:

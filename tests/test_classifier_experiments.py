@@ -39,7 +39,7 @@ def test_every_override_names_a_real_params_key(ce):
 
 
 def _exp(name: str, val: float, test: float, pre_s: float, ft_s: float, cv_bal: float | None = None,
-         cv_s: float | None = None) -> dict:
+         cv_s: float | None = None, ts: str = "2026-11-24T03:00:00") -> dict:
     m = lambda d: {"data": d}  # noqa: E731
     ft = {"val_accuracy": val, "test_accuracy": test, "test_spam_f1": 0.9,
           "heldout_traffic_accuracy": 0.99, "heldout_traffic_spam_f1": 0.95}
@@ -47,7 +47,7 @@ def _exp(name: str, val: float, test: float, pre_s: float, ft_s: float, cv_bal: 
     if cv_bal is not None:
         ft.update(cv_folds=5, cv_balanced_accuracy=cv_bal, cv_accuracy=0.985, cv_spam_f1=0.93)
         runtime["cv_wall_time_s"] = cv_s
-    return {"revs": [{"rev": "abc", "name": name, "data": {"metrics": {
+    return {"revs": [{"rev": "abc", "name": name, "data": {"timestamp": ts, "metrics": {
         "metrics/finetune_spam.json": m(ft),
         "metrics/baseline_spam.json": m({"test_accuracy": 0.9667, "heldout_traffic_accuracy": 0.97,
                                          "heldout_traffic_spam_f1": 0.8}),
@@ -94,3 +94,12 @@ def test_seed_and_baseline_rows_and_rows_without_cv_are_not_candidates(ce):
     rows = _rows(ce, {"defaults": 0.95, "seed=2": 0.99, "baseline_spam.train_data=all": 0.99, "epochs=4": None})
     assert ce.choose(rows)["lever"] == "defaults"
     assert ce.choose(_rows(ce, {"epochs=4": None})) is None
+
+
+def test_a_lever_run_on_several_commits_is_its_cv_run_then_the_latest(ce):
+    name = ce.exp_name("epochs=4")
+    show = [{"rev": "old", "experiments": [_exp(name, 0.9, 0.9, 1.0, 1.0, ts="2026-11-24T05:00:00")]},
+            {"rev": "new", "experiments": [_exp(name, 0.8, 0.8, 1.0, 2.0, cv_bal=0.95, cv_s=1.0, ts="2026-11-24T03:00:00"),
+                                           _exp(name, 0.7, 0.7, 1.0, 2.0, cv_bal=0.96, cv_s=1.0, ts="2026-11-24T04:00:00")]}]
+    rows = ce.rows_from_exp_show(show)
+    assert len(rows) == 1 and rows[0]["cv_balanced_accuracy"] == 0.96 and rows[0]["val_accuracy"] == 0.7
