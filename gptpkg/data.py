@@ -157,6 +157,53 @@ class ClassificationDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         return {"input_ids": self.ids[i], "label": self.labels[i]}
 
+    def subset(self, indices: Sequence[int]) -> "ClassificationDataset":
+        """The items at `indices`, in that order (already tokenized: no second encode)."""
+        if not indices:
+            raise DataError("classification subset is empty")
+        out = object.__new__(type(self))
+        out.labels = [self.labels[i] for i in indices]
+        out.ids = [self.ids[i] for i in indices]
+        out.max_length = self.max_length
+        return out
+
+
+def stratified_group_folds(labels: Sequence[int], groups: Sequence, k: int, seed: int) -> list[list[int]]:
+    """`k` disjoint folds of the indices 0..n-1 that together cover them, for k-fold
+    cross-validation: items of one group (e.g. the same message text, which the SMS
+    collection holds up to a dozen times) always share a fold, so no held-out text is
+    also trained on; each class is spread over the folds as evenly as its groups allow.
+
+    Deterministic from `seed`: per class (in label order) the groups are shuffled, then
+    placed largest first, each into the fold holding the fewest items of that class so
+    far (ties: the lowest fold). A group takes its first item's label. Each fold is
+    sorted. Raises DataError if a class has fewer groups than `k` (a fold would miss it).
+    """
+    if len(labels) != len(groups):
+        raise ValueError(f"need one group per label, got {len(labels)} labels and {len(groups)} groups")
+    if k < 2:
+        raise ValueError(f"k-fold cross-validation needs k >= 2, got {k}")
+    members: dict = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    by_class: dict[int, list] = {}
+    for g, idx in members.items():
+        by_class.setdefault(int(labels[idx[0]]), []).append(g)
+    rng = random.Random(seed)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for label in sorted(by_class):
+        gs = by_class[label]
+        if len(gs) < k:
+            raise DataError(f"label {label} has {len(gs)} distinct item group(s), fewer than k={k} folds")
+        rng.shuffle(gs)
+        gs.sort(key=lambda g: -len(members[g]))  # stable: equal sizes keep the shuffled order
+        count = [0] * k
+        for g in gs:
+            f = min(range(k), key=lambda j: (count[j], j))
+            folds[f] += members[g]
+            count[f] += len(members[g])
+    return [sorted(f) for f in folds]
+
 
 def classification_collate(items: list[dict], pad_to: int | None = None, pad_id: int = PAD_ID) -> dict:
     """Right-pad to the longest item (or to `pad_to`, as the book does) and keep lengths."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -14,15 +16,15 @@ from .checkpoint import atomic_write_text, load_checkpoint
 from .config import POOLINGS, ConfigError, model_config
 from .data import (
     SPAM_LABELS, ClassificationDataset, InstructionDataset, classification_collate,
-    format_prompt, instruction_collate,
+    format_prompt, instruction_collate, stratified_group_folds,
 )
 from .generate import generate_text
 from .loggers import MetricLogger
-from .metrics import classification_metrics
+from .metrics import at_spam_share, classification_metrics
 from .model import GPT
 from .stages import (
     InstructConfig, SpamConfig, heldout_full_rows, mirror_of, paths_of, read_spam_split, spam_train_rows,
-    stage_config, traffic_metrics,
+    stage_config, text_key, traffic_metrics,
 )
 from .tokenizer import PAD_ID, get_tokenizer
 from .train import (
@@ -85,11 +87,46 @@ def evaluate_classifier(model: GPT, dataset, prefix: str, batch_size: int = 32, 
     return classification_metrics(dataset.labels, [int(p > 0.5) for p in probs], prefix)
 
 
+def cross_validate(init: GPT, dataset: ClassificationDataset, texts: list[str], k: int, seed: int,
+                   train_fn: Callable[[GPT, ClassificationDataset, str], Any],
+                   predict_fn: Callable[[GPT, ClassificationDataset], list[float]]) -> dict[str, Any]:
+    """k-fold cross-validation on `dataset` (the training messages, `texts` their texts):
+    per fold, a copy of `init` (the model a fine-tuning starts from) is trained by
+    `train_fn` on the other folds and predicts the held-out fold. The held-out
+    predictions are pooled into cv_* metrics: accuracy, spam precision/recall/F1, the
+    confusion matrix, and the balanced accuracy (the mean of ham and spam recall: the
+    accuracy at 50% spam, the book's balanced test mix). Folds are stratified by label
+    and keep identical texts together (`stratified_group_folds`, seeded by `seed`)."""
+    folds = stratified_group_folds(dataset.labels, [text_key(t) for t in texts], k, seed)
+    pred = [-1] * len(dataset)
+    for i, held in enumerate(folds):
+        held_set = set(held)
+        model = copy.deepcopy(init)
+        train_fn(model, dataset.subset([j for j in range(len(dataset)) if j not in held_set]), f"cv fold {i + 1}/{k}")
+        for j, p in zip(held, predict_fn(model, dataset.subset(held))):
+            pred[j] = int(p > 0.5)
+        del model
+        print(f"finetune_spam: cv fold {i + 1}/{k} trained on {len(dataset) - len(held)}, "
+              f"predicted {len(held)} held-out messages", flush=True)
+    assert -1 not in pred, "the folds must cover every training message"
+    out = classification_metrics(dataset.labels, pred, "cv_")
+    out["cv_balanced_accuracy"] = at_spam_share(out["cv_confusion"], 0.5)["accuracy"]
+    out["cv_folds"] = k
+    return out
+
+
+def check_cv_folds(value: int) -> None:
+    if value != 0 and value < 2:
+        raise ConfigError(f"params.finetune_spam.cv_folds: expected 0 (off) or an integer >= 2 "
+                          f"(the number of folds), got {value!r}")
+
+
 def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     paths = paths_of(params)
     cfg, train = stage_config(params, "finetune_spam", SpamConfig)
     if cfg.pooling not in POOLINGS:
         raise ConfigError(f"params.finetune_spam.pooling: expected one of {'|'.join(POOLINGS)}, got {cfg.pooling!r}")
+    check_cv_folds(cfg.cv_folds)
     set_seed(train.seed)
     model = initial_model(cfg.init, "finetune_spam", paths.pretrained, cfg.openai_weights, cfg.model)
     if cfg.max_length > model.cfg.context_length:
@@ -103,10 +140,19 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
     rows = {p: read_spam_split(paths, p) for p in ("val", "test")}
     rows["train"] = spam_train_rows(paths, cfg.train_data, "params.finetune_spam")
     rows["heldout_full"] = heldout_full_rows(paths, rows["train"])
+    if cfg.cv_folds:  # before any training: more folds than distinct texts of a class
+        distinct = [len({text_key(t) for t, y in rows["train"] if y == label}) for label in range(len(SPAM_LABELS))]
+        if cfg.cv_folds > min(distinct):
+            raise ConfigError(
+                f"params.finetune_spam.cv_folds={cfg.cv_folds}: expected at most {min(distinct)} folds: the "
+                f"{len(rows['train'])} training messages hold "
+                + " and ".join(f"{n} distinct {name}" for n, name in zip(distinct, SPAM_LABELS))
+                + " texts (a fold needs one of each)")
     sets = {p: ClassificationDataset(r, tok, cfg.max_length) for p, r in rows.items()}
     device = resolve_device(train.device)
     dtype = autocast_dtype(train.precision, device)
     model.to(device)
+    init = copy.deepcopy(model) if cfg.cv_folds else None  # every CV fold starts from this
     loss_fn = classification_loss(cfg.class_weights)
     val_batches = batches_of(sets["val"], classification_collate, train.batch_size)
 
@@ -115,13 +161,16 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
         return {"val_loss": mean_loss(m, val_batches, loss_fn, device, 0, dtype),
                 "val_accuracy": acc["val_accuracy"]}
 
-    lengths = [len(ids) for ids in sets["train"].ids]
-    plan, collate = _batching(cfg.batching, "finetune_spam", lengths, train, classification_collate)
+    def train_classifier(m: GPT, dataset: ClassificationDataset, desc: str, **fit_kw):
+        """The one training setup: the final model and every CV fold go through it."""
+        lengths = [len(ids) for ids in dataset.ids]
+        plan, collate = _batching(cfg.batching, "finetune_spam", lengths, train, classification_collate)
+        return fit(m, dataset, collate, train, loss_fn=loss_fn, batch_plan=plan, progress=progress, desc=desc, **fit_kw)
+
     meta = {"stage": "finetune_spam", "train_data": cfg.train_data, "labels": list(SPAM_LABELS), "max_length": cfg.max_length,
             "pad_id": PAD_ID, "pooling": cfg.pooling, "tokenizer": "gpt2"}
-    result = fit(model, sets["train"], collate, train, loss_fn=loss_fn, eval_fn=evaluate, batch_plan=plan,
-                 checkpoint_dir=paths.spam_classifier, resume=resume, logger=logger, meta=meta,
-                 progress=progress, desc="finetune_spam")
+    result = train_classifier(model, sets["train"], "finetune_spam", eval_fn=evaluate,
+                              checkpoint_dir=paths.spam_classifier, resume=resume, logger=logger, meta=meta)
     metrics: dict[str, Any] = {"steps": result.steps, "wall_time_s": result.wall_time_s,
                                "examples_per_s": result.examples_seen / max(result.wall_time_s, 1e-9),
                                "n_trainable_params": model.num_params(trainable_only=True),
@@ -129,6 +178,13 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
     for part, ds in sets.items():
         metrics.update(evaluate_classifier(model, ds, f"{part}_", train.batch_size, device=device, dtype=dtype))
     metrics.update(traffic_metrics(paths, metrics))
+    if cfg.cv_folds:
+        t0 = time.perf_counter()
+        metrics.update(cross_validate(
+            init, sets["train"], [t for t, _ in rows["train"]], cfg.cv_folds, train.seed,
+            train_fn=train_classifier,
+            predict_fn=lambda m, ds: predict_proba(m, ds, train.batch_size, device=device, dtype=dtype)))
+        metrics["cv_wall_time_s"] = time.perf_counter() - t0
     metrics["history"] = result.history
     return metrics
 

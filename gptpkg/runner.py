@@ -83,7 +83,8 @@ def open_logger(params: dict, stage: str, paths: Paths) -> tuple[Any, WandbLogge
 # Figures that differ from run to run (speed, wall time, the W&B run folder): written to
 # metrics/runtime/<stage>.json, so metrics/<stage>.json is identical on a rerun with the
 # same params and seed (CPU) and `dvc metrics diff` shows only real changes.
-RUNTIME_KEYS = ("wall_time_s", "tokens_per_s", "examples_per_s", "wandb_run", "stage_wall_time_s", "stage_cpu_time_s")
+RUNTIME_KEYS = ("wall_time_s", "tokens_per_s", "examples_per_s", "wandb_run", "stage_wall_time_s", "stage_cpu_time_s",
+                "cv_wall_time_s")
 
 
 def split_runtime(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

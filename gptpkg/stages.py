@@ -102,6 +102,9 @@ class SpamConfig:
     # Keep the token embedding (50257 x emb_dim, most of a small model's weights) as
     # pretrained: its AdamW update dominates a fine-tuning step's cost on CPU.
     freeze_embeddings: bool
+    # k > 0: also k-fold cross-validate on the training messages (k fresh classifiers from
+    # the same init; cv_* metrics); 0 = off. Val and test are never part of it.
+    cv_folds: int
 
 
 @dataclass(frozen=True)

@@ -29,23 +29,30 @@ def test_every_lever_is_a_valid_distinct_experiment_name(ce):
 def test_every_override_names_a_real_params_key(ce):
     from gptpkg.config import load_params
 
-    overrides = [o for os_ in ce.LEVERS.values() for o in os_]
+    overrides = [o for os_ in ce.LEVERS.values() for o in os_] + [f"{ce.CV_KEY}=5"]
     load_params(ROOT / "params.yaml", overrides)  # unknown or mistyped keys raise
     params = load_params(ROOT / "params.yaml")
     for o in overrides:
         section, key = o.split("=", 1)[0].split(".")
         assert key in params[section], o
+    assert ce.NOT_CANDIDATES <= set(ce.LEVERS)
 
 
-def _exp(name: str, val: float, test: float, pre_s: float, ft_s: float) -> dict:
+def _exp(name: str, val: float, test: float, pre_s: float, ft_s: float, cv_bal: float | None = None,
+         cv_s: float | None = None, ts: str = "2026-11-24T03:00:00") -> dict:
     m = lambda d: {"data": d}  # noqa: E731
-    return {"revs": [{"rev": "abc", "name": name, "data": {"metrics": {
-        "metrics/finetune_spam.json": m({"val_accuracy": val, "test_accuracy": test, "test_spam_f1": 0.9,
-                                         "heldout_traffic_accuracy": 0.99, "heldout_traffic_spam_f1": 0.95}),
+    ft = {"val_accuracy": val, "test_accuracy": test, "test_spam_f1": 0.9,
+          "heldout_traffic_accuracy": 0.99, "heldout_traffic_spam_f1": 0.95}
+    runtime = {"stage_wall_time_s": ft_s}
+    if cv_bal is not None:
+        ft.update(cv_folds=5, cv_balanced_accuracy=cv_bal, cv_accuracy=0.985, cv_spam_f1=0.93)
+        runtime["cv_wall_time_s"] = cv_s
+    return {"revs": [{"rev": "abc", "name": name, "data": {"timestamp": ts, "metrics": {
+        "metrics/finetune_spam.json": m(ft),
         "metrics/baseline_spam.json": m({"test_accuracy": 0.9667, "heldout_traffic_accuracy": 0.97,
                                          "heldout_traffic_spam_f1": 0.8}),
         "metrics/runtime/pretrain.json": m({"stage_wall_time_s": pre_s}),
-        "metrics/runtime/finetune_spam.json": m({"stage_wall_time_s": ft_s}),
+        "metrics/runtime/finetune_spam.json": m(runtime),
     }}}], "name": name}
 
 
@@ -54,9 +61,45 @@ def test_table_rows_come_from_exp_show_in_lever_order(ce):
             {"rev": "c0ffee", "name": "main", "experiments": [
                 _exp(ce.exp_name("seed=2"), 0.98, 0.97, 30.0, 30.0),
                 _exp("someone-elses-experiment", 0.5, 0.5, 1.0, 1.0),
-                _exp(ce.exp_name("defaults"), 0.9933, 0.9667, 30.0, 60.0)]}]
+                _exp(ce.exp_name("defaults"), 0.9933, 0.9667, 30.0, 150.0, cv_bal=0.955, cv_s=90.0)]}]
     rows = ce.rows_from_exp_show(show)
     assert [r["lever"] for r in rows] == ["defaults", "seed=2"]
-    assert rows[0]["minutes"] == pytest.approx(1.5)
+    assert rows[0]["minutes"] == pytest.approx(1.5) and rows[0]["cv_minutes"] == pytest.approx(1.5)
     table = ce.markdown(rows)
-    assert "| defaults | 99.33% | 96.67% | 0.9000 | 99.00% | 0.9500 | 96.67% | 97.00% | 0.8000 | 1.5 |" in table
+    assert ("| defaults | 95.50% | 98.50% | 0.9300 | 99.33% | 96.67% | 0.9000 | 99.00% | 0.9500 | 96.67% "
+            "| 97.00% | 0.8000 | 1.5 | 1.5 |") in table
+    assert "| seed=2 | – | – | – | 98.00% | 97.00% |" in table  # a run without CV
+    assert "Chosen by 5-fold CV balanced accuracy: **defaults** (CV balanced acc 95.50%; its test acc 96.67%" in table
+
+
+def _rows(ce, cv: dict[str, float | None]) -> list[dict]:
+    show = [{"rev": "c0ffee", "experiments": [_exp(ce.exp_name(n), 0.99, 0.97, 1.0, 2.0, cv_bal=v, cv_s=1.0)
+                                              for n, v in cv.items()]}]
+    return ce.rows_from_exp_show(show)
+
+
+def test_choice_is_the_best_cv_balanced_accuracy_never_val_or_test(ce):
+    rows = _rows(ce, {"defaults": 0.95, "lr=0.001": 0.96, "epochs=4": 0.958})
+    rows[0]["test_accuracy"], rows[0]["val_accuracy"] = 1.0, 1.0  # test and val do not matter
+    assert ce.choose(rows)["lever"] == "lr=0.001"
+
+
+def test_a_tie_with_the_defaults_keeps_the_defaults(ce):
+    assert ce.choose(_rows(ce, {"defaults": 0.96, "lr=0.001": 0.96, "epochs=4": 0.95}))["lever"] == "defaults"
+    # other ties: the earlier lever of LEVERS
+    assert ce.choose(_rows(ce, {"defaults": 0.9, "epochs=4": 0.96, "lr=0.001": 0.96}))["lever"] == "lr=0.001"
+
+
+def test_seed_and_baseline_rows_and_rows_without_cv_are_not_candidates(ce):
+    rows = _rows(ce, {"defaults": 0.95, "seed=2": 0.99, "baseline_spam.train_data=all": 0.99, "epochs=4": None})
+    assert ce.choose(rows)["lever"] == "defaults"
+    assert ce.choose(_rows(ce, {"epochs=4": None})) is None
+
+
+def test_a_lever_run_on_several_commits_is_its_cv_run_then_the_latest(ce):
+    name = ce.exp_name("epochs=4")
+    show = [{"rev": "old", "experiments": [_exp(name, 0.9, 0.9, 1.0, 1.0, ts="2026-11-24T05:00:00")]},
+            {"rev": "new", "experiments": [_exp(name, 0.8, 0.8, 1.0, 2.0, cv_bal=0.95, cv_s=1.0, ts="2026-11-24T03:00:00"),
+                                           _exp(name, 0.7, 0.7, 1.0, 2.0, cv_bal=0.96, cv_s=1.0, ts="2026-11-24T04:00:00")]}]
+    rows = ce.rows_from_exp_show(show)
+    assert len(rows) == 1 and rows[0]["cv_balanced_accuracy"] == 0.96 and rows[0]["val_accuracy"] == 0.7
