@@ -100,7 +100,7 @@ class SpamConfig:
     pooling: str  # last_real_token | mean (config.POOLINGS)
     train_data: str  # book | all (see SPAM_TRAIN_DATA)
     # Keep the token embedding (50257 x emb_dim, most of a small model's weights) as
-    # pretrained: its AdamW update dominates a fine-tuning step's cost on CPU.
+    # pretrained.
     freeze_embeddings: bool
     # k > 0: also k-fold cross-validate on the training messages (k fresh classifiers from
     # the same init; cv_* metrics); 0 = off. Val and test are never part of it.
