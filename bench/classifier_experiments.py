@@ -79,7 +79,9 @@ LEVERS: dict[str, list[str]] = {
     "pretrain corpus=[the-verdict.txt] (the book's)": ["pretrain.corpus=[the-verdict.txt]"],
     "pretrain corpus=[sms, tinyshakespeare, verdict], 300 steps":
         ["pretrain.corpus=[sms,tinyshakespeare.txt,the-verdict.txt]", "pretrain.max_steps=300"],
+    # the default since the CV choice of 2026-11-24 (2 epochs cap max_steps=300 at 206)
     "pretrain 206 steps (2 epochs of the SMS corpus)": ["pretrain.max_steps=300"],
+    "pretrain 60 steps (the default before the CV choice)": ["pretrain.max_steps=60"],
     "pretrain 200 steps": ["pretrain.max_steps=200"],
     "pretrain 500 steps (5 epochs)": ["pretrain.epochs=5.0", "pretrain.max_steps=500"],
     "pretrain batch_size=16 (60 steps, twice the tokens)": ["pretrain.batch_size=16"],
