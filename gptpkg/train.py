@@ -1,6 +1,7 @@
 """The one training loop, used by pretraining, classifier and instruction fine-tuning.
 
-`fit` owns: AdamW (decay on matrices only, fused on CUDA), linear warmup + cosine decay,
+`fit` owns: AdamW (decay on matrices only, fused; a classifier's untied token embedding
+on CPU gets row-sparse gradients and `optim.RowSparseAdamW`), linear warmup + cosine decay,
 gradient accumulation and clipping, bf16 autocast and `torch.compile` on CUDA, periodic
 eval, progress with tokens/s, atomic checkpoints and resume, and a loud stop on a
 non-finite loss. What differs between trainings is the loss and the eval, passed in.
