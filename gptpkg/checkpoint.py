@@ -161,6 +161,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return model.to(map_location), config
 
 
+def check_same_training(checkpoint_dir: str | Path, now: dict[str, Any], where: str) -> None:
+    """Before resuming `checkpoint_dir`: its recorded training params (meta "train") must
+    equal `now` (`asdict(TrainConfig)`), else a ConfigError naming the keys that differ.
+    A folder without a checkpoint passes (the training starts from step 0)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / CONFIG).is_file():
+        return
+    saved = read_config(checkpoint_dir).get("meta", {}).get("train")
+    if saved is None:
+        raise ConfigError(f"--resume: {checkpoint_dir} holds no training state to resume")
+    differ = sorted(k for k in now if saved.get(k) != now[k])
+    if differ:
+        raise ConfigError(
+            f"--resume: {checkpoint_dir} was trained with other {where} values for {differ} "
+            f"(checkpoint: {[saved.get(k) for k in differ]}, params: {[now[k] for k in differ]}); "
+            f"restore them or run without --resume")
+
+
 def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
     f = Path(path) / TRAINER
     if not f.is_file():

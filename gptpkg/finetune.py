@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import shutil
 import math
 import time
 from functools import partial
@@ -12,8 +14,9 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import atomic_write_text, load_checkpoint
+from .checkpoint import atomic_write_text, check_same_training, load_checkpoint, save_checkpoint
 from .config import POOLINGS, ConfigError, model_config
+from .distributed import barrier, env_context, is_main_process
 from .data import (
     SPAM_LABELS, ClassificationDataset, InstructionDataset, classification_collate,
     format_prompt, instruction_collate, stratified_group_folds,
@@ -28,7 +31,7 @@ from .stages import (
 )
 from .tokenizer import PAD_ID, get_tokenizer
 from .train import (
-    BATCHING, autocast, autocast_dtype, batch_plan_for, batches_of, classification_loss, fit,
+    BATCHING, FitResult, autocast, autocast_dtype, batch_plan_for, batches_of, classification_loss, fit,
     lm_loss, mean_loss, resolve_device, set_seed,
 )
 
@@ -121,12 +124,42 @@ def check_cv_folds(value: int) -> None:
                           f"(the number of folds), got {value!r}")
 
 
+def check_soup(value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"params.finetune_spam.soup: expected an integer >= 1 (the number of fine-tunings "
+                          f"averaged into the classifier; 1 = one fine-tuning), got {value!r}")
+
+
+@torch.no_grad()
+def average_weights(target: torch.nn.Module, members: list[torch.nn.Module]) -> None:
+    """Load into `target` the mean of `members`' weights (a uniform model soup: the
+    members are fine-tunings of one start model, so their weights average into one
+    model of the same shape). Non-float entries (none in a GPT) come from the first."""
+    states = [m.state_dict() for m in members]
+    mean = {k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v
+            for k, v in states[0].items()}
+    target.load_state_dict(mean)
+
+
+def soup_seeds(seed: int, n: int) -> list[int]:
+    """The fine-tuning seeds of an n-member soup: member i trains with seed + i."""
+    return [seed + i for i in range(n)]
+
+
+def soup_workdir(checkpoint_dir: str | Path) -> Path:
+    """Where a soup's members keep their checkpoints (for --resume) until the averaged
+    classifier is written: beside the output folder, removed afterwards."""
+    p = Path(checkpoint_dir)
+    return p.with_name(p.name + ".soup")
+
+
 def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     paths = paths_of(params)
     cfg, train = stage_config(params, "finetune_spam", SpamConfig)
     if cfg.pooling not in POOLINGS:
         raise ConfigError(f"params.finetune_spam.pooling: expected one of {'|'.join(POOLINGS)}, got {cfg.pooling!r}")
     check_cv_folds(cfg.cv_folds)
+    check_soup(cfg.soup)
     set_seed(train.seed)
     model = initial_model(cfg.init, "finetune_spam", paths.pretrained, cfg.openai_weights, cfg.model)
     if cfg.max_length > model.cfg.context_length:
@@ -157,15 +190,49 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
     val_batches = batches_of(sets["val"], classification_collate, train.batch_size)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        acc = evaluate_classifier(model, sets["val"], "val_", train.batch_size, device=device, dtype=dtype)
+        acc = evaluate_classifier(m, sets["val"], "val_", train.batch_size, device=device, dtype=dtype)
         return {"val_loss": mean_loss(m, val_batches, loss_fn, device, 0, dtype),
                 "val_accuracy": acc["val_accuracy"]}
 
-    def train_classifier(m: GPT, dataset: ClassificationDataset, desc: str, **fit_kw):
-        """The one training setup: the final model and every CV fold go through it."""
+    def fine_tune(m: GPT, dataset: ClassificationDataset, tc, desc: str, **fit_kw):
         lengths = [len(ids) for ids in dataset.ids]
-        plan, collate = _batching(cfg.batching, "finetune_spam", lengths, train, classification_collate)
-        return fit(m, dataset, collate, train, loss_fn=loss_fn, batch_plan=plan, progress=progress, desc=desc, **fit_kw)
+        plan, collate = _batching(cfg.batching, "finetune_spam", lengths, tc, classification_collate)
+        return fit(m, dataset, collate, tc, loss_fn=loss_fn, batch_plan=plan, progress=progress, desc=desc, **fit_kw)
+
+    def train_classifier(m: GPT, dataset: ClassificationDataset, desc: str, checkpoint_dir=None, resume=False,
+                         meta=None, **fit_kw):
+        """The one training setup: the final model and every CV fold go through it.
+        With soup = n > 1: n fine-tunings of copies of `m` (seeds seed, seed+1, ...),
+        then `m` becomes their weight average. Only the first member gets the eval and
+        the logger (its curve is the stage's history); each member checkpoints into
+        `soup_workdir(checkpoint_dir)` for --resume, removed once the soup is written."""
+        if cfg.soup == 1:
+            return fine_tune(m, dataset, train, desc, checkpoint_dir=checkpoint_dir, resume=resume, meta=meta, **fit_kw)
+        work = soup_workdir(checkpoint_dir) if checkpoint_dir is not None else None
+        start, members, results = copy.deepcopy(m), [], []
+        for i, seed in enumerate(soup_seeds(train.seed, cfg.soup)):
+            tc = dataclasses.replace(train, seed=seed)
+            member_dir = None if work is None else work / f"member-{i + 1}"
+            if resume and member_dir is not None:
+                check_same_training(member_dir, dataclasses.asdict(tc), "params.finetune_spam")
+            member = m if i == 0 else copy.deepcopy(start)
+            results.append(fine_tune(member, dataset, tc, f"{desc} soup {i + 1}/{cfg.soup}", checkpoint_dir=member_dir,
+                                     resume=resume, meta=meta, **(fit_kw if i == 0 else {})))
+            members.append(member)
+        average_weights(m, members)  # reads every member (m included) before writing m
+        del members
+        if checkpoint_dir is not None:
+            if is_main_process():
+                save_checkpoint(checkpoint_dir, m, meta={
+                    **(meta or {}), "step": results[0].steps, "train": dataclasses.asdict(train),
+                    "soup": {"members": cfg.soup, "seeds": soup_seeds(train.seed, cfg.soup)}})
+                shutil.rmtree(work, ignore_errors=True)
+            barrier(env_context())
+        wall = sum(r.wall_time_s for r in results)
+        return FitResult(steps=sum(r.steps for r in results), tokens_seen=sum(r.tokens_seen for r in results),
+                         examples_seen=sum(r.examples_seen for r in results), wall_time_s=wall,
+                         tokens_per_s=sum(r.tokens_seen for r in results) / max(wall, 1e-9),
+                         history=results[0].history)
 
     meta = {"stage": "finetune_spam", "train_data": cfg.train_data, "labels": list(SPAM_LABELS), "max_length": cfg.max_length,
             "pad_id": PAD_ID, "pooling": cfg.pooling, "tokenizer": "gpt2"}

@@ -112,22 +112,10 @@ def check_resumable(params: dict, name: str, checkpoint_dir: Path) -> None:
     a resumed result is the one params.yaml describes (and what dvc.lock records)."""
     from dataclasses import asdict
 
-    from .checkpoint import read_config
-    from .config import ConfigError
+    from .checkpoint import check_same_training
 
-    if not (checkpoint_dir / "config.json").is_file():
-        return  # nothing to resume: the stage starts from step 0
-    saved = read_config(checkpoint_dir).get("meta", {}).get("train")
     _, train = stage_config(params, name, SECTION_CONFIGS[name])
-    now = asdict(train)
-    if saved is None:
-        raise ConfigError(f"--resume: {checkpoint_dir} holds no training state to resume")
-    differ = sorted(k for k in now if saved.get(k) != now[k])
-    if differ:
-        raise ConfigError(
-            f"--resume: {checkpoint_dir} was trained with other params.{name} values for {differ} "
-            f"(checkpoint: {[saved.get(k) for k in differ]}, params: {[now[k] for k in differ]}); "
-            f"restore them or run without --resume")
+    check_same_training(checkpoint_dir, asdict(train), f"params.{name}")
 
 
 def run_stage(name: str, params: dict, resume: bool = False, progress: bool = True) -> dict[str, Any]:

@@ -105,6 +105,9 @@ class SpamConfig:
     # k > 0: also k-fold cross-validate on the training messages (k fresh classifiers from
     # the same init; cv_* metrics); 0 = off. Val and test are never part of it.
     cv_folds: int
+    # n > 1: fine-tune n copies of the start model (seeds seed, seed+1, ...) and average
+    # their weights into the one classifier (a uniform model soup); 1 = one fine-tuning.
+    soup: int
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,119 @@
+"""finetune_spam.soup: n fine-tunings of one start model averaged into the classifier.
+Real tiny runs of the stage on a handful of real messages (the `handful` fixture of
+test_cv.py), real checkpoints, an interrupted soup resumed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptpkg.checkpoint import load_checkpoint, read_config
+from gptpkg.config import ConfigError
+from gptpkg.finetune import average_weights, soup_workdir
+from gptpkg.model import GPT
+from gptpkg.config import model_config
+from helpers import Interrupted, dying
+from test_cv import handful, prepared  # noqa: F401  (fixtures)
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return load_checkpoint(folder)[0].state_dict()
+
+
+def test_average_weights_is_the_elementwise_mean():
+    torch.manual_seed(0)
+    a, b, c = (GPT(model_config("tiny")).to_classifier(2) for _ in range(3))
+    target = GPT(model_config("tiny")).to_classifier(2)
+    average_weights(target, [a, b, c])
+    for k, v in target.state_dict().items():
+        torch.testing.assert_close(v, (a.state_dict()[k] + b.state_dict()[k] + c.state_dict()[k]) / 3, msg=k)
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    average_weights(a, [a, b])  # a member may be the target: every member is read first
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, (before[k] + b.state_dict()[k]) / 2, msg=k)
+
+
+def test_a_soup_is_the_mean_of_its_members_each_a_plain_fine_tuning(handful, monkeypatch):
+    """soup=2 writes the mean of two fine-tunings from one start (seeds 123 and 124);
+    member 1 is exactly the soup=1 run; the member checkpoints are removed afterwards."""
+    import gptpkg.finetune as ft
+    from gptpkg.runner import run_stage
+
+    params, _ = handful
+    run_stage("finetune_spam", params("one", soup=1), progress=False)
+    p = params("soup", soup=2)
+    out = Path(p["paths"]["spam_classifier"])
+    work = soup_workdir(out)
+    kept = {}
+    real_rmtree = ft.shutil.rmtree
+
+    def keep_members(path, **kw):  # read the members before they go, then remove them
+        kept.update({m.name: (_weights(m), read_config(m)["meta"]["train"]["seed"]) for m in sorted(Path(path).iterdir())})
+        real_rmtree(path, **kw)
+
+    monkeypatch.setattr(ft.shutil, "rmtree", keep_members)
+    run_stage("finetune_spam", p, progress=False)
+    assert not work.exists()
+    assert sorted(kept) == ["member-1", "member-2"]
+    (w1, s1), (w2, s2) = kept["member-1"], kept["member-2"]
+    assert (s1, s2) == (123, 124)
+    soup = _weights(out)
+    one = _weights(Path(params("one")["paths"]["spam_classifier"]))
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)  # two different fine-tunings
+    for k in soup:
+        torch.testing.assert_close(one[k], w1[k], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(soup[k], (w1[k] + w2[k]) / 2, msg=k)
+    meta = read_config(out)["meta"]
+    assert meta["soup"] == {"members": 2, "seeds": [123, 124]} and meta["train"]["seed"] == 123
+    metrics = json.loads((Path(p["paths"]["metrics"]) / "finetune_spam.json").read_text())
+    assert metrics["steps"] == 2 * 3  # two members of max_steps=3
+
+
+def test_an_interrupted_soup_resumes_to_the_uninterrupted_soup(handful, monkeypatch):
+    import gptpkg.finetune as ft
+    from gptpkg.runner import run_stage
+
+    params, _ = handful
+    run_stage("finetune_spam", params("full", soup=2), progress=False)
+    p = params("cut", soup=2, checkpoint_every=1)
+    out = Path(p["paths"]["spam_classifier"])
+    real = ft.classification_loss
+    # member 1: 3 training calls + 1 val eval; member 2 dies in its 2nd step (after step 1's checkpoint)
+    monkeypatch.setattr(ft, "classification_loss", lambda w: dying(real(w), 6))
+    with pytest.raises(Interrupted):
+        run_stage("finetune_spam", p, progress=False)
+    monkeypatch.setattr(ft, "classification_loss", real)
+    work = soup_workdir(out)
+    assert sorted(d.name for d in work.iterdir()) == ["member-1", "member-2"]
+    assert not (out / "config.json").exists()  # no classifier written before the soup is complete
+    # resuming with another seed would continue members trained for other seeds: refused
+    with pytest.raises(ConfigError, match=r"member-1 was trained with other params.finetune_spam values for \['seed'\]"):
+        run_stage("finetune_spam", params("cut", soup=2, checkpoint_every=1, seed=7), resume=True, progress=False)
+    run_stage("finetune_spam", p, resume=True, progress=False)
+    assert not work.exists()
+    full = _weights(Path(params("full")["paths"]["spam_classifier"]))
+    for k, v in _weights(out).items():
+        torch.testing.assert_close(v, full[k], msg=k)
+
+
+@pytest.mark.parametrize("value, message", [
+    (0, "params.finetune_spam.soup: expected an integer >= 1 (the number of fine-tunings averaged into the "
+        "classifier; 1 = one fine-tuning), got 0"),
+    ("three", "params.finetune_spam.soup: expected int, got 'three'"),
+])
+def test_bad_soup_is_a_config_error_before_any_training(handful, value, message):
+    from gptpkg.runner import run_stage
+
+    params, _ = handful
+    p = params("bad")
+    p["finetune_spam"]["soup"] = value
+    out = Path(p["paths"]["spam_classifier"])
+    out.mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"earlier output")
+    with pytest.raises(ConfigError) as e:
+        run_stage("finetune_spam", p, progress=False)
+    assert message in str(e.value)
+    assert (out / "model.safetensors").read_bytes() == b"earlier output"
