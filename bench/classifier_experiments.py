@@ -85,6 +85,11 @@ LEVERS: dict[str, list[str]] = {
     "pretrain 200 steps": ["pretrain.max_steps=200"],
     "pretrain 500 steps (5 epochs)": ["pretrain.epochs=5.0", "pretrain.max_steps=500"],
     "pretrain batch_size=16 (60 steps, twice the tokens)": ["pretrain.batch_size=16"],
+    "pretrain 8 epochs (824 steps)": ["pretrain.epochs=8.0", "pretrain.max_steps=1000"],
+    # averaging fine-tunings (finetune_spam.soup): n members from one start, seeds seed..seed+n-1
+    "soup=3 (3 fine-tunings averaged)": ["finetune_spam.soup=3"],
+    "soup=5 (5 fine-tunings averaged)": ["finetune_spam.soup=5"],
+    "pretrain 8 epochs + soup=3": ["pretrain.epochs=8.0", "pretrain.max_steps=1000", "finetune_spam.soup=3"],
     # model size and context
     "model=cpu-small (d=256, 6 layers), 206 pretrain steps": ["pretrain.model=cpu-small", "pretrain.max_steps=300"],
     "max_length=64": ["finetune_spam.max_length=64"],
