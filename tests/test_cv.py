@@ -181,20 +181,24 @@ def test_cross_validate_trains_each_fold_on_the_others_from_the_same_init(handfu
     assert sum(map(sum, m["cv_confusion"])) == len(rows)
 
 
-@pytest.mark.parametrize("value, message", [
-    (1, "params.finetune_spam.cv_folds: expected 0 (off) or an integer >= 2 (the number of folds), got 1"),
-    (-2, "params.finetune_spam.cv_folds: expected 0 (off) or an integer >= 2 (the number of folds), got -2"),
-    ("five", "params.finetune_spam.cv_folds: expected int, got 'five'"),
-    (2.5, "params.finetune_spam.cv_folds: expected int, got 2.5"),
-    (11, "params.finetune_spam.cv_folds=11: expected at most 10 folds: the 21 training messages hold "
-         "10 distinct ham and 10 distinct spam texts (a fold needs one of each)"),
+@pytest.mark.parametrize("key, value, message", [
+    ("cv_folds", 1, "params.finetune_spam.cv_folds: expected 0 (off) or an integer >= 2 (the number of folds), got 1"),
+    ("cv_folds", -2, "params.finetune_spam.cv_folds: expected 0 (off) or an integer >= 2 (the number of folds), got -2"),
+    ("cv_folds", "five", "params.finetune_spam.cv_folds: expected int, got 'five'"),
+    ("cv_folds", 2.5, "params.finetune_spam.cv_folds: expected int, got 2.5"),
+    ("cv_folds", 11, "params.finetune_spam.cv_folds=11: expected at most 10 folds: the 21 training messages hold "
+                     "10 distinct ham and 10 distinct spam texts (a fold needs one of each)"),
+    # finetune_spam.soup (tests/test_soup.py): the number of fine-tunings averaged
+    ("soup", 0, "params.finetune_spam.soup: expected an integer >= 1 (the number of fine-tunings averaged into "
+                "the classifier; 1 = one fine-tuning), got 0"),
+    ("soup", "three", "params.finetune_spam.soup: expected int, got 'three'"),
 ])
-def test_bad_cv_folds_is_a_config_error_before_any_training(handful, value, message):
+def test_bad_cv_folds_or_soup_is_a_config_error_before_any_training(handful, key, value, message):
     from gptpkg.runner import run_stage
 
     params, _ = handful
     p = params("bad")
-    p["finetune_spam"]["cv_folds"] = value
+    p["finetune_spam"][key] = value
     out = Path(p["paths"]["spam_classifier"])
     out.mkdir(parents=True)
     (out / "model.safetensors").write_bytes(b"earlier output")

@@ -1,6 +1,7 @@
 """finetune_spam.soup: n fine-tunings of one start model averaged into the classifier.
 Real tiny runs of the stage on a handful of real messages (the `handful` fixture of
-test_cv.py), real checkpoints, an interrupted soup resumed."""
+test_cv.py), real checkpoints, an interrupted soup resumed. A bad `soup` value: in
+test_cv.py's bad-setting test."""
 
 from __future__ import annotations
 
@@ -97,23 +98,3 @@ def test_an_interrupted_soup_resumes_to_the_uninterrupted_soup(handful, monkeypa
     full = _weights(Path(params("full")["paths"]["spam_classifier"]))
     for k, v in _weights(out).items():
         torch.testing.assert_close(v, full[k], msg=k)
-
-
-@pytest.mark.parametrize("value, message", [
-    (0, "params.finetune_spam.soup: expected an integer >= 1 (the number of fine-tunings averaged into the "
-        "classifier; 1 = one fine-tuning), got 0"),
-    ("three", "params.finetune_spam.soup: expected int, got 'three'"),
-])
-def test_bad_soup_is_a_config_error_before_any_training(handful, value, message):
-    from gptpkg.runner import run_stage
-
-    params, _ = handful
-    p = params("bad")
-    p["finetune_spam"]["soup"] = value
-    out = Path(p["paths"]["spam_classifier"])
-    out.mkdir(parents=True)
-    (out / "model.safetensors").write_bytes(b"earlier output")
-    with pytest.raises(ConfigError) as e:
-        run_stage("finetune_spam", p, progress=False)
-    assert message in str(e.value)
-    assert (out / "model.safetensors").read_bytes() == b"earlier output"
