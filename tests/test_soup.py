@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from gptpkg.checkpoint import load_checkpoint, read_config
-from gptpkg.config import ConfigError
+from gptpkg.config import ConfigError, model_config
 from gptpkg.finetune import average_weights, soup_workdir
 from gptpkg.model import GPT
-from gptpkg.config import model_config
 from helpers import Interrupted, dying
 from test_cv import handful, prepared  # noqa: F401  (fixtures)
 
