@@ -90,6 +90,8 @@ LEVERS: dict[str, list[str]] = {
     "soup=3 (3 fine-tunings averaged)": ["finetune_spam.soup=3"],
     "soup=3, seed=2": ["finetune_spam.soup=3", "finetune_spam.seed=2"],  # its seed noise (members 2,3,4)
     "soup=3, seed=3": ["finetune_spam.soup=3", "finetune_spam.seed=3"],  # (members 3,4,5)
+    "soup=3, seed=4": ["finetune_spam.soup=3", "finetune_spam.seed=4"],  # (members 4,5,6)
+    "soup=3, seed=5": ["finetune_spam.soup=3", "finetune_spam.seed=5"],  # (members 5,6,7)
     "soup=5 (5 fine-tunings averaged)": ["finetune_spam.soup=5"],
     "pretrain 8 epochs + soup=3": ["pretrain.epochs=8.0", "pretrain.max_steps=1000", "finetune_spam.soup=3"],
     # its seed noise (members' seeds 2,3,4 and 3,4,5), for the seed-mean check of the rule
@@ -97,6 +99,10 @@ LEVERS: dict[str, list[str]] = {
                                            "finetune_spam.seed=2"],
     "pretrain 8 epochs + soup=3, seed=3": ["pretrain.epochs=8.0", "pretrain.max_steps=1000", "finetune_spam.soup=3",
                                            "finetune_spam.seed=3"],
+    "pretrain 8 epochs + soup=3, seed=4": ["pretrain.epochs=8.0", "pretrain.max_steps=1000", "finetune_spam.soup=3",
+                                           "finetune_spam.seed=4"],
+    "pretrain 8 epochs + soup=3, seed=5": ["pretrain.epochs=8.0", "pretrain.max_steps=1000", "finetune_spam.soup=3",
+                                           "finetune_spam.seed=5"],
     # model size and context
     "model=cpu-small (d=256, 6 layers), 206 pretrain steps": ["pretrain.model=cpu-small", "pretrain.max_steps=300"],
     "max_length=64": ["finetune_spam.max_length=64"],
@@ -108,6 +114,8 @@ TARGETS = ["finetune_spam", "baseline_spam"]
 # Rows that are not candidates of the choice: seed noise of the defaults, and a lever of
 # the baseline only (its classifier is the defaults').
 NOT_CANDIDATES = {"seed=2", "seed=3", "baseline_spam.train_data=all", "soup=3, seed=2", "soup=3, seed=3",
+                  "soup=3, seed=4", "soup=3, seed=5", "pretrain 8 epochs + soup=3, seed=4",
+                  "pretrain 8 epochs + soup=3, seed=5",
                   "pretrain 8 epochs + soup=3, seed=2",
                   "pretrain 8 epochs + soup=3, seed=3"}
 CV_KEY = "finetune_spam.cv_folds"
