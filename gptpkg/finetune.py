@@ -229,7 +229,8 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
                 shutil.rmtree(work, ignore_errors=True)
             barrier(env_context())
         wall = sum(r.wall_time_s for r in results)
-        return FitResult(steps=sum(r.steps for r in results), tokens_seen=sum(r.tokens_seen for r in results),
+        # steps: the schedule of each member (as in the history); the rest: all members
+        return FitResult(steps=results[0].steps, tokens_seen=sum(r.tokens_seen for r in results),
                          examples_seen=sum(r.examples_seen for r in results), wall_time_s=wall,
                          tokens_per_s=sum(r.tokens_seen for r in results) / max(wall, 1e-9),
                          history=results[0].history)
