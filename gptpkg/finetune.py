@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import shutil
 import math
+import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -16,11 +16,11 @@ import torch
 
 from .checkpoint import atomic_write_text, check_same_training, load_checkpoint, save_checkpoint
 from .config import POOLINGS, ConfigError, model_config
-from .distributed import barrier, env_context, is_main_process
 from .data import (
     SPAM_LABELS, ClassificationDataset, InstructionDataset, classification_collate,
     format_prompt, instruction_collate, stratified_group_folds,
 )
+from .distributed import barrier, env_context, is_main_process
 from .generate import generate_text
 from .loggers import MetricLogger
 from .metrics import at_spam_share, classification_metrics
