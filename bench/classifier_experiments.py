@@ -103,6 +103,18 @@ LEVERS: dict[str, list[str]] = {
                                            "finetune_spam.seed=4"],
     "pretrain 8 epochs + soup=3, seed=5": ["pretrain.epochs=8.0", "pretrain.max_steps=1000", "finetune_spam.soup=3",
                                            "finetune_spam.seed=5"],
+    # Round 3, on the defaults of e9ab828 (8 pretraining epochs + soup=3; that row is
+    # "pretrain 8 epochs + soup=3": CV 97.59% at seed 123, 97.76% mean over seeds 123/2/3).
+    # Rule, written 2026-11-24 08:06 UTC before any round-3 run: screen every r3 lever at
+    # seed 123 (5-fold CV); the two best that beat 97.59% get fine-tuning seeds 2 and 3;
+    # the better 3-seed mean is adopted iff it beats 97.76% and the default pipeline stays
+    # inside 15 minutes. Test figures are not read before the adoption commit.
+    "r3 finetune epochs=3": ["finetune_spam.epochs=3.0"],
+    "r3 finetune lr=0.001": ["finetune_spam.lr=0.001"],
+    "r3 finetune weight_decay=0.0": ["finetune_spam.weight_decay=0.0"],
+    "r3 pretrain drop_rate=0.1": ["pretrain.drop_rate=0.1"],
+    "r3 pretrain lr=0.002": ["pretrain.lr=0.002"],
+    "r3 model=cpu-small (d=256, 6 layers), pretrain 4 epochs": ["pretrain.model=cpu-small", "pretrain.epochs=4.0"],
     # model size and context
     "model=cpu-small (d=256, 6 layers), 206 pretrain steps": ["pretrain.model=cpu-small", "pretrain.max_steps=300"],
     "max_length=64": ["finetune_spam.max_length=64"],
