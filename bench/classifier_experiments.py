@@ -115,8 +115,6 @@ LEVERS: dict[str, list[str]] = {
     "r3 pretrain drop_rate=0.1": ["pretrain.drop_rate=0.1"],
     "r3 pretrain lr=0.002": ["pretrain.lr=0.002"],
     "r3 model=cpu-small (d=256, 6 layers), pretrain 4 epochs": ["pretrain.model=cpu-small", "pretrain.epochs=4.0"],
-    # added 08:07 UTC, before any round-3 result (cpu-small steps faster than feared)
-    "r3 model=cpu-small (d=256, 6 layers)": ["pretrain.model=cpu-small"],
     # model size and context
     "model=cpu-small (d=256, 6 layers), 206 pretrain steps": ["pretrain.model=cpu-small", "pretrain.max_steps=300"],
     "max_length=64": ["finetune_spam.max_length=64"],
