@@ -180,15 +180,40 @@ def test_metrics_show_and_plots_show(repo):
 
 
 def _wandb_records(run_file: Path):
-    from wandb.proto import wandb_internal_pb2 as pb
-    from wandb.sdk.internal.datastore import DataStore
+    """The protobuf records of an offline `.wandb` file, read straight from its format (a
+    7-byte `:W&B` header, then a LevelDB log: 32 KiB blocks of records, each with a
+    crc32/length/type header; FIRST/MIDDLE/LAST pieces join into one record). wandb's own
+    reader is private and moved out of Python in 0.31, so the test does not lean on it."""
+    import struct
+    import zlib
 
-    ds = DataStore()
-    ds.open_for_scan(str(run_file))
-    while (data := ds.scan_data()) is not None:
-        rec = pb.Record()
-        rec.ParseFromString(data)
-        yield rec
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", f"{run_file} does not start with the W&B header"
+    block, pos, pieces = 32768, 7, []
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        if room < 7:  # a block trailer too short for a header is zero padding
+            pos += room
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:  # zero fill after the last record
+            pos += room
+            continue
+        payload = data[pos + 7:pos + 7 + length]
+        assert len(payload) == length, f"{run_file}: record at byte {pos} is truncated"
+        assert zlib.crc32(payload, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == crc, \
+            f"{run_file}: bad checksum at byte {pos}"
+        pos += 7 + length
+        pieces.append(payload)
+        if kind in (1, 4):  # FULL, or LAST of a FIRST/MIDDLE.../LAST chain
+            rec = pb.Record()
+            rec.ParseFromString(b"".join(pieces))
+            pieces = []
+            yield rec
+        else:
+            assert kind in (2, 3), f"{run_file}: unknown record type {kind} at byte {pos}"
 
 
 def test_wandb_offline_runs_hold_history_config_and_checkpoint(repo):
