@@ -103,3 +103,33 @@ def test_a_lever_run_on_several_commits_is_its_cv_run_then_the_latest(ce):
                                            _exp(name, 0.7, 0.7, 1.0, 2.0, cv_bal=0.96, cv_s=1.0, ts="2026-11-24T04:00:00")]}]
     rows = ce.rows_from_exp_show(show)
     assert len(rows) == 1 and rows[0]["cv_balanced_accuracy"] == 0.96 and rows[0]["val_accuracy"] == 0.7
+
+
+def test_seed_rows_belong_to_the_lever_they_rerun(ce):
+    assert ce.configuration("seed=2") == "defaults"
+    assert ce.configuration("soup=3, seed=4") == "soup=3 (3 fine-tunings averaged)"
+    assert ce.configuration("r3 pretrain drop_rate=0.1, seed=3") == "r3 pretrain drop_rate=0.1"
+    assert ce.configuration("lr=0.001") == "lr=0.001"
+    for lever in ce.LEVERS:  # every seed row reruns a lever of the table, and is no candidate
+        if ce.configuration(lever) != lever:
+            assert ce.configuration(lever) in ce.LEVERS and lever in ce.NOT_CANDIDATES
+
+
+def test_once_levers_have_seed_reruns_their_seed_means_choose(ce):
+    rows = _rows(ce, {"defaults": 0.972, "seed=2": 0.974, "seed=3": 0.968,
+                      "soup=3 (3 fine-tunings averaged)": 0.99,  # the best single run, but never rerun with other seeds
+                      "pretrain 8 epochs + soup=3": 0.97, "pretrain 8 epochs + soup=3, seed=2": 0.98,
+                      "pretrain 8 epochs + soup=3, seed=3": 0.99,
+                      "r3 finetune epochs=3": 0.985, "r3 finetune epochs=3, seed=2": 0.975,
+                      "r3 finetune epochs=3, seed=3": 0.975})
+    means = ce.seed_means(rows)
+    assert means["defaults"] == (pytest.approx(0.9713, abs=1e-4), 3)
+    assert means["pretrain 8 epochs + soup=3"] == (pytest.approx(0.98), 3)
+    assert "soup=3 (3 fine-tunings averaged)" not in means
+    assert ce.choose(rows)["lever"] == "pretrain 8 epochs + soup=3"  # 98.00% beats 97.83% and 97.13%
+    table = ce.markdown(rows)
+    assert "pretrain 8 epochs + soup=3 98.00% (3 seeds)" in table
+    assert "mean over fine-tuning seeds: **pretrain 8 epochs + soup=3** (98.00% over 3 seeds" in table
+    # seeds of the defaults alone do not change the rule: the best single run still wins
+    rows = _rows(ce, {"defaults": 0.972, "seed=2": 0.99, "soup=3 (3 fine-tunings averaged)": 0.975})
+    assert ce.choose(rows)["lever"] == "soup=3 (3 fine-tunings averaged)"
