@@ -201,6 +201,7 @@ def _wandb_records(run_file: Path):
         if kind == 0 and length == 0:  # zero fill after the last record
             pos += room
             continue
+        assert kind in (1, 2, 3, 4), f"{run_file}: unknown record type {kind} at byte {pos}"
         payload = data[pos + 7:pos + 7 + length]
         assert len(payload) == length, f"{run_file}: record at byte {pos} is truncated"
         assert zlib.crc32(payload, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == crc, \
@@ -212,8 +213,6 @@ def _wandb_records(run_file: Path):
             rec.ParseFromString(b"".join(pieces))
             pieces = []
             yield rec
-        else:
-            assert kind in (2, 3), f"{run_file}: unknown record type {kind} at byte {pos}"
 
 
 def test_wandb_offline_runs_hold_history_config_and_checkpoint(repo):
