@@ -125,6 +125,22 @@ LEVERS: dict[str, list[str]] = {
     "r3 finetune epochs=3, seed=3": ["finetune_spam.epochs=3.0", "finetune_spam.seed=3"],
     "r3 pretrain drop_rate=0.1, seed=2": ["pretrain.drop_rate=0.1", "finetune_spam.seed=2"],
     "r3 pretrain drop_rate=0.1, seed=3": ["pretrain.drop_rate=0.1", "finetune_spam.seed=3"],
+    # Round 4, on the defaults of 5bdd3bd (round 3's pick, pretrain drop_rate=0.1; its rows
+    # are "r3 pretrain drop_rate=0.1" and its seed rows: mean CV 97.91% over seeds 123/2/3).
+    # Rule, written 2026-11-24 15:36 UTC before any round-4 run: both r4 levers are run at
+    # fine-tuning seeds 123, 2 and 3 (a lever's seed rows run right after it in the same
+    # workspace, so its pretraining is trained once); the better 3-seed mean is adopted iff
+    # it beats 97.91% and the default pipeline stays inside 15 minutes. Test figures are not
+    # read before the adoption commit.
+    # longer pretraining: the val loss still fell at 8 epochs (6.02 at step 510, 5.93 at 824);
+    # 10 epochs = 1030 steps, ~+115 s of the pipeline's 260 s to spare
+    "r4 pretrain 10 epochs": ["pretrain.epochs=10.0", "pretrain.max_steps=1200"],
+    "r4 pretrain 10 epochs, seed=2": ["pretrain.epochs=10.0", "pretrain.max_steps=1200", "finetune_spam.seed=2"],
+    "r4 pretrain 10 epochs, seed=3": ["pretrain.epochs=10.0", "pretrain.max_steps=1200", "finetune_spam.seed=3"],
+    # more dropout, as 0.1 beat 0.0 (no time cost)
+    "r4 pretrain drop_rate=0.2": ["pretrain.drop_rate=0.2"],
+    "r4 pretrain drop_rate=0.2, seed=2": ["pretrain.drop_rate=0.2", "finetune_spam.seed=2"],
+    "r4 pretrain drop_rate=0.2, seed=3": ["pretrain.drop_rate=0.2", "finetune_spam.seed=3"],
     # model size and context
     "model=cpu-small (d=256, 6 layers), 206 pretrain steps": ["pretrain.model=cpu-small", "pretrain.max_steps=300"],
     "max_length=64": ["finetune_spam.max_length=64"],
