@@ -141,6 +141,8 @@ LEVERS: dict[str, list[str]] = {
     "r4 pretrain drop_rate=0.2": ["pretrain.drop_rate=0.2"],
     "r4 pretrain drop_rate=0.2, seed=2": ["pretrain.drop_rate=0.2", "finetune_spam.seed=2"],
     "r4 pretrain drop_rate=0.2, seed=3": ["pretrain.drop_rate=0.2", "finetune_spam.seed=3"],
+    # Outcome (CV over seeds 123/2/3): 10 epochs 97.70/97.74/97.92% (mean 97.79%), drop_rate=0.2
+    # 96.71/96.85/96.92% (mean 96.83%); neither beats 97.91%, so the defaults stay.
     # model size and context
     "model=cpu-small (d=256, 6 layers), 206 pretrain steps": ["pretrain.model=cpu-small", "pretrain.max_steps=300"],
     "max_length=64": ["finetune_spam.max_length=64"],
