@@ -37,21 +37,29 @@ from .train import (
 
 
 def initial_model(init: str, params_section: str, pretrained: str, openai_weights: str,
-                  preset: str | None = None) -> GPT:
+                  preset: str | None = None, drop_rate: float | None = None) -> GPT:
     """The model a fine-tuning starts from: our pretrained checkpoint, local OpenAI
-    GPT-2 weights, or (classifier only) a fresh preset."""
+    GPT-2 weights, or (classifier only) a fresh preset. `drop_rate` (the stage's own
+    key) sets its dropout; None keeps the start's: the checkpoint's pretraining
+    drop_rate, 0 for OpenAI's weights, the preset's for scratch."""
+    if drop_rate is not None and not 0.0 <= drop_rate < 1.0:
+        raise ConfigError(f"params.{params_section}.drop_rate: expected null (the start model's) or a "
+                          f"probability in [0, 1), got {drop_rate!r}")
     if init == "pretrained":
         model, _ = load_checkpoint(pretrained)
-        return model
-    if init == "openai":
+    elif init == "openai":
         if not openai_weights:
             raise ConfigError(f"params.{params_section}.openai_weights: set a local folder of GPT-2 weights for init=openai")
         from .hf_weights import load_openai_gpt2
 
-        return load_openai_gpt2(openai_weights)
-    if init == "scratch" and preset:
-        return GPT(model_config(preset))
-    raise ConfigError(f"params.{params_section}.init: expected pretrained|openai|scratch, got {init!r}")
+        model = load_openai_gpt2(openai_weights)
+    elif init == "scratch" and preset:
+        model = GPT(model_config(preset))
+    else:
+        raise ConfigError(f"params.{params_section}.init: expected pretrained|openai|scratch, got {init!r}")
+    if drop_rate is not None:
+        model.set_drop_rate(float(drop_rate))
+    return model
 
 
 def _batching(batching: str, where: str, lengths: list[int], train, collate: Callable):
@@ -161,7 +169,7 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
     check_cv_folds(cfg.cv_folds)
     check_soup(cfg.soup)
     set_seed(train.seed)
-    model = initial_model(cfg.init, "finetune_spam", paths.pretrained, cfg.openai_weights, cfg.model)
+    model = initial_model(cfg.init, "finetune_spam", paths.pretrained, cfg.openai_weights, cfg.model, cfg.drop_rate)
     if cfg.max_length > model.cfg.context_length:
         raise ConfigError(f"params.finetune_spam.max_length={cfg.max_length} exceeds the model's "
                           f"context_length {model.cfg.context_length}")
@@ -265,7 +273,8 @@ def run_instruct(params: dict, logger: MetricLogger, resume: bool = False, progr
     paths = paths_of(params)
     cfg, train = stage_config(params, "finetune_instruct", InstructConfig)
     set_seed(train.seed)
-    model = initial_model(cfg.init, "finetune_instruct", paths.pretrained, cfg.openai_weights)
+    model = initial_model(cfg.init, "finetune_instruct", paths.pretrained, cfg.openai_weights,
+                          drop_rate=cfg.drop_rate)
     if cfg.max_length > model.cfg.context_length:
         raise ConfigError(f"params.finetune_instruct.max_length={cfg.max_length} exceeds the model's "
                           f"context_length {model.cfg.context_length}")

@@ -6,6 +6,7 @@ Shapes: B batch, T sequence length, C = emb_dim, H heads, D = C / H head size.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -305,6 +306,17 @@ class GPT(nn.Module):
         self.n_classes = n_classes
         self.pooling = pooling
         return self
+
+    def set_drop_rate(self, p: float) -> None:
+        """Use dropout probability `p` from now on, everywhere the model drops (embeddings,
+        attention weights, residual branches); `cfg.drop_rate` says so, and so does the
+        config a checkpoint of this model saves."""
+        self.cfg = dataclasses.replace(self.cfg, drop_rate=p)  # validates p
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            elif isinstance(m, CausalSelfAttention):
+                m.drop_rate = p
 
     def set_trainable(self, which: Literal["head", "last_blocks", "all"], n_blocks: int = 1) -> None:
         """Freeze everything except: the head; the head + last `n_blocks` blocks + final

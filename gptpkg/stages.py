@@ -98,6 +98,8 @@ class SpamConfig:
     class_weights: list[float] | None
     batching: str  # bucketed | shuffled | pad_longest (the book's: pad to the longest text)
     pooling: str  # last_real_token | mean (config.POOLINGS)
+    # Dropout while fine-tuning; None = the start model's (the pretraining drop_rate).
+    drop_rate: float | None
     train_data: str  # book | all (see SPAM_TRAIN_DATA)
     # Keep the token embedding (50257 x emb_dim, most of a small model's weights) as
     # pretrained.
@@ -128,6 +130,7 @@ class InstructConfig:
     judge_url: str
     judge_model: str
     batching: str  # bucketed | shuffled | pad_longest
+    drop_rate: float | None  # dropout while fine-tuning; None = the start model's
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptpkg.config import model_config
+from gptpkg.config import ConfigError, model_config
 from gptpkg.model import GPT, KVCache
 
 
@@ -87,6 +87,45 @@ def test_dropout_switches():
     assert not torch.allclose(model(idx), model(idx))
     model.eval()
     torch.testing.assert_close(model(idx), model(idx))
+
+
+def test_set_drop_rate_reaches_every_dropout(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(model_config("tiny", drop_rate=0.5))
+    idx = torch.randint(0, 50257, (2, 8))
+    model.eval()
+    clean = model(idx)
+    model.set_drop_rate(0.0)
+    assert model.cfg.drop_rate == 0.0
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert all(b.attn.drop_rate == 0.0 for b in model.blocks)  # SDPA's attention dropout
+    model.train()  # no dropout left anywhere: training mode gives the eval logits
+    torch.testing.assert_close(model(idx), clean)
+    model.set_drop_rate(0.3)
+    assert not torch.allclose(model(idx), clean)
+    # a checkpoint of the model records the new rate
+    from gptpkg.checkpoint import load_checkpoint, save_checkpoint
+    save_checkpoint(tmp_path / "m", model)
+    assert load_checkpoint(tmp_path / "m")[0].cfg.drop_rate == 0.3
+    with pytest.raises(ConfigError, match="drop_rate"):
+        model.set_drop_rate(1.0)
+    assert model.cfg.drop_rate == 0.3
+
+
+def test_fine_tuning_drop_rate_overrides_the_checkpoint(tmp_path):
+    from gptpkg.checkpoint import save_checkpoint
+    from gptpkg.finetune import initial_model
+
+    save_checkpoint(tmp_path / "pre", GPT(model_config("tiny", drop_rate=0.1)))
+    kept = initial_model("pretrained", "finetune_instruct", str(tmp_path / "pre"), "")
+    assert kept.cfg.drop_rate == 0.1 and kept.drop.p == 0.1
+    off = initial_model("pretrained", "finetune_instruct", str(tmp_path / "pre"), "", drop_rate=0)
+    assert off.cfg.drop_rate == 0.0 and off.drop.p == 0.0
+    torch.testing.assert_close(off.state_dict(), kept.state_dict())  # same weights
+    scratch = initial_model("scratch", "finetune_spam", "", "", "tiny", drop_rate=0.2)
+    assert scratch.cfg.drop_rate == 0.2 and scratch.blocks[0].attn.drop_rate == 0.2
+    with pytest.raises(ConfigError, match=r"params.finetune_spam.drop_rate: expected null .* got 1.5"):
+        initial_model("scratch", "finetune_spam", "", "", "tiny", drop_rate=1.5)
 
 
 @pytest.mark.parametrize("pooling", ["last_real_token", "mean"])

@@ -100,6 +100,8 @@ def test_unknown_params_key_stops_before_anything_runs(project, capsys):
     ("pretrain", "max_length", 4096, "pretrained", "params.pretrain.max_length=4096 exceeds the context_length"),
     ("finetune_spam", "pooling", "max", "spam_classifier",
      "params.finetune_spam.pooling: expected one of last_real_token|mean, got 'max'"),
+    ("finetune_instruct", "drop_rate", 1.5, "instruct",
+     "params.finetune_instruct.drop_rate: expected null (the start model's) or a probability in [0, 1), got 1.5"),
 ])
 def test_bad_value_names_the_key_and_keeps_the_old_output(project, capsys, stage, key, value, output, message):
     edit_params(project, stage, **{key: value})
