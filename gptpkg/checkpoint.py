@@ -95,6 +95,7 @@ def write_model(dir_: Path, model: torch.nn.Module, meta: dict[str, Any] | None 
         "model": dataclasses.asdict(model.cfg),
         "n_classes": model.n_classes,
         "pooling": model.pooling,
+        "logit_offset": None if model.logit_offset is None else list(model.logit_offset),
         "tied": model.tied,
         "meta": meta or {},
     }
@@ -140,7 +141,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if config.get("n_classes"):
         try:
             model.to_classifier(int(config["n_classes"]), config.get("pooling", POOLINGS[0]))
-        except ValueError as e:
+            model.set_logit_offset(config.get("logit_offset"))
+        except (ValueError, TypeError) as e:
             raise CheckpointError(f"{path / CONFIG}: {e}") from None
     weights = path / WEIGHTS
     if not weights.is_file():

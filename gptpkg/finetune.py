@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import atomic_write_text, check_same_training, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    atomic_write_text, check_same_training, load_checkpoint, load_trainer_state, read_config, save_checkpoint,
+)
 from .config import POOLINGS, ConfigError, model_config
 from .data import (
     SPAM_LABELS, ClassificationDataset, InstructionDataset, classification_collate,
@@ -132,6 +134,31 @@ def check_cv_folds(value: int) -> None:
                           f"(the number of folds), got {value!r}")
 
 
+def check_decision_spam_share(value: float | None) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  and 0.0 < value < 1.0):
+        raise ConfigError(f"params.finetune_spam.decision_spam_share: expected null (decide as trained) or a "
+                          f"spam share strictly between 0 and 1 (0.5: the book's balanced test mix), got {value!r}")
+
+
+def decision_offset(labels: list[int], class_weights: list[float] | None, spam_share: float) -> float:
+    """The spam-logit shift that makes a classifier trained on `labels` (ham 0, spam 1)
+    with `class_weights` decide for traffic with `spam_share` spam.
+
+    Cross-entropy makes the model's odds those of the mix it was trained on: the spam
+    share of `labels`, each class counted by its weight (all messages, ~9.5% spam, with
+    weights [1, 3]: ~24%). Bayes' rule moves them to another mix by adding
+    logit(spam_share) - logit(trained share) to the spam logit; at 0.5 that is the
+    decision that maximises the mean of ham and spam recall if the odds are calibrated."""
+    w = class_weights or [1.0, 1.0]
+    spam = w[1] * sum(1 for y in labels if y == 1)
+    ham = w[0] * sum(1 for y in labels if y == 0)
+    if not spam or not ham:
+        raise ValueError(f"decision_offset: need both classes with a positive weight, got {spam:g} weighted spam "
+                         f"and {ham:g} weighted ham")
+    return math.log(spam_share / (1.0 - spam_share)) - math.log(spam / ham)
+
+
 def check_soup(value: int) -> None:
     if value < 1:
         raise ConfigError(f"params.finetune_spam.soup: expected an integer >= 1 (the number of fine-tunings "
@@ -168,6 +195,7 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
         raise ConfigError(f"params.finetune_spam.pooling: expected one of {'|'.join(POOLINGS)}, got {cfg.pooling!r}")
     check_cv_folds(cfg.cv_folds)
     check_soup(cfg.soup)
+    check_decision_spam_share(cfg.decision_spam_share)
     set_seed(train.seed)
     model = initial_model(cfg.init, "finetune_spam", paths.pretrained, cfg.openai_weights, cfg.model, cfg.drop_rate)
     if cfg.max_length > model.cfg.context_length:
@@ -207,15 +235,29 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
         plan, collate = _batching(cfg.batching, "finetune_spam", lengths, tc, classification_collate)
         return fit(m, dataset, collate, tc, loss_fn=loss_fn, batch_plan=plan, progress=progress, desc=desc, **fit_kw)
 
+    def decide(m: GPT, dataset: ClassificationDataset) -> None:
+        """After training on `dataset`: the decision rule of `decision_spam_share`."""
+        share = cfg.decision_spam_share
+        m.set_logit_offset(None if share is None else [0.0, decision_offset(dataset.labels, cfg.class_weights, share)])
+
     def train_classifier(m: GPT, dataset: ClassificationDataset, desc: str, checkpoint_dir=None, resume=False,
                          meta=None, **fit_kw):
         """The one training setup: the final model and every CV fold go through it.
         With soup = n > 1: n fine-tunings of copies of `m` (seeds seed, seed+1, ...),
         then `m` becomes their weight average. Only the first member gets the eval and
         the logger (its curve is the stage's history); each member checkpoints into
-        `soup_workdir(checkpoint_dir)` for --resume, removed once the soup is written."""
+        `soup_workdir(checkpoint_dir)` for --resume, removed once the soup is written.
+        Then `decide`: training never sees the logit offset, the checkpoint holds it."""
         if cfg.soup == 1:
-            return fine_tune(m, dataset, train, desc, checkpoint_dir=checkpoint_dir, resume=resume, meta=meta, **fit_kw)
+            result = fine_tune(m, dataset, train, desc, checkpoint_dir=checkpoint_dir, resume=resume, meta=meta,
+                               **fit_kw)
+            decide(m, dataset)
+            if checkpoint_dir is not None and m.logit_offset is not None:
+                if is_main_process():  # the same checkpoint (trainer state kept for --resume) plus the offset
+                    save_checkpoint(checkpoint_dir, m, meta=read_config(checkpoint_dir)["meta"],
+                                    trainer_state=load_trainer_state(checkpoint_dir))
+                barrier(env_context())
+            return result
         work = soup_workdir(checkpoint_dir) if checkpoint_dir is not None else None
         start, members, results = copy.deepcopy(m), [], []
         for i, seed in enumerate(soup_seeds(train.seed, cfg.soup)):
@@ -229,6 +271,7 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
             members.append(member)
         average_weights(m, members)  # reads every member (m included) before writing m
         del members
+        decide(m, dataset)
         if checkpoint_dir is not None:
             if is_main_process():
                 save_checkpoint(checkpoint_dir, m, meta={
@@ -244,7 +287,7 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
                          history=results[0].history)
 
     meta = {"stage": "finetune_spam", "train_data": cfg.train_data, "labels": list(SPAM_LABELS), "max_length": cfg.max_length,
-            "pad_id": PAD_ID, "pooling": cfg.pooling, "tokenizer": "gpt2"}
+            "pad_id": PAD_ID, "pooling": cfg.pooling, "tokenizer": "gpt2", "decision_spam_share": cfg.decision_spam_share}
     result = train_classifier(model, sets["train"], "finetune_spam", eval_fn=evaluate,
                               checkpoint_dir=paths.spam_classifier, resume=resume, logger=logger, meta=meta)
     metrics: dict[str, Any] = {"steps": result.steps, "wall_time_s": result.wall_time_s,

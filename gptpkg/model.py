@@ -197,6 +197,9 @@ class GPT(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, V, bias=False)
         self.n_classes: int | None = None  # set by `to_classifier`
         self.pooling = POOLINGS[0]
+        # Added to the class logits at every `classify` (set by `set_logit_offset`, after
+        # training): a decision rule, not a weight; None = none.
+        self.logit_offset: tuple[float, ...] | None = None
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -290,7 +293,10 @@ class GPT(nn.Module):
             pooled = (h * real[..., None].to(h.dtype)).sum(dim=1) / lengths[:, None].to(h.dtype)
         else:
             pooled = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]  # (B, C)
-        return self.out_head(pooled)
+        logits = self.out_head(pooled)
+        if self.logit_offset is not None:
+            logits = logits + torch.tensor(self.logit_offset, dtype=logits.dtype, device=logits.device)
+        return logits
 
     # -- fine-tuning surgery -----------------------------------------------------
 
@@ -305,7 +311,24 @@ class GPT(nn.Module):
         self.out_head = head.to(self.tok_emb.weight.device)
         self.n_classes = n_classes
         self.pooling = pooling
+        self.logit_offset = None
         return self
+
+    def set_logit_offset(self, offset) -> None:
+        """Add `offset` (one finite number per class) to every `classify` result from now
+        on; None removes it. A shift of the spam logit by d moves the decision threshold on
+        the unshifted spam probability from 0.5 to 1 / (1 + e^d). Setting (not adding)
+        makes it idempotent; checkpoints save it, so the ONNX export carries it."""
+        if offset is None:
+            self.logit_offset = None
+            return
+        values = tuple(float(v) for v in offset)
+        if self.n_classes is None or len(values) != self.n_classes:
+            raise ValueError(f"logit_offset: expected {self.n_classes} values (one per class) "
+                             f"of a classifier, got {list(values)}")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"logit_offset: expected finite numbers, got {list(values)}")
+        self.logit_offset = values
 
     def set_drop_rate(self, p: float) -> None:
         """Use dropout probability `p` from now on, everywhere the model drops (embeddings,

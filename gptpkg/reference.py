@@ -93,6 +93,7 @@ def reference_copy(model: GPT) -> ReferenceGPT:
     ref = ReferenceGPT(model.cfg)
     if model.n_classes is not None:
         ref.to_classifier(model.n_classes, model.pooling)
+        ref.set_logit_offset(model.logit_offset)
     ref.load_state_dict(model.state_dict())
     p = next(model.parameters())
     return ref.to(device=p.device, dtype=p.dtype)

@@ -110,6 +110,9 @@ class SpamConfig:
     # n > 1: fine-tune n copies of the start model (seeds seed, seed+1, ...) and average
     # their weights into the one classifier (a uniform model soup); 1 = one fine-tuning.
     soup: int
+    # The spam share the classifier decides for (a spam-logit offset after training,
+    # `finetune.decision_offset`); None = the class-weighted mix it was trained on.
+    decision_spam_share: float | None
 
 
 @dataclass(frozen=True)

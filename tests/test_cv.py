@@ -192,6 +192,11 @@ def test_cross_validate_trains_each_fold_on_the_others_from_the_same_init(handfu
     ("soup", 0, "params.finetune_spam.soup: expected an integer >= 1 (the number of fine-tunings averaged into "
                 "the classifier; 1 = one fine-tuning), got 0"),
     ("soup", "three", "params.finetune_spam.soup: expected int, got 'three'"),
+    # finetune_spam.decision_spam_share (tests/test_decision.py)
+    ("decision_spam_share", 1.0, "params.finetune_spam.decision_spam_share: expected null (decide as trained) or a "
+                                 "spam share strictly between 0 and 1 (0.5: the book's balanced test mix), got 1.0"),
+    ("decision_spam_share", 0, "params.finetune_spam.decision_spam_share: expected null (decide as trained) or a "
+                               "spam share strictly between 0 and 1 (0.5: the book's balanced test mix), got 0"),
 ])
 def test_bad_cv_folds_or_soup_is_a_config_error_before_any_training(handful, key, value, message):
     from gptpkg.runner import run_stage
