@@ -163,16 +163,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return model.to(map_location), config
 
 
-def check_same_training(checkpoint_dir: str | Path, now: dict[str, Any], where: str) -> None:
+def check_same_training(checkpoint_dir: str | Path, now: dict[str, Any], where: str,
+                        stage: dict[str, Any] | None = None) -> None:
     """Before resuming `checkpoint_dir`: its recorded training params (meta "train") must
-    equal `now` (`asdict(TrainConfig)`), else a ConfigError naming the keys that differ.
-    A folder without a checkpoint passes (the training starts from step 0)."""
+    equal `now` (`asdict(TrainConfig)`), and its recorded stage keys (meta
+    "stage_params", `stages.training_params`) must equal `stage`, else a ConfigError
+    naming the keys that differ. A folder without a checkpoint passes (the training
+    starts from step 0); a checkpoint written before stage keys were recorded is
+    compared on its training params only."""
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / CONFIG).is_file():
         return
-    saved = read_config(checkpoint_dir).get("meta", {}).get("train")
+    meta = read_config(checkpoint_dir).get("meta", {})
+    saved = meta.get("train")
     if saved is None:
         raise ConfigError(f"--resume: {checkpoint_dir} holds no training state to resume")
+    if stage is not None and isinstance(meta.get("stage_params"), dict):
+        saved, now = {**meta["stage_params"], **saved}, {**stage, **now}
     differ = sorted(k for k in now if saved.get(k) != now[k])
     if differ:
         raise ConfigError(

@@ -29,7 +29,7 @@ from .metrics import at_spam_share, classification_metrics
 from .model import GPT
 from .stages import (
     InstructConfig, SpamConfig, heldout_full_rows, mirror_of, paths_of, read_spam_split, spam_train_rows,
-    stage_config, text_key, traffic_metrics,
+    stage_config, text_key, traffic_metrics, training_params,
 )
 from .tokenizer import PAD_ID, get_tokenizer
 from .train import (
@@ -264,7 +264,8 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
             tc = dataclasses.replace(train, seed=seed)
             member_dir = None if work is None else work / f"member-{i + 1}"
             if resume and member_dir is not None:
-                check_same_training(member_dir, dataclasses.asdict(tc), "params.finetune_spam")
+                check_same_training(member_dir, dataclasses.asdict(tc), "params.finetune_spam",
+                                    training_params(cfg))
             member = m if i == 0 else copy.deepcopy(start)
             results.append(fine_tune(member, dataset, tc, f"{desc} soup {i + 1}/{cfg.soup}", checkpoint_dir=member_dir,
                                      resume=resume, meta=meta, **(fit_kw if i == 0 else {})))
@@ -287,7 +288,8 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
                          history=results[0].history)
 
     meta = {"stage": "finetune_spam", "train_data": cfg.train_data, "labels": list(SPAM_LABELS), "max_length": cfg.max_length,
-            "pad_id": PAD_ID, "pooling": cfg.pooling, "tokenizer": "gpt2", "decision_spam_share": cfg.decision_spam_share}
+            "pad_id": PAD_ID, "pooling": cfg.pooling, "tokenizer": "gpt2", "decision_spam_share": cfg.decision_spam_share,
+            "stage_params": training_params(cfg)}
     result = train_classifier(model, sets["train"], "finetune_spam", eval_fn=evaluate,
                               checkpoint_dir=paths.spam_classifier, resume=resume, logger=logger, meta=meta)
     metrics: dict[str, Any] = {"steps": result.steps, "wall_time_s": result.wall_time_s,
@@ -338,7 +340,8 @@ def run_instruct(params: dict, logger: MetricLogger, resume: bool = False, progr
     plan, train_collate = _batching(cfg.batching, "finetune_instruct", lengths, train, collate)
     result = fit(model, sets["train"], train_collate, train, loss_fn=lm_loss, eval_fn=evaluate, batch_plan=plan,
                  checkpoint_dir=paths.instruct_model, resume=resume, logger=logger,
-                 meta={"stage": "finetune_instruct"}, progress=progress, desc="finetune_instruct")
+                 meta={"stage": "finetune_instruct", "stage_params": training_params(cfg)}, progress=progress,
+                 desc="finetune_instruct")
     # train loss over eval_batches (0 = all) batches: a full pass over the train split costs
     # more than the training itself on CPU; val and test are always complete.
     metrics: dict[str, Any] = {f"{p}_loss": mean_loss(model, b, lm_loss, device, train.eval_batches if p == "train" else 0, dtype)

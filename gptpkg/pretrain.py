@@ -13,7 +13,7 @@ from .data import TokenWindows
 from .generate import generate_text
 from .loggers import MetricLogger
 from .model import GPT
-from .stages import PretrainConfig, mirror_of, paths_of, read_corpus, stage_config
+from .stages import PretrainConfig, mirror_of, paths_of, read_corpus, stage_config, training_params
 from .train import batches_of, fit, lm_loss, mean_loss, resolve_device, set_seed, autocast_dtype
 
 
@@ -52,7 +52,8 @@ def run(params: dict, logger: MetricLogger, resume: bool = False, progress: bool
 
     result = fit(model, train_set, _collate, train, loss_fn=lm_loss, eval_fn=evaluate,
                  checkpoint_dir=paths.pretrained, resume=resume, logger=logger,
-                 meta={"stage": "pretrain", "corpus": cfg.corpus}, progress=progress, desc="pretrain")
+                 meta={"stage": "pretrain", "corpus": cfg.corpus, "stage_params": training_params(cfg)},
+                 progress=progress, desc="pretrain")
     logger.log_table("samples", ["eval", "prompt", "generation"], samples)
     final = result.final
     return {

@@ -13,7 +13,9 @@ from .config import from_dict, section
 from .distributed import is_main_process
 from .loggers import MultiLogger, NullLogger, StdoutLogger, WandbLogger, wandb_from_env
 from .plots import write_stage_plots
-from .stages import SECTION_CONFIGS, Paths, WandbConfig, paths_of, stage_config, validate_params, write_metrics
+from .stages import (
+    SECTION_CONFIGS, Paths, WandbConfig, paths_of, stage_config, training_params, validate_params, write_metrics,
+)
 
 
 def _fetch(params, logger, resume, progress):
@@ -114,8 +116,8 @@ def check_resumable(params: dict, name: str, checkpoint_dir: Path) -> None:
 
     from .checkpoint import check_same_training
 
-    _, train = stage_config(params, name, SECTION_CONFIGS[name])
-    check_same_training(checkpoint_dir, asdict(train), f"params.{name}")
+    own, train = stage_config(params, name, SECTION_CONFIGS[name])
+    check_same_training(checkpoint_dir, asdict(train), f"params.{name}", training_params(own))
 
 
 def run_stage(name: str, params: dict, resume: bool = False, progress: bool = True) -> dict[str, Any]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from .checkpoint import atomic_write_text
 from .config import ConfigError, from_dict, section, split_train
@@ -85,6 +85,8 @@ class PretrainConfig:
     stride: int
     sample_prompt: str
     sample_tokens: int
+    # own keys that act only after or beside training (see `training_params`)
+    AFTER_TRAINING: ClassVar[frozenset[str]] = frozenset({"sample_prompt", "sample_tokens"})
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class SpamConfig:
     # The spam share the classifier decides for (a spam-logit offset after training,
     # `finetune.decision_offset`); None = the class-weighted mix it was trained on.
     decision_spam_share: float | None
+    AFTER_TRAINING: ClassVar[frozenset[str]] = frozenset({"openai_weights", "cv_folds", "decision_spam_share"})
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,8 @@ class InstructConfig:
     judge_model: str
     batching: str  # bucketed | shuffled | pad_longest
     drop_rate: float | None  # dropout while fine-tuning; None = the start model's
+    AFTER_TRAINING: ClassVar[frozenset[str]] = frozenset({"openai_weights", "max_new_tokens", "judge_url",
+                                                          "judge_model"})
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,15 @@ def stage_config(params: dict, name: str, cls: type) -> tuple[Any, Any]:
     sec = section(params, name)
     own, train = split_train(sec, f"params.{name}") if cls in (PretrainConfig, SpamConfig, InstructConfig) else (sec, None)
     return from_dict(cls, own, f"params.{name}"), train
+
+
+def training_params(own: Any) -> dict[str, Any]:
+    """The keys of a training stage's own config (`stage_config`'s first value) that shape
+    its trained weights: all but its class's AFTER_TRAINING keys (generation, judging,
+    cross-validation, the decision rule, and the path of OpenAI's weights, whose use
+    `init` records). A checkpoint records them (meta "stage_params") beside the
+    TrainConfig keys (meta "train"), so `--resume` compares both."""
+    return {k: v for k, v in asdict(own).items() if k not in type(own).AFTER_TRAINING}
 
 
 def write_metrics(paths: Paths, stage: str, metrics: dict[str, Any]) -> Path:

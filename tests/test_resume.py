@@ -80,3 +80,26 @@ def test_resume_refuses_other_training_params(prepared, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "--resume" in err and "['lr', 'max_steps']" in err and "run without --resume" in err
     assert Path("models/pretrained/model.safetensors").read_bytes() == before
+
+
+def test_resume_compares_the_stage_keys_that_shape_training_too(prepared, monkeypatch, capsys):
+    """drop_rate is a pretrain key outside TrainConfig: a checkpoint trained with 0.0 does
+    not resume under 0.3. The sample prompt acts only beside training, so it may differ.
+    A checkpoint from before stage keys were recorded is compared on training params."""
+    monkeypatch.chdir(prepared)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert main(["pretrain", "--no-progress", "--set", SETS[0], "--set", "pretrain.drop_rate=0.0"]) == 0
+    config_file = Path("models/pretrained/config.json")
+    assert json.loads(config_file.read_text())["meta"]["stage_params"]["drop_rate"] == 0.0
+    before = Path("models/pretrained/model.safetensors").read_bytes()
+    assert main(["pretrain", "--no-progress", "--resume", "--set", SETS[0], "--set", "pretrain.drop_rate=0.3"]) == 1
+    err = capsys.readouterr().err
+    assert "other params.pretrain values for ['drop_rate'] (checkpoint: [0.0], params: [0.3])" in err
+    assert Path("models/pretrained/model.safetensors").read_bytes() == before
+    assert main(["pretrain", "--no-progress", "--resume", "--set", SETS[0], "--set", "pretrain.drop_rate=0.0",
+                 "--set", "pretrain.sample_prompt=Hello"]) == 0
+    assert Path("models/pretrained/model.safetensors").read_bytes() == before  # a finished run: nothing to train
+    config = json.loads(config_file.read_text())
+    del config["meta"]["stage_params"]  # as written before this check existed
+    config_file.write_text(json.dumps(config))
+    assert main(["pretrain", "--no-progress", "--resume", "--set", SETS[0], "--set", "pretrain.drop_rate=0.3"]) == 0

@@ -92,6 +92,10 @@ def test_an_interrupted_soup_resumes_to_the_uninterrupted_soup(handful, monkeypa
     # resuming with another seed would continue members trained for other seeds: refused
     with pytest.raises(ConfigError, match=r"member-1 was trained with other params.finetune_spam values for \['seed'\]"):
         run_stage("finetune_spam", params("cut", soup=2, checkpoint_every=1, seed=7), resume=True, progress=False)
+    # so would other stage keys that shape the training (not TrainConfig's)
+    with pytest.raises(ConfigError, match=r"member-1 was trained with other params.finetune_spam values for \['pooling'\]"):
+        run_stage("finetune_spam", params("cut", soup=2, checkpoint_every=1, pooling="mean"), resume=True,
+                  progress=False)
     run_stage("finetune_spam", p, resume=True, progress=False)
     assert not work.exists()
     full = _weights(Path(params("full")["paths"]["spam_classifier"]))
