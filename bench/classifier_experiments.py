@@ -167,6 +167,11 @@ LEVERS: dict[str, list[str]] = {
     "r6 decision_spam_share=0.5": ["finetune_spam.decision_spam_share=0.5"],
     "r6 decision_spam_share=0.5, seed=2": ["finetune_spam.decision_spam_share=0.5", "finetune_spam.seed=2"],
     "r6 decision_spam_share=0.5, seed=3": ["finetune_spam.decision_spam_share=0.5", "finetune_spam.seed=3"],
+    # Outcome (CV over seeds 123/2/3, test columns unread): 97.909 / 98.023 / 98.012% (mean 97.981%)
+    # against 97.750 / 98.023 / 97.960% with the same trainings deciding as trained: +2 spam and
+    # +5 ham flagged at seed 123, no decision changed at seed 2, +1 spam and +5 ham at seed 3.
+    # It beats 97.911% by 0.07 points (under one spam message), so by the rule it is adopted
+    # (2026-11-24 19:45 UTC, before its test columns were read): decision_spam_share 0.5.
     # model size and context
     "model=cpu-small (d=256, 6 layers), 206 pretrain steps": ["pretrain.model=cpu-small", "pretrain.max_steps=300"],
     "max_length=64": ["finetune_spam.max_length=64"],

@@ -75,7 +75,7 @@ def test_the_stage_trains_as_without_it_and_then_decides_for_the_share(handful, 
     from gptpkg.runner import run_stage
 
     params, parts = handful
-    run_stage("finetune_spam", params("plain", soup=soup), progress=False)
+    run_stage("finetune_spam", params("plain", soup=soup, decision_spam_share="null"), progress=False)
     p = params("balanced", soup=soup, decision_spam_share=0.5)
     metrics = run_stage("finetune_spam", p, progress=False)
     out = Path(p["paths"]["spam_classifier"])
