@@ -135,8 +135,7 @@ def check_cv_folds(value: int) -> None:
 
 
 def check_decision_spam_share(value: float | None) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                  and 0.0 < value < 1.0):
+    if value is not None and not 0.0 < value < 1.0:  # its type: checked by stage_config
         raise ConfigError(f"params.finetune_spam.decision_spam_share: expected null (decide as trained) or a "
                           f"spam share strictly between 0 and 1 (0.5: the book's balanced test mix), got {value!r}")
 
