@@ -172,6 +172,17 @@ LEVERS: dict[str, list[str]] = {
     # +5 ham flagged at seed 123, no decision changed at seed 2, +1 spam and +5 ham at seed 3.
     # It beats 97.911% by 0.07 points (under one spam message), so by the rule it is adopted
     # (2026-11-24 19:45 UTC, before its test columns were read): decision_spam_share 0.5.
+    # Round 7, on the defaults of 01d258d (the rows "r6 decision_spam_share=0.5", seeds
+    # 123/2/3: CV mean 97.981%): pretraining's softmax over the SMS corpus's 9,592 tokens
+    # instead of all 50,257 (pretrain.lm_vocab=corpus; ~2.7x faster pretraining steps, for
+    # the 15-minute budget, which slow hours of this machine exceeded). Rule, written
+    # 2026-11-24 21:25 UTC before any round-7 run: run it at fine-tuning seeds 123, 2 and 3;
+    # adopt it iff its CV mean is at least 97.873% (the defaults' 97.981% minus 0.108 points,
+    # one CV spam message of 463: it is adopted for the time it saves, so it must not lose
+    # more than that, and need not win); test figures unread before the outcome is committed.
+    "r7 pretrain lm_vocab=corpus": ["pretrain.lm_vocab=corpus"],
+    "r7 pretrain lm_vocab=corpus, seed=2": ["pretrain.lm_vocab=corpus", "finetune_spam.seed=2"],
+    "r7 pretrain lm_vocab=corpus, seed=3": ["pretrain.lm_vocab=corpus", "finetune_spam.seed=3"],
     # model size and context
     "model=cpu-small (d=256, 6 layers), 206 pretrain steps": ["pretrain.model=cpu-small", "pretrain.max_steps=300"],
     "max_length=64": ["finetune_spam.max_length=64"],

@@ -96,6 +96,7 @@ def write_model(dir_: Path, model: torch.nn.Module, meta: dict[str, Any] | None 
         "n_classes": model.n_classes,
         "pooling": model.pooling,
         "logit_offset": None if model.logit_offset is None else list(model.logit_offset),
+        "lm_vocab": None if model.lm_vocab is None else list(model.lm_vocab),
         "tied": model.tied,
         "meta": meta or {},
     }
@@ -143,6 +144,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             model.to_classifier(int(config["n_classes"]), config.get("pooling", POOLINGS[0]))
             model.set_logit_offset(config.get("logit_offset"))
         except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path / CONFIG}: {e}") from None
+    elif config.get("lm_vocab") is not None:
+        try:
+            model.set_lm_vocab(config["lm_vocab"])
+        except ValueError as e:
             raise CheckpointError(f"{path / CONFIG}: {e}") from None
     weights = path / WEIGHTS
     if not weights.is_file():

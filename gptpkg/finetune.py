@@ -61,6 +61,9 @@ def initial_model(init: str, params_section: str, pretrained: str, openai_weight
         raise ConfigError(f"params.{params_section}.init: expected pretrained|openai|scratch, got {init!r}")
     if drop_rate is not None:
         model.set_drop_rate(float(drop_rate))
+    # A pretraining on its corpus's tokens only (pretrain.lm_vocab: corpus) scored no
+    # other token; a fine-tuning's texts may hold any, so it scores them all.
+    model.set_lm_vocab(None)
     return model
 
 

@@ -200,6 +200,10 @@ class GPT(nn.Module):
         # Added to the class logits at every `classify` (set by `set_logit_offset`, after
         # training): a decision rule, not a weight; None = none.
         self.logit_offset: tuple[float, ...] | None = None
+        # The tokens next-token prediction scores (`set_lm_vocab`); None = all of them.
+        self.lm_vocab: tuple[int, ...] | None = None
+        self.register_buffer("lm_rows", None, persistent=False)  # (V',) the lm_vocab ids
+        self.register_buffer("lm_index", None, persistent=False)  # (V,) id -> row of lm_rows, -1 outside
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -258,6 +262,8 @@ class GPT(nn.Module):
         logits = self.out_head(h)
         if self.n_classes is None and logits.shape[-1] != self.cfg.vocab_size:
             logits = logits[..., : self.cfg.vocab_size]  # drop the padded vocabulary rows
+        if self.n_classes is None and self.lm_index is not None:
+            logits = logits.masked_fill(self.lm_index < 0, float("-inf"))  # tokens it never scores
         if targets is not None:
             return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits
@@ -270,7 +276,10 @@ class GPT(nn.Module):
         autocast applies to the head matmul.
         """
         w = self.out_head.weight
-        if w.shape[0] != self.cfg.vocab_size:
+        if self.lm_rows is not None:
+            w = w.index_select(0, self.lm_rows)  # (V', C): only the lm_vocab rows score
+            targets = self.lm_targets(targets)
+        elif w.shape[0] != self.cfg.vocab_size:
             w = w[: self.cfg.vocab_size]  # padded rows never score (sliced only then: a
             # slice's backward copies the whole (V, C) gradient)
         if h.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
@@ -312,7 +321,47 @@ class GPT(nn.Module):
         self.n_classes = n_classes
         self.pooling = pooling
         self.logit_offset = None
+        self.set_lm_vocab(None)
         return self
+
+    def set_lm_vocab(self, ids) -> None:
+        """Score only the token ids `ids` in next-token prediction from now on; None scores
+        all of them. The loss is the softmax cross-entropy over those tokens alone (the
+        head's matmuls shrink from the whole vocabulary to them: most of a small model's
+        training FLOPs), and generation never picks another token (its logit is -inf).
+        Every target must be one of them. Checkpoints save it."""
+        if ids is None:
+            self.lm_vocab = self.lm_rows = self.lm_index = None
+            return
+        if self.n_classes is not None:
+            raise ValueError("lm_vocab: a classifier has no next-token head to restrict")
+        try:
+            items = list(ids)
+            values = tuple(int(v) for v in items)
+            exact = all(int(v) == v for v in items)
+        except (TypeError, ValueError):
+            raise ValueError(f"lm_vocab: expected token ids (integers), got {str(ids)[:80]}") from None
+        V = self.cfg.vocab_size
+        if not values or not exact or list(values) != sorted(set(values)) or values[0] < 0 or values[-1] >= V:
+            raise ValueError(f"lm_vocab: expected a non-empty increasing list of distinct token ids in "
+                             f"[0, {V}), got {len(values)} values starting {list(values[:5])}")
+        device = self.tok_emb.weight.device
+        rows = torch.tensor(values, dtype=torch.long, device=device)
+        index = torch.full((V,), -1, dtype=torch.long, device=device)
+        index[rows] = torch.arange(len(values), device=device)
+        self.lm_vocab, self.lm_rows, self.lm_index = values, rows, index
+
+    def lm_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Token-id targets as rows of `lm_rows` (IGNORE_INDEX kept); a target outside
+        lm_vocab is an error, never silently unscored."""
+        scored = targets != IGNORE_INDEX
+        mapped = self.lm_index[torch.where(scored, targets, torch.zeros_like(targets))]
+        outside = scored & (mapped < 0)
+        if bool(outside.any()):
+            raise ValueError(f"target token id {int(targets[outside][0])} is outside the model's lm_vocab "
+                             f"({len(self.lm_rows)} tokens): train on text of that vocabulary, or "
+                             f"set_lm_vocab(None) to score every token")
+        return torch.where(scored, mapped, torch.full_like(mapped, IGNORE_INDEX))
 
     def set_logit_offset(self, offset) -> None:
         """Add `offset` (one finite number per class) to every `classify` result from now

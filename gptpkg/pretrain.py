@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import ConfigError, model_config
@@ -13,7 +14,7 @@ from .data import TokenWindows
 from .generate import generate_text
 from .loggers import MetricLogger
 from .model import GPT
-from .stages import PretrainConfig, mirror_of, paths_of, read_corpus, stage_config, training_params
+from .stages import LM_VOCABS, PretrainConfig, mirror_of, paths_of, read_corpus, stage_config, training_params
 from .train import batches_of, fit, lm_loss, mean_loss, resolve_device, set_seed, autocast_dtype
 
 
@@ -32,12 +33,17 @@ def run(params: dict, logger: MetricLogger, resume: bool = False, progress: bool
             f"params.pretrain.max_length={cfg.max_length} exceeds the context_length "
             f"{mcfg.context_length} of model preset {cfg.model!r}"
         )
-    train_set = TokenWindows(read_corpus(paths, cfg.corpus, "train"), cfg.max_length, cfg.stride)
-    val_set = TokenWindows(read_corpus(paths, cfg.corpus, "val"), cfg.max_length, cfg.max_length)
+    if cfg.lm_vocab not in LM_VOCABS:
+        raise ConfigError(f"params.pretrain.lm_vocab: expected one of {list(LM_VOCABS)}, got {cfg.lm_vocab!r}")
+    train_ids, val_ids = read_corpus(paths, cfg.corpus, "train"), read_corpus(paths, cfg.corpus, "val")
+    train_set = TokenWindows(train_ids, cfg.max_length, cfg.stride)
+    val_set = TokenWindows(val_ids, cfg.max_length, cfg.max_length)
     tok = get_tokenizer(mirror_of(params))
 
     set_seed(train.seed)
     model = GPT(mcfg)
+    if cfg.lm_vocab == "corpus":  # the tokens of the corpus's train and val parts, no others
+        model.set_lm_vocab(np.union1d(train_ids, val_ids).tolist())
     device = resolve_device(train.device)
     dtype = autocast_dtype(train.precision, device)
     val_batches = batches_of(val_set, _collate, train.batch_size)
@@ -67,6 +73,7 @@ def run(params: dict, logger: MetricLogger, resume: bool = False, progress: bool
         "tokens_per_s": result.tokens_per_s,
         "wall_time_s": result.wall_time_s,
         "n_params": model.num_params(),
+        "lm_vocab_size": len(model.lm_vocab) if model.lm_vocab is not None else mcfg.vocab_size,
         "history": result.history,
         "samples": [{"eval": i, "prompt": p, "generation": g} for i, p, g in samples],
         "checkpoint": str(Path(paths.pretrained)),

@@ -85,6 +85,8 @@ class ReferenceGPT(GPT):
 
     def lm_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.out_head(h)[..., : self.cfg.vocab_size]  # (B, T, V)
+        if self.lm_rows is not None:  # the full logits, then the lm_vocab columns
+            logits, targets = logits[..., self.lm_rows], self.lm_targets(targets)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
@@ -94,6 +96,7 @@ def reference_copy(model: GPT) -> ReferenceGPT:
     if model.n_classes is not None:
         ref.to_classifier(model.n_classes, model.pooling)
         ref.set_logit_offset(model.logit_offset)
+    ref.set_lm_vocab(model.lm_vocab)
     ref.load_state_dict(model.state_dict())
     p = next(model.parameters())
     return ref.to(device=p.device, dtype=p.dtype)

@@ -25,6 +25,9 @@ RAW_FILES = ("the-verdict.txt", "tinyshakespeare.txt", "SMSSpamCollection", "ins
 # What the spam classifier trains on: the book's balanced train split, or every message
 # of the collection whose text is neither a validation nor a test text (imbalanced).
 SPAM_TRAIN_DATA = ("book", "all")
+# What pretraining's next-token softmax runs over: every GPT-2 token, or only the tokens
+# of its corpus (train and val parts; `GPT.set_lm_vocab`).
+LM_VOCABS = ("full", "corpus")
 
 
 def text_key(text: str) -> str:
@@ -81,6 +84,7 @@ class PretrainConfig:
     drop_rate: float
     vocab_multiple: int  # pad the vocabulary to a multiple of this (64 on GPUs; 1 = none)
     corpus: list[str]
+    lm_vocab: str  # full | corpus (see LM_VOCABS)
     max_length: int
     stride: int
     sample_prompt: str
