@@ -183,6 +183,9 @@ LEVERS: dict[str, list[str]] = {
     "r7 pretrain lm_vocab=corpus": ["pretrain.lm_vocab=corpus"],
     "r7 pretrain lm_vocab=corpus, seed=2": ["pretrain.lm_vocab=corpus", "finetune_spam.seed=2"],
     "r7 pretrain lm_vocab=corpus, seed=3": ["pretrain.lm_vocab=corpus", "finetune_spam.seed=3"],
+    # Outcome (CV over seeds 123/2/3, test columns unread): 97.699 / 97.893 / 97.938% (mean 97.843%)
+    # against the defaults' 97.909 / 98.023 / 98.012% (97.981%): 0.14 points lower, short of the
+    # 97.873% the rule asks by 0.03, so lm_vocab stays full (2026-11-24 21:58 UTC).
     # model size and context
     "model=cpu-small (d=256, 6 layers), 206 pretrain steps": ["pretrain.model=cpu-small", "pretrain.max_steps=300"],
     "max_length=64": ["finetune_spam.max_length=64"],

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+from pathlib import Path
 from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Interrupted(Exception):
@@ -37,3 +41,24 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def prepared_tiny_workspace(root: Path) -> Path:
+    """`root` made a pipeline workspace on the tiny profile (this repo's params.yaml and
+    profiles) whose fetch and prepare stages have run (from the offline mirror)."""
+    from gptpkg.config import load_params
+    from gptpkg.runner import run_stage
+    from gptpkg.stages import apply_profile
+
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    shutil.copytree(ROOT / "profiles", root / "profiles")
+    apply_profile(root / "params.yaml", "tiny")
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        params = load_params("params.yaml")
+        run_stage("fetch", params)
+        run_stage("prepare", params)
+    finally:
+        os.chdir(cwd)
+    return root

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import prepared_tiny_workspace
 
 from gptpkg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gptpkg.cli import main
@@ -20,9 +19,7 @@ from gptpkg.finetune import initial_model
 from gptpkg.generate import generate
 from gptpkg.model import GPT
 from gptpkg.reference import reference_copy
-from gptpkg.stages import apply_profile
 
-ROOT = Path(__file__).resolve().parents[1]
 KEEP = [3, 10, 11, 40, 41, 42, 99, 500, 999]  # token ids of a "corpus" (vocab_size 1000)
 
 
@@ -73,6 +70,18 @@ def test_loss_is_the_softmax_over_the_kept_tokens_on_both_paths(vocab_multiple):
     others[KEEP] = False
     assert fast.tok_emb.weight.grad[others].abs().max() == 0
     assert fast.tok_emb.weight.grad[KEEP].abs().max() > 0
+
+
+def test_the_logits_path_of_gpus_scores_the_same_tokens():
+    """Under autocast (as on a GPU) the head takes the plain logits path, not the CPU's
+    fused chunked loss: it must restrict the same way (bf16 here, so a loose tolerance;
+    the full-vocabulary loss is more than 1 away, see above)."""
+    m = _model()
+    x, y = _batch()
+    want = m(x, targets=y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(x, targets=y)
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
 
 
 def test_generation_never_picks_a_token_outside_the_vocabulary():
@@ -131,21 +140,7 @@ def test_checkpoint_round_trip_and_fine_tuning_starts_score_everything(tmp_path)
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from gptpkg.runner import run_stage
-
-    root = tmp_path_factory.mktemp("lm_vocab")
-    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-    shutil.copytree(ROOT / "profiles", root / "profiles")
-    apply_profile(root / "params.yaml", "tiny")
-    cwd = Path.cwd()
-    os.chdir(root)
-    try:
-        params = load_params("params.yaml")
-        run_stage("fetch", params)
-        run_stage("prepare", params)
-    finally:
-        os.chdir(cwd)
-    return root
+    return prepared_tiny_workspace(tmp_path_factory.mktemp("lm_vocab"))
 
 
 def test_pretrain_stage_scores_the_corpus_tokens(prepared, monkeypatch, capsys):

@@ -5,17 +5,15 @@ run, and refuses a checkpoint written with other training params."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
+from helpers import prepared_tiny_workspace
 
 from gptpkg.cli import main
 from gptpkg.config import ConfigError, load_params
 from gptpkg.loggers import NullLogger
-from gptpkg.stages import apply_profile
 
-ROOT = Path(__file__).resolve().parents[1]
 SETS = ["pretrain.max_steps=6", "pretrain.eval_every=3", "pretrain.checkpoint_every=2"]
 
 
@@ -31,23 +29,7 @@ class StopAtFirstEval(NullLogger):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from gptpkg.runner import run_stage
-
-    root = tmp_path_factory.mktemp("resume")
-    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-    shutil.copytree(ROOT / "profiles", root / "profiles")
-    apply_profile(root / "params.yaml", "tiny")
-    cwd = Path.cwd()
-    import os
-
-    os.chdir(root)
-    try:
-        params = load_params("params.yaml")
-        run_stage("fetch", params)
-        run_stage("prepare", params)
-    finally:
-        os.chdir(cwd)
-    return root
+    return prepared_tiny_workspace(tmp_path_factory.mktemp("resume"))
 
 
 def test_resume_finishes_an_interrupted_stage_identically(prepared, monkeypatch, capsys):
