@@ -33,7 +33,7 @@ from .stages import (
 )
 from .tokenizer import PAD_ID, get_tokenizer
 from .train import (
-    BATCHING, FitResult, autocast, autocast_dtype, batch_plan_for, batches_of, classification_loss, fit,
+    BATCHING, TIMING_KEYS, FitResult, autocast, autocast_dtype, batch_plan_for, batches_of, classification_loss, fit,
     lm_loss, mean_loss, resolve_device, set_seed,
 )
 
@@ -261,6 +261,18 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
                 barrier(env_context())
             return result
         work = soup_workdir(checkpoint_dir) if checkpoint_dir is not None else None
+        done = load_trainer_state(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
+        if done is not None and "soup" in done:  # --resume of a finished soup: nothing to train
+            # (the runner has checked that it was trained with these params, soup included)
+            saved, _ = load_checkpoint(checkpoint_dir, map_location=m.tok_emb.weight.device)
+            m.load_state_dict(saved.state_dict())
+            decide(m, dataset)  # decision_spam_share acts after training: it may have changed
+            if m.logit_offset != saved.logit_offset and is_main_process():
+                save_checkpoint(checkpoint_dir, m, meta=read_config(checkpoint_dir)["meta"], trainer_state=done)
+            barrier(env_context())
+            r = done["soup"]
+            return FitResult(steps=r["steps"], tokens_seen=r["tokens_seen"], examples_seen=r["examples_seen"],
+                             wall_time_s=0.0, tokens_per_s=0.0, history=list(r["history"]))
         start, members, results = copy.deepcopy(m), [], []
         for i, seed in enumerate(soup_seeds(train.seed, cfg.soup)):
             tc = dataclasses.replace(train, seed=seed)
@@ -277,9 +289,16 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
         decide(m, dataset)
         if checkpoint_dir is not None:
             if is_main_process():
+                # The trainer state of a finished soup: what --resume returns without training
+                # (timings left out, so the same params give byte-identical files).
+                summary = {"steps": results[0].steps, "tokens_seen": sum(r.tokens_seen for r in results),
+                           "examples_seen": sum(r.examples_seen for r in results),
+                           "history": [{k: v for k, v in row.items() if k not in TIMING_KEYS}
+                                       for row in results[0].history]}
                 save_checkpoint(checkpoint_dir, m, meta={
                     **(meta or {}), "step": results[0].steps, "train": dataclasses.asdict(train),
-                    "soup": {"members": cfg.soup, "seeds": soup_seeds(train.seed, cfg.soup)}})
+                    "soup": {"members": cfg.soup, "seeds": soup_seeds(train.seed, cfg.soup)}},
+                    trainer_state={"soup": summary})
                 shutil.rmtree(work, ignore_errors=True)
             barrier(env_context())
         wall = sum(r.wall_time_s for r in results)

@@ -101,3 +101,41 @@ def test_an_interrupted_soup_resumes_to_the_uninterrupted_soup(handful, monkeypa
     full = _weights(Path(params("full")["paths"]["spam_classifier"]))
     for k, v in _weights(out).items():
         torch.testing.assert_close(v, full[k], msg=k)
+
+
+def test_resuming_a_finished_soup_trains_nothing(handful, monkeypatch):
+    """--resume of a finished soup: the classifier and its files stay as they are, the
+    metrics come out the same, and no member is fine-tuned again; a new
+    decision_spam_share (it acts after training) only resets the logit offset."""
+    import gptpkg.finetune as ft
+    from gptpkg.runner import run_stage
+
+    params, _ = handful
+    p = params("done", soup=2)
+    out = Path(p["paths"]["spam_classifier"])
+    metrics_file = Path(p["paths"]["metrics"]) / "finetune_spam.json"
+    run_stage("finetune_spam", p, progress=False)
+    files = {f.name: f.read_bytes() for f in out.iterdir()}
+    trained = _weights(out)
+    assert "trainer.pt" in files  # the finished soup's summary, for --resume
+    first = json.loads(metrics_file.read_text())
+
+    def no_training(*a, **kw):
+        raise AssertionError("a finished soup was fine-tuned again")
+
+    monkeypatch.setattr(ft, "fit", no_training)
+    run_stage("finetune_spam", p, resume=True, progress=False)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == files
+    assert not soup_workdir(out).exists()
+    again = json.loads(metrics_file.read_text())
+    timing = {"wall_time_s", "examples_per_s", "stage_wall_time_s", "stage_cpu_time_s"}
+    assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in first.items() if k not in timing}
+
+    run_stage("finetune_spam", params("done", soup=2, decision_spam_share=0.2), resume=True, progress=False)
+    config = read_config(out)
+    assert config["logit_offset"][1] < json.loads(files["config.json"])["logit_offset"][1]  # a lower spam prior
+    for k, v in _weights(out).items():  # the same weights, only the decision moved
+        assert torch.equal(v, trained[k]), k
+    monkeypatch.undo()
+    run_stage("finetune_spam", p, progress=False)  # a plain rerun retrains: the same files, byte for byte
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == files
