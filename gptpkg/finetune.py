@@ -250,16 +250,9 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
         the logger (its curve is the stage's history); each member checkpoints into
         `soup_workdir(checkpoint_dir)` for --resume, removed once the soup is written.
         Then `decide`: training never sees the logit offset, the checkpoint holds it."""
-        if cfg.soup == 1:
-            result = fine_tune(m, dataset, train, desc, checkpoint_dir=checkpoint_dir, resume=resume, meta=meta,
-                               **fit_kw)
-            decide(m, dataset)
-            if checkpoint_dir is not None and m.logit_offset is not None:
-                if is_main_process():  # the same checkpoint (trainer state kept for --resume) plus the offset
-                    save_checkpoint(checkpoint_dir, m, meta=read_config(checkpoint_dir)["meta"],
-                                    trainer_state=load_trainer_state(checkpoint_dir))
-                barrier(env_context())
-            return result
+        if cfg.soup == 1:  # the final checkpoint is written with the offset
+            return fine_tune(m, dataset, train, desc, checkpoint_dir=checkpoint_dir, resume=resume, meta=meta,
+                             finalize=lambda trained: decide(trained, dataset), **fit_kw)
         work = soup_workdir(checkpoint_dir) if checkpoint_dir is not None else None
         done = load_trainer_state(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
         if done is not None and "soup" in done:  # --resume of a finished soup: nothing to train

@@ -321,12 +321,15 @@ def fit(
     meta: dict[str, Any] | None = None,
     progress: bool = True,
     desc: str = "train",
+    finalize: Callable[[nn.Module], None] | None = None,
 ) -> FitResult:
     """Train `model` in place on `train_set` and return its history.
 
     `eval_fn(model)` returns metrics (e.g. val loss) every `cfg.eval_every` steps and at
     the end. With `checkpoint_dir`, a resumable checkpoint is written every
     `cfg.checkpoint_every` steps and at the end; `resume=True` continues from it.
+    `finalize(model)` runs once training is over, before the final checkpoint is
+    written (e.g. a decision rule that training must not see).
 
     Under `torchrun` (WORLD_SIZE > 1) it trains with DDP: every micro-batch of the plan
     is a global batch, each rank trains on its slice, gradients are averaged; the loss
@@ -463,6 +466,8 @@ def fit(
     if not history:  # resumed a finished run
         evaluate(None)
     wall = time.perf_counter() - t0 + elapsed0
+    if finalize is not None:
+        finalize(model)
     save(final=True)
     return FitResult(steps=step, tokens_seen=tokens, examples_seen=examples, wall_time_s=wall,
                      tokens_per_s=tokens / max(wall, 1e-9), history=history)
