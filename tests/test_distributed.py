@@ -25,12 +25,16 @@ def _collate(items):
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
-def _train(out: Path, rank: int):
+def _train(out: Path, rank: int, lm_vocab: bool = False):
     from gptpkg.train import fit
 
     torch.manual_seed(0)
     model = GPT(model_config("tiny", vocab_size=500, context_length=16, drop_rate=0.0))
-    data = TokenWindows(torch.randint(0, 500, (400,), generator=torch.Generator().manual_seed(1)), 16, 16)
+    ids = torch.randint(0, 500, (400,), generator=torch.Generator().manual_seed(1))
+    if lm_vocab:  # even token ids only, and the softmax over them (pretrain.lm_vocab: corpus)
+        ids = ids // 2 * 2
+        model.set_lm_vocab(torch.unique(ids).tolist())
+    data = TokenWindows(ids, 16, 16)
 
     def eval_fn(m):  # each rank reports something different: fit must average it
         return {"rank_value": float(rank)}
@@ -42,12 +46,12 @@ def _train(out: Path, rank: int):
         {"tokens": result.tokens_seen, "examples": result.examples_seen, "history": result.history}))
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, lm_vocab: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        _train(Path(out), rank)
+        _train(Path(out), rank, lm_vocab)
     finally:
         distributed.teardown()
 
@@ -59,14 +63,15 @@ def _free_port() -> int:
 
 
 @pytest.mark.integration
-def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lm_vocab", [False, True])
+def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path, monkeypatch, lm_vocab):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     ddp.mkdir()
     single.mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), str(ddp)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(ddp), lm_vocab), nprocs=2, join=True)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    _train(single, 0)
+    _train(single, 0, lm_vocab)
 
     one = torch.load(single / "weights0.pt")
     for rank in (0, 1):  # both ranks end with the one-process weights
@@ -84,6 +89,8 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path, 
     assert (ddp / "log0.jsonl").read_text().strip()
     assert (ddp / "log1.jsonl").read_text() == ""
     assert (ddp / "ckpt" / "model.safetensors").is_file()
+    saved_vocab = json.loads((ddp / "ckpt" / "config.json").read_text())["lm_vocab"]
+    assert (saved_vocab is not None) == lm_vocab and (not lm_vocab or all(t % 2 == 0 for t in saved_vocab))
 
 
 def test_shard_splits_a_global_batch_evenly_and_refuses_uneven_splits():
