@@ -79,6 +79,7 @@ def main() -> None:
     paths = paths_of(params)
     train_ids, val_ids = read_corpus(paths, cfg.corpus, "train"), read_corpus(paths, cfg.corpus, "val")
     vocab = np.union1d(train_ids, val_ids).tolist()
+    full = model_config(cfg.model).vocab_size
     windows = TokenWindows(train_ids, cfg.max_length, cfg.stride)
     train = replace(train, device="cpu")
     tokens_per_step = train.batch_size * cfg.max_length
@@ -93,13 +94,13 @@ def main() -> None:
     out = {
         "model": cfg.model, "corpus": cfg.corpus, "batch_size": train.batch_size, "max_length": cfg.max_length,
         "threads": torch.get_num_threads(), "steps": args.steps, "reps": args.reps,
-        "vocab_full": 50257, "vocab_corpus": len(vocab),
+        "vocab_full": full, "vocab_corpus": len(vocab),
         "tokens_per_s_full": rates["full"], "tokens_per_s_corpus": rates["corpus"],
         "median_tokens_per_s_full": statistics.median(rates["full"]),
         "median_tokens_per_s_corpus": statistics.median(rates["corpus"]),
         "median_ratio": statistics.median(ratios), "worst_ratio": min(ratios),
     }
-    print(f"{cfg.model}, corpus {cfg.corpus}: softmax over {len(vocab):,} tokens instead of 50,257; "
+    print(f"{cfg.model}, corpus {cfg.corpus}: softmax over {len(vocab):,} tokens instead of {full:,}; "
           f"median {out['median_tokens_per_s_full']:,.0f} -> {out['median_tokens_per_s_corpus']:,.0f} tokens/s, "
           f"median ratio {out['median_ratio']:.2f}x (worst rep {out['worst_ratio']:.2f}x)")
     if args.json:
