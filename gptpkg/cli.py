@@ -66,14 +66,14 @@ def _generate(args) -> int:
 
     from .checkpoint import load_checkpoint
     from .generate import generate_text
-    from .tokenizer import get_tokenizer
+    from .tokenizer import get_tokenizer, tokenizer_of
 
-    model, _ = load_checkpoint(args.checkpoint)
+    model, config = load_checkpoint(args.checkpoint)
     if model.n_classes:
         print(f"error: {args.checkpoint} is a classifier, not a language model", file=sys.stderr)
         return 2
     g = torch.Generator().manual_seed(args.seed)
-    print(generate_text(model, get_tokenizer(), args.prompt, args.max_new_tokens,
+    print(generate_text(model, get_tokenizer(name=tokenizer_of(config)), args.prompt, args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, generator=g))
     return 0
 

@@ -28,10 +28,10 @@ from .loggers import MetricLogger
 from .metrics import at_spam_share, classification_metrics
 from .model import GPT
 from .stages import (
-    InstructConfig, SpamConfig, heldout_full_rows, mirror_of, paths_of, read_spam_split, spam_train_rows,
-    stage_config, text_key, traffic_metrics, training_params,
+    InstructConfig, PrepareConfig, SpamConfig, heldout_full_rows, mirror_of, paths_of, read_spam_split,
+    spam_train_rows, stage_config, text_key, traffic_metrics, training_params,
 )
-from .tokenizer import PAD_ID, get_tokenizer
+from .tokenizer import DEFAULT_TOKENIZER, PAD_ID, check_tokenizer, get_tokenizer, tokenizer_of
 from .train import (
     BATCHING, TIMING_KEYS, FitResult, autocast, autocast_dtype, batch_plan_for, batches_of, classification_loss, fit,
     lm_loss, mean_loss, resolve_device, set_seed,
@@ -65,6 +65,18 @@ def initial_model(init: str, params_section: str, pretrained: str, openai_weight
     # other token; a fine-tuning's texts may hold any, so it scores them all.
     model.set_lm_vocab(None)
     return model
+
+
+def start_tokenizer(init: str, params: dict) -> str:
+    """The tokenizer of the model a fine-tuning starts from: the one its pretrained
+    checkpoint records, GPT-2's own for OpenAI's weights, and prepare's `tokenizer` for a
+    model trained from scratch (the one the pretraining corpus would use)."""
+    if init == "pretrained":
+        where = paths_of(params).pretrained
+        return check_tokenizer(tokenizer_of(read_config(where)), f"{where}: meta.tokenizer")
+    if init == "scratch":
+        return check_tokenizer(stage_config(params, "prepare", PrepareConfig)[0].tokenizer, "params.prepare.tokenizer")
+    return DEFAULT_TOKENIZER
 
 
 def _batching(batching: str, where: str, lengths: list[int], train, collate: Callable):
@@ -207,7 +219,7 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
     model.set_trainable(cfg.trainable, cfg.n_blocks)
     if cfg.freeze_embeddings:
         model.tok_emb.weight.requires_grad_(False)
-    tok = get_tokenizer(mirror_of(params))
+    tok = get_tokenizer(mirror_of(params), start_tokenizer(cfg.init, params))
     rows = {p: read_spam_split(paths, p) for p in ("val", "test")}
     rows["train"] = spam_train_rows(paths, cfg.train_data, "params.finetune_spam")
     rows["heldout_full"] = heldout_full_rows(paths, rows["train"])
@@ -302,7 +314,7 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
                          history=results[0].history)
 
     meta = {"stage": "finetune_spam", "train_data": cfg.train_data, "labels": list(SPAM_LABELS), "max_length": cfg.max_length,
-            "pad_id": PAD_ID, "pooling": cfg.pooling, "tokenizer": "gpt2", "decision_spam_share": cfg.decision_spam_share,
+            "pad_id": PAD_ID, "pooling": cfg.pooling, "tokenizer": tok.name, "decision_spam_share": cfg.decision_spam_share,
             "stage_params": training_params(cfg)}
     result = train_classifier(model, sets["train"], "finetune_spam", eval_fn=evaluate,
                               checkpoint_dir=paths.spam_classifier, resume=resume, logger=logger, meta=meta)
@@ -337,7 +349,7 @@ def run_instruct(params: dict, logger: MetricLogger, resume: bool = False, progr
     if cfg.max_length > model.cfg.context_length:
         raise ConfigError(f"params.finetune_instruct.max_length={cfg.max_length} exceeds the model's "
                           f"context_length {model.cfg.context_length}")
-    tok = get_tokenizer(mirror_of(params))
+    tok = get_tokenizer(mirror_of(params), start_tokenizer(cfg.init, params))
     splits = {p: json.loads((Path(paths.processed) / "instruct" / f"{p}.json").read_text(encoding="utf-8"))
               for p in ("train", "val", "test")}
     sets = {p: InstructionDataset(rows, tok) for p, rows in splits.items()}
@@ -354,7 +366,8 @@ def run_instruct(params: dict, logger: MetricLogger, resume: bool = False, progr
     plan, train_collate = _batching(cfg.batching, "finetune_instruct", lengths, train, collate)
     result = fit(model, sets["train"], train_collate, train, loss_fn=lm_loss, eval_fn=evaluate, batch_plan=plan,
                  checkpoint_dir=paths.instruct_model, resume=resume, logger=logger,
-                 meta={"stage": "finetune_instruct", "stage_params": training_params(cfg)}, progress=progress,
+                 meta={"stage": "finetune_instruct", "tokenizer": tok.name, "stage_params": training_params(cfg)},
+                 progress=progress,
                  desc="finetune_instruct")
     # train loss over eval_batches (0 = all) batches: a full pass over the train split costs
     # more than the training itself on CPU; val and test are always complete.

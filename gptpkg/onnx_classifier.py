@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 from .config import POOLINGS
 from .errors import GptpkgError
+from .tokenizer import TOKENIZERS
 
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -63,8 +64,8 @@ class ModelMeta:
             raise ModelUnavailable(f"{where}: bad gptpkg metadata {props}: {e}") from None
         if meta.pooling not in POOLINGS:
             raise ModelUnavailable(f"{where}: pooling {meta.pooling!r} unsupported (expected one of {list(POOLINGS)})")
-        if meta.tokenizer != "gpt2":
-            raise ModelUnavailable(f"{where}: tokenizer {meta.tokenizer!r} unsupported (expected 'gpt2')")
+        if meta.tokenizer not in TOKENIZERS:
+            raise ModelUnavailable(f"{where}: tokenizer {meta.tokenizer!r} unsupported (expected one of {list(TOKENIZERS)})")
         if not 0 < meta.max_length <= meta.context_length:
             raise ModelUnavailable(f"{where}: max_length {meta.max_length} not in 1..{meta.context_length}")
         return meta
@@ -111,7 +112,7 @@ class OnnxSpamClassifier:
         # BPE files shipped beside the model win over the mirror / tiktoken's own cache.
         bundled = Path(tokenizer_dir) if tokenizer_dir else self.path.parent
         mirror = bundled if (bundled / TOKENIZER_DIR / "vocab.bpe").is_file() else None
-        self.tokenizer = get_tokenizer(mirror)
+        self.tokenizer = get_tokenizer(mirror, self.meta.tokenizer)
         self.providers = self.session.get_providers()
 
     @property

@@ -14,7 +14,9 @@ from .data import TokenWindows
 from .generate import generate_text
 from .loggers import MetricLogger
 from .model import GPT
-from .stages import LM_VOCABS, PretrainConfig, mirror_of, paths_of, read_corpus, stage_config, training_params
+from .stages import (
+    LM_VOCABS, PretrainConfig, corpus_tokenizer, mirror_of, paths_of, read_corpus, stage_config, training_params,
+)
 from .train import batches_of, fit, lm_loss, mean_loss, resolve_device, set_seed, autocast_dtype
 
 
@@ -38,7 +40,7 @@ def run(params: dict, logger: MetricLogger, resume: bool = False, progress: bool
     train_ids, val_ids = read_corpus(paths, cfg.corpus, "train"), read_corpus(paths, cfg.corpus, "val")
     train_set = TokenWindows(train_ids, cfg.max_length, cfg.stride)
     val_set = TokenWindows(val_ids, cfg.max_length, cfg.max_length)
-    tok = get_tokenizer(mirror_of(params))
+    tok = get_tokenizer(mirror_of(params), corpus_tokenizer(paths))  # the one the corpus was encoded with
 
     set_seed(train.seed)
     model = GPT(mcfg)
@@ -58,7 +60,8 @@ def run(params: dict, logger: MetricLogger, resume: bool = False, progress: bool
 
     result = fit(model, train_set, _collate, train, loss_fn=lm_loss, eval_fn=evaluate,
                  checkpoint_dir=paths.pretrained, resume=resume, logger=logger,
-                 meta={"stage": "pretrain", "corpus": cfg.corpus, "stage_params": training_params(cfg)},
+                 meta={"stage": "pretrain", "corpus": cfg.corpus, "tokenizer": tok.name,
+                       "stage_params": training_params(cfg)},
                  progress=progress, desc="pretrain")
     logger.log_table("samples", ["eval", "prompt", "generation"], samples)
     final = result.final
@@ -77,5 +80,6 @@ def run(params: dict, logger: MetricLogger, resume: bool = False, progress: bool
         "history": result.history,
         "samples": [{"eval": i, "prompt": p, "generation": g} for i, p, g in samples],
         "checkpoint": str(Path(paths.pretrained)),
+        "tokenizer": tok.name,
     }
 

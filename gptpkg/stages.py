@@ -21,6 +21,7 @@ from .config import ConfigError, from_dict, section, split_train
 TEXT_SOURCES = ("the-verdict.txt", "tinyshakespeare.txt")
 SMS_SOURCE = "sms"
 CORPUS_SOURCES = TEXT_SOURCES + (SMS_SOURCE,)
+CORPUS_TOKENIZER = "tokenizer.json"  # in processed/corpus: {"tokenizer": name} (prepare writes it)
 RAW_FILES = ("the-verdict.txt", "tinyshakespeare.txt", "SMSSpamCollection", "instruction-data.json")
 # What the spam classifier trains on: the book's balanced train split, or every message
 # of the collection whose text is neither a validation nor a test text (imbalanced).
@@ -76,6 +77,7 @@ class PrepareConfig:
     pretrain_train_ratio: float
     spam_split: str  # book | full
     instruct_seed: int
+    tokenizer: str  # gpt2 | gpt2-digits (tokenizer.TOKENIZERS): the pretraining corpus's, hence every model's
 
 
 @dataclass(frozen=True)
@@ -209,14 +211,16 @@ def prepare(params: dict) -> dict[str, Any]:
 
     from .data import book_spam_splits, full_spam_splits, read_instructions, split_instructions, split_text
     from .fetch import verify_file
-    from .tokenizer import get_tokenizer
+    from .tokenizer import TOKENIZERS, get_tokenizer
 
     paths = paths_of(params)
     cfg, _ = stage_config(params, "prepare", PrepareConfig)
     if cfg.spam_split not in ("book", "full"):
         raise ConfigError(f"params.prepare.spam_split: expected book|full, got {cfg.spam_split!r}")
+    if cfg.tokenizer not in TOKENIZERS:
+        raise ConfigError(f"params.prepare.tokenizer: expected one of {list(TOKENIZERS)}, got {cfg.tokenizer!r}")
     raw = Path(paths.raw)
-    tok = get_tokenizer(mirror_of(params))
+    tok = get_tokenizer(mirror_of(params), cfg.tokenizer)
     out = Path(paths.processed)
     metrics: dict[str, Any] = {}
 
@@ -244,6 +248,7 @@ def prepare(params: dict) -> dict[str, Any]:
         (tmp / "corpus").mkdir()
         for key, arr in arrays.items():
             np.save(tmp / "corpus" / f"{key}.npy", arr)
+        (tmp / "corpus" / CORPUS_TOKENIZER).write_text(json.dumps({"tokenizer": tok.name}) + "\n", encoding="utf-8")
         (tmp / "spam").mkdir()
         # "all": every message of the collection (correct parsing, 5,574), from which
         # finetune_spam.train_data=all and the held-out figures are drawn.
@@ -263,6 +268,7 @@ def prepare(params: dict) -> dict[str, Any]:
     with atomic_dir(out) as tmp:
         write(tmp)
     metrics["sms_corpus_messages"] = len(sms_corpus)
+    metrics["tokenizer"] = tok.name
     return metrics
 
 
@@ -301,6 +307,23 @@ def traffic_metrics(paths: Paths, metrics: dict) -> dict[str, float]:
     share = sum(labels) / len(labels)
     return {"collection_spam_share": share,
             **at_spam_share(metrics["heldout_full_confusion"], share, "heldout_traffic_")}
+
+
+def corpus_tokenizer(paths: Paths) -> str:
+    """The tokenizer the prepared corpus was encoded with (prepare's `tokenizer`, recorded
+    in corpus/tokenizer.json; gpt2 for a corpus prepared before it was recorded)."""
+    from .tokenizer import DEFAULT_TOKENIZER, check_tokenizer
+
+    f = Path(paths.processed) / "corpus" / CORPUS_TOKENIZER
+    if not f.is_file():
+        return DEFAULT_TOKENIZER
+    try:
+        name = json.loads(f.read_text(encoding="utf-8"))["tokenizer"]
+    except (ValueError, KeyError, TypeError) as e:
+        from .data import DataError
+
+        raise DataError(f"{f}: expected {{\"tokenizer\": NAME}} ({type(e).__name__}: {e}); rerun prepare") from None
+    return check_tokenizer(name, str(f))
 
 
 def read_corpus(paths: Paths, sources: list[str], part: str):
