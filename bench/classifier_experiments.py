@@ -211,6 +211,10 @@ LEVERS: dict[str, list[str]] = {
     "r9 finetune soup=5": ["finetune_spam.soup=5"],
     "r9 finetune soup=5, seed=2": ["finetune_spam.soup=5", "finetune_spam.seed=2"],
     "r9 finetune soup=5, seed=3": ["finetune_spam.soup=5", "finetune_spam.seed=3"],
+    # Outcome (CV over seeds 123/2/3, test columns unread): 97.852 / 98.035 / 98.120% (mean 98.002%)
+    # against the defaults' 97.909 / 98.023 / 98.012% (97.981%): +0.021 points, a fifth of one CV
+    # spam message; the default pipeline with it took 815.5 s (< 900). Adopted by the rule:
+    # finetune_spam.soup 5 (2026-11-25 02:16 UTC).
     # model size and context
     "model=cpu-small (d=256, 6 layers), 206 pretrain steps": ["pretrain.model=cpu-small", "pretrain.max_steps=300"],
     "max_length=64": ["finetune_spam.max_length=64"],
