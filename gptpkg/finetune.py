@@ -10,7 +10,7 @@ import shutil
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ from .loggers import MetricLogger
 from .metrics import at_spam_share, classification_metrics
 from .model import GPT
 from .stages import (
-    InstructConfig, PrepareConfig, SpamConfig, heldout_full_rows, mirror_of, paths_of, read_spam_split,
+    InstructConfig, PrepareConfig, SpamConfig, contains_any, heldout_full_rows, mirror_of, paths_of, read_spam_split,
     spam_train_rows, stage_config, text_key, traffic_metrics, training_params,
 )
 from .tokenizer import DEFAULT_TOKENIZER, PAD_ID, check_tokenizer, get_tokenizer, tokenizer_of
@@ -117,16 +117,30 @@ def evaluate_classifier(model: GPT, dataset, prefix: str, batch_size: int = 32, 
 
 def cross_validate(init: GPT, dataset: ClassificationDataset, texts: list[str], k: int, seed: int,
                    train_fn: Callable[[GPT, ClassificationDataset, str], Any],
-                   predict_fn: Callable[[GPT, ClassificationDataset], list[float]]) -> dict[str, Any]:
+                   predict_fn: Callable[[GPT, ClassificationDataset], list[float]],
+                   train_only: Sequence[int] = ()) -> dict[str, Any]:
     """k-fold cross-validation on `dataset` (the training messages, `texts` their texts):
     per fold, a copy of `init` (the model a fine-tuning starts from) is trained by
     `train_fn` on the other folds and predicts the held-out fold. The held-out
     predictions are pooled into cv_* metrics: accuracy, spam precision/recall/F1, the
     confusion matrix, and the balanced accuracy (the mean of ham and spam recall: the
     accuracy at 50% spam, the book's balanced test mix). Folds are stratified by label
-    and keep identical texts together (`stratified_group_folds`, seeded by `seed`)."""
-    folds = stratified_group_folds(dataset.labels, [text_key(t) for t in texts], k, seed)
-    pred = [-1] * len(dataset)
+    and keep identical texts together (`stratified_group_folds`, seeded by `seed`).
+
+    `train_only`: indices of messages every fold trains on and none holds out (with
+    train_data=nontest, the validation messages): the folds, and so the figures, are
+    those of the other messages alone, the same as without them. A train-only text
+    identical to a folded one is an error (it would be trained on while held out)."""
+    fixed = set(train_only)
+    folded = [i for i in range(len(dataset)) if i not in fixed]
+    fixed_keys = {text_key(texts[i]) for i in fixed}
+    clash = [texts[i] for i in folded if text_key(texts[i]) in fixed_keys]
+    if clash:
+        raise ValueError(f"cross_validate: {len(clash)} cross-validated message(s) share a text with a train-only "
+                         f"message (e.g. {clash[0][:60]!r}); they would be trained on while held out")
+    folds = [[folded[j] for j in fold] for fold in stratified_group_folds(
+        [dataset.labels[i] for i in folded], [text_key(texts[i]) for i in folded], k, seed)]
+    pred: dict[int, int] = {}
     for i, held in enumerate(folds):
         held_set = set(held)
         model = copy.deepcopy(init)
@@ -136,10 +150,12 @@ def cross_validate(init: GPT, dataset: ClassificationDataset, texts: list[str], 
         del model
         print(f"finetune_spam: cv fold {i + 1}/{k} trained on {len(dataset) - len(held)}, "
               f"predicted {len(held)} held-out messages", flush=True)
-    assert -1 not in pred, "the folds must cover every training message"
-    out = classification_metrics(dataset.labels, pred, "cv_")
+    assert sorted(pred) == folded, "the folds must cover every cross-validated message"
+    out = classification_metrics([dataset.labels[i] for i in folded], [pred[i] for i in folded], "cv_")
     out["cv_balanced_accuracy"] = at_spam_share(out["cv_confusion"], 0.5)["accuracy"]
     out["cv_folds"] = k
+    if fixed:
+        out["cv_train_only_messages"] = len(fixed)
     return out
 
 
@@ -223,12 +239,19 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
     rows = {p: read_spam_split(paths, p) for p in ("val", "test")}
     rows["train"] = spam_train_rows(paths, cfg.train_data, "params.finetune_spam")
     rows["heldout_full"] = heldout_full_rows(paths, rows["train"])
+    # With train_data=nontest the CV folds over the messages holding no validation text
+    # (the `all` messages: the same folds and figures as train_data=all), and the
+    # validation messages train in every fold (`cross_validate`'s train_only).
+    val_keys = {text_key(t) for t, _ in rows["val"]} if cfg.train_data == "nontest" else set()
+    in_val = [bool(val_keys) and contains_any(t, val_keys) for t, _ in rows["train"]]
+    train_only = [i for i, v in enumerate(in_val) if v]
+    folded = [r for r, v in zip(rows["train"], in_val) if not v]
     if cfg.cv_folds:  # before any training: more folds than distinct texts of a class
-        distinct = [len({text_key(t) for t, y in rows["train"] if y == label}) for label in range(len(SPAM_LABELS))]
+        distinct = [len({text_key(t) for t, y in folded if y == label}) for label in range(len(SPAM_LABELS))]
         if cfg.cv_folds > min(distinct):
             raise ConfigError(
                 f"params.finetune_spam.cv_folds={cfg.cv_folds}: expected at most {min(distinct)} folds: the "
-                f"{len(rows['train'])} training messages hold "
+                f"{len(folded)} cross-validated training messages hold "
                 + " and ".join(f"{n} distinct {name}" for n, name in zip(distinct, SPAM_LABELS))
                 + " texts (a fold needs one of each)")
     sets = {p: ClassificationDataset(r, tok, cfg.max_length) for p, r in rows.items()}
@@ -330,7 +353,8 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
         metrics.update(cross_validate(
             init, sets["train"], [t for t, _ in rows["train"]], cfg.cv_folds, train.seed,
             train_fn=train_classifier,
-            predict_fn=lambda m, ds: predict_proba(m, ds, train.batch_size, device=device, dtype=dtype)))
+            predict_fn=lambda m, ds: predict_proba(m, ds, train.batch_size, device=device, dtype=dtype),
+            train_only=train_only))
         metrics["cv_wall_time_s"] = time.perf_counter() - t0
     metrics["history"] = result.history
     return metrics

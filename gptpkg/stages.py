@@ -23,9 +23,11 @@ SMS_SOURCE = "sms"
 CORPUS_SOURCES = TEXT_SOURCES + (SMS_SOURCE,)
 CORPUS_TOKENIZER = "tokenizer.json"  # in processed/corpus: {"tokenizer": name} (prepare writes it)
 RAW_FILES = ("the-verdict.txt", "tinyshakespeare.txt", "SMSSpamCollection", "instruction-data.json")
-# What the spam classifier trains on: the book's balanced train split, or every message
-# of the collection whose text is neither a validation nor a test text (imbalanced).
-SPAM_TRAIN_DATA = ("book", "all")
+# What the spam classifier trains on: the book's balanced train split, every message of
+# the collection whose text is neither a validation nor a test text (imbalanced), or
+# every message holding no test text (`all` plus the validation messages: its val
+# figures are then not held out; finetune_spam's CV still folds over the `all` part).
+SPAM_TRAIN_DATA = ("book", "all", "nontest")
 # What pretraining's next-token softmax runs over: every GPT-2 token, or only the tokens
 # of its corpus (train and val parts; `GPT.set_lm_vocab`).
 LM_VOCABS = ("full", "corpus")
@@ -108,7 +110,7 @@ class SpamConfig:
     pooling: str  # last_real_token | mean (config.POOLINGS)
     # Dropout while fine-tuning; None = the start model's (the pretraining drop_rate).
     drop_rate: float | None
-    train_data: str  # book | all (see SPAM_TRAIN_DATA)
+    train_data: str  # book | all | nontest (see SPAM_TRAIN_DATA)
     # Keep the token embedding (50257 x emb_dim, most of a small model's weights) as
     # pretrained.
     freeze_embeddings: bool
@@ -280,13 +282,16 @@ def read_spam_split(paths: Paths, part: str) -> list[tuple[str, int]]:
 
 
 def spam_train_rows(paths: Paths, train_data: str, where: str) -> list[tuple[str, int]]:
-    """The classifier's training messages: the split's own train part (`book`), or every
-    message that holds no validation or test text (`all`, imbalanced)."""
+    """The classifier's training messages: the split's own train part (`book`), every
+    message that holds no validation or test text (`all`, imbalanced), or every message
+    that holds no test text (`nontest`: `all` plus the validation messages and their
+    repeats, in the collection's order)."""
     if train_data not in SPAM_TRAIN_DATA:
         raise ConfigError(f"{where}.train_data: expected one of {list(SPAM_TRAIN_DATA)}, got {train_data!r}")
     if train_data == "book":
         return read_spam_split(paths, "train")
-    held = {text_key(t) for part in ("val", "test") for t, _ in read_spam_split(paths, part)}
+    parts = ("test",) if train_data == "nontest" else ("val", "test")
+    held = {text_key(t) for part in parts for t, _ in read_spam_split(paths, part)}
     return [r for r in read_spam_split(paths, "all") if not contains_any(r[0], held)]
 
 

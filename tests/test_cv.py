@@ -181,12 +181,69 @@ def test_cross_validate_trains_each_fold_on_the_others_from_the_same_init(handfu
     assert sum(map(sum, m["cv_confusion"])) == len(rows)
 
 
+def test_cross_validate_train_only_messages_train_in_every_fold_and_are_never_held_out(handful, tok):
+    """train_only (train_data=nontest's validation messages): every fold trains on them,
+    none holds them out, and the folds of the other messages are those without them."""
+    from gptpkg.config import TrainConfig, model_config
+    from gptpkg.data import ClassificationDataset, classification_collate
+    from gptpkg.finetune import cross_validate, predict_proba
+    from gptpkg.model import GPT
+    from gptpkg.train import classification_loss, fit
+
+    _, parts = handful
+    extra = parts["val"]  # 2 ham, 2 spam
+    rows = extra[:1] + parts["train"] + extra[1:]  # train-only messages first, inside and last
+    fixed = [0] + list(range(len(parts["train"]) + 1, len(rows)))
+    ds = ClassificationDataset(rows, tok, 32)
+    torch.manual_seed(0)
+    init = GPT(model_config("tiny")).to_classifier(2)
+    cfg = TrainConfig(max_steps=1, epochs=0, batch_size=4, eval_every=0)
+    seen: list[tuple[list, list]] = []
+
+    def train_fn(model, subset, desc):
+        fit(model, subset, classification_collate, cfg, loss_fn=classification_loss(None), progress=False)
+        seen.append(([tok.decode(ids) for ids in subset.ids], []))
+
+    def predict_fn(model, subset):
+        seen[-1][1].extend(tok.decode(ids) for ids in subset.ids)
+        return predict_proba(model, subset)
+
+    m = cross_validate(init, ds, [t for t, _ in rows], 3, 123, train_fn, predict_fn, train_only=fixed)
+    extra_texts = [tok.decode(ds.ids[i]) for i in fixed]
+    for trained, held in seen:
+        assert all(t in trained for t in extra_texts) and not set(extra_texts) & set(held)
+    # the held-out folds are exactly those of the training messages alone
+    alone = stratified_group_folds([y for _, y in parts["train"]], [text_key(t) for t, _ in parts["train"]], 3, 123)
+    assert [sorted(h) for _, h in seen] == [sorted(tok.decode(ds.ids[i + 1]) for i in f) for f in alone]
+    assert sum(map(sum, m["cv_confusion"])) == len(parts["train"]) and m["cv_train_only_messages"] == 4
+    # a train-only text that is also cross-validated would be trained on while held out:
+    # rows[11] is the spam text the training messages hold twice (also rows[21])
+    assert rows[11] == rows[21] == parts["train"][10]
+    with pytest.raises(ValueError, match="1 cross-validated message.* share a text with a train-only message"):
+        cross_validate(init, ds, [t for t, _ in rows], 3, 123, train_fn, predict_fn, train_only=[11])
+
+
+def test_cv_with_train_data_nontest_folds_over_the_all_messages(handful):
+    """train_data=nontest trains on the validation messages too; its CV figures are over
+    the messages holding no validation text, as with train_data=all."""
+    from gptpkg.runner import run_stage
+
+    params, parts = handful
+    run_stage("finetune_spam", params("nontest", cv_folds=3, train_data="nontest"), progress=False)
+    root = Path(params("nontest")["paths"]["metrics"])
+    m = json.loads((root / "finetune_spam.json").read_text())
+    assert m["train_messages"] == len(parts["train"]) + len(parts["val"]) == 25
+    assert m["cv_train_only_messages"] == len(parts["val"])
+    (tn, fp), (fn, tp) = m["cv_confusion"]
+    assert (tn + fp, fn + tp) == (10, 11)  # the 21 training messages, each held out once
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("cv_folds", 1, "params.finetune_spam.cv_folds: expected 0 (off) or an integer >= 2 (the number of folds), got 1"),
     ("cv_folds", -2, "params.finetune_spam.cv_folds: expected 0 (off) or an integer >= 2 (the number of folds), got -2"),
     ("cv_folds", "five", "params.finetune_spam.cv_folds: expected int, got 'five'"),
     ("cv_folds", 2.5, "params.finetune_spam.cv_folds: expected int, got 2.5"),
-    ("cv_folds", 11, "params.finetune_spam.cv_folds=11: expected at most 10 folds: the 21 training messages hold "
+    ("cv_folds", 11, "params.finetune_spam.cv_folds=11: expected at most 10 folds: the 21 cross-validated training messages hold "
                      "10 distinct ham and 10 distinct spam texts (a fold needs one of each)"),
     # finetune_spam.soup (tests/test_soup.py): the number of fine-tunings averaged
     ("soup", 0, "params.finetune_spam.soup: expected an integer >= 1 (the number of fine-tunings averaged into "

@@ -91,7 +91,7 @@ def test_no_test_text_in_any_pretraining_corpus(prepared, tok):
     assert len(left_out) + metrics["sms_corpus_messages"] == len(all_rows)
 
 
-@pytest.mark.parametrize("train_data", ["book", "all"])
+@pytest.mark.parametrize("train_data", ["book", "all", "nontest"])
 def test_training_data_and_heldout_full(prepared, train_data):
     params, paths, metrics = prepared
     rows = spam_train_rows(paths, train_data, "params.finetune_spam")
@@ -99,6 +99,14 @@ def test_training_data_and_heldout_full(prepared, train_data):
     if train_data == "all":
         assert not [t for t, _ in rows if contains_any(t, held["val"] | held["test"])]
         assert 4800 < len(rows) < 4900 and 0.09 < sum(y for _, y in rows) / len(rows) < 0.11
+    elif train_data == "nontest":  # `all` plus every validation message (and its repeats)
+        assert not [t for t, _ in rows if contains_any(t, held["test"])]
+        # every validation text joins, but those holding a test text (duplicates across the split)
+        val_in_test = {k for k in held["val"] if contains_any(k, held["test"])}
+        assert held["val"] - val_in_test <= _keys(rows) and len(val_in_test) == 9
+        all_rows = spam_train_rows(paths, "all", "params.finetune_spam")
+        assert [r for r in rows if not contains_any(r[0], held["val"])] == all_rows
+        assert (len(rows), sum(y for _, y in rows)) == (5048, 550)  # all: 4,882 and 463 spam
     else:
         assert len(rows) == 1045
     heldout, row_keys = heldout_full_rows(paths, rows), _keys(rows)
@@ -106,12 +114,12 @@ def test_training_data_and_heldout_full(prepared, train_data):
     assert len(heldout) + sum(text_key(t) in row_keys for t, _ in read_spam_split(paths, "all")) == 5574
     # test texts missing from heldout_full are exactly those trained on
     missing = held["test"] - _keys(heldout)
-    assert len(missing) == (0 if train_data == "all" else BOOK_TEST_ROWS_ALSO_IN_BOOK_TRAIN[1])
+    assert len(missing) == (BOOK_TEST_ROWS_ALSO_IN_BOOK_TRAIN[1] if train_data == "book" else 0)
 
 
 def test_unknown_train_data_is_a_clear_error(prepared):
     params, paths, metrics = prepared
-    with pytest.raises(ConfigError, match=r"params.finetune_spam.train_data: expected one of \['book', 'all'\], got 'everything'"):
+    with pytest.raises(ConfigError, match=r"params.finetune_spam.train_data: expected one of \['book', 'all', 'nontest'\], got 'everything'"):
         spam_train_rows(paths, "everything", "params.finetune_spam")
 
 
