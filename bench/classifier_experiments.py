@@ -227,6 +227,16 @@ LEVERS: dict[str, list[str]] = {
     "r10 finetune train_data=nontest": ["finetune_spam.train_data=nontest"],
     "r10 finetune train_data=nontest, seed=2": ["finetune_spam.train_data=nontest", "finetune_spam.seed=2"],
     "r10 finetune train_data=nontest, seed=3": ["finetune_spam.train_data=nontest", "finetune_spam.seed=3"],
+    # Round 11, on the same defaults: frame each message as the SMS pretraining corpus does,
+    # between two <|endoftext|>, and pool at the closing one (framing=eot).
+    # Rule, written 2026-11-25 02:53 UTC before any round-11 run: seeds 123, 2 and 3 on the
+    # same 1-thread pretraining; it passes iff its CV mean beats 98.002% and the default
+    # pipeline stays inside 15 minutes. If rounds 10 and 11 both pass, the combination runs at
+    # the same seeds and is adopted iff its CV mean beats both; otherwise the round with the
+    # higher CV mean is adopted. Test figures unread before the outcome is committed.
+    "r11 finetune framing=eot": ["finetune_spam.framing=eot"],
+    "r11 finetune framing=eot, seed=2": ["finetune_spam.framing=eot", "finetune_spam.seed=2"],
+    "r11 finetune framing=eot, seed=3": ["finetune_spam.framing=eot", "finetune_spam.seed=3"],
     # model size and context
     "model=cpu-small (d=256, 6 layers), 206 pretrain steps": ["pretrain.model=cpu-small", "pretrain.max_steps=300"],
     "max_length=64": ["finetune_spam.max_length=64"],

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .tokenizer import PAD_ID, EOT_ID
+from .tokenizer import PAD_ID, encode_message
 from .errors import GptpkgError
 
 IGNORE_INDEX = -100
@@ -140,15 +140,16 @@ def full_spam_splits(path: str | Path, seed: int = 123, ratios=(0.7, 0.1, 0.2)) 
 
 
 class ClassificationDataset(Dataset):
-    """Token ids of each text (truncated to `max_length`) and its label. Text is plain
-    text: a literal "<|endoftext|>" in a message is not the special token (the ONNX
-    server tokenizes the same way), and an empty text becomes one end token."""
+    """Token ids of each text (`tokenizer.encode_message`: cut to `max_length`, framed by
+    `framing`) and its label. Text is plain text: a literal "<|endoftext|>" in a message
+    is not the special token (the ONNX server encodes the same way), and an empty text
+    becomes one end token."""
 
-    def __init__(self, rows: Sequence[tuple[str, int]], tokenizer, max_length: int) -> None:
+    def __init__(self, rows: Sequence[tuple[str, int]], tokenizer, max_length: int, framing: str = "plain") -> None:
         if not rows:
             raise DataError("classification split is empty")
         self.labels = [int(label) for _, label in rows]
-        self.ids = [tokenizer.encode_ordinary(text)[:max_length] or [EOT_ID] for text, _ in rows]
+        self.ids = [encode_message(tokenizer, text, max_length, framing) for text, _ in rows]
         self.max_length = max_length
 
     def __len__(self) -> int:

@@ -71,7 +71,8 @@ def model_meta(config: dict, where: str) -> ModelMeta:
         raise ExportError(f"{where}: {len(meta['labels'])} labels for {config['n_classes']} classes")
     return ModelMeta(tokenizer=meta.get("tokenizer", "gpt2"), max_length=int(meta["max_length"]),
                      pad_id=int(meta["pad_id"]), pooling=meta.get("pooling", POOLINGS[0]),
-                     labels=tuple(meta["labels"]), context_length=int(config["model"]["context_length"]))
+                     labels=tuple(meta["labels"]), context_length=int(config["model"]["context_length"]),
+                     framing=meta.get("framing", "plain"))
 
 
 def export_classifier(model, meta: ModelMeta, out: Path, opset: int) -> None:

@@ -31,7 +31,7 @@ from .stages import (
     InstructConfig, PrepareConfig, SpamConfig, contains_any, heldout_full_rows, mirror_of, paths_of, read_spam_split,
     spam_train_rows, stage_config, text_key, traffic_metrics, training_params,
 )
-from .tokenizer import DEFAULT_TOKENIZER, PAD_ID, check_tokenizer, get_tokenizer, tokenizer_of
+from .tokenizer import DEFAULT_TOKENIZER, FRAMINGS, PAD_ID, check_tokenizer, get_tokenizer, tokenizer_of
 from .train import (
     BATCHING, TIMING_KEYS, FitResult, autocast, autocast_dtype, batch_plan_for, batches_of, classification_loss, fit,
     lm_loss, mean_loss, resolve_device, set_seed,
@@ -223,6 +223,11 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
     cfg, train = stage_config(params, "finetune_spam", SpamConfig)
     if cfg.pooling not in POOLINGS:
         raise ConfigError(f"params.finetune_spam.pooling: expected one of {'|'.join(POOLINGS)}, got {cfg.pooling!r}")
+    if cfg.framing not in FRAMINGS:
+        raise ConfigError(f"params.finetune_spam.framing: expected one of {'|'.join(FRAMINGS)}, got {cfg.framing!r}")
+    if cfg.framing == "eot" and cfg.max_length < 3:
+        raise ConfigError(f"params.finetune_spam.max_length={cfg.max_length}: framing eot needs at least 3 "
+                          f"(two <|endoftext|> and one token of the message)")
     check_cv_folds(cfg.cv_folds)
     check_soup(cfg.soup)
     check_decision_spam_share(cfg.decision_spam_share)
@@ -254,7 +259,7 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
                 f"{len(folded)} cross-validated training messages hold "
                 + " and ".join(f"{n} distinct {name}" for n, name in zip(distinct, SPAM_LABELS))
                 + " texts (a fold needs one of each)")
-    sets = {p: ClassificationDataset(r, tok, cfg.max_length) for p, r in rows.items()}
+    sets = {p: ClassificationDataset(r, tok, cfg.max_length, cfg.framing) for p, r in rows.items()}
     device = resolve_device(train.device)
     dtype = autocast_dtype(train.precision, device)
     model.to(device)
@@ -337,7 +342,7 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
                          history=results[0].history)
 
     meta = {"stage": "finetune_spam", "train_data": cfg.train_data, "labels": list(SPAM_LABELS), "max_length": cfg.max_length,
-            "pad_id": PAD_ID, "pooling": cfg.pooling, "tokenizer": tok.name, "decision_spam_share": cfg.decision_spam_share,
+            "pad_id": PAD_ID, "pooling": cfg.pooling, "framing": cfg.framing, "tokenizer": tok.name, "decision_spam_share": cfg.decision_spam_share,
             "stage_params": training_params(cfg)}
     result = train_classifier(model, sets["train"], "finetune_spam", eval_fn=evaluate,
                               checkpoint_dir=paths.spam_classifier, resume=resume, logger=logger, meta=meta)

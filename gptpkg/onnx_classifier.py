@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from .config import POOLINGS
 from .errors import GptpkgError
-from .tokenizer import TOKENIZERS
+from .tokenizer import FRAMINGS, TOKENIZERS, encode_message
 
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -42,13 +42,14 @@ class ModelMeta:
     pooling: str
     labels: tuple[str, ...]
     context_length: int
+    framing: str = "plain"  # tokenizer.FRAMINGS; models exported before it was recorded: plain
 
     def to_props(self) -> dict[str, str]:
         """The ONNX metadata_props (all values strings)."""
         return {"gptpkg.tokenizer": self.tokenizer, "gptpkg.max_length": str(self.max_length),
                 "gptpkg.pad_id": str(self.pad_id), "gptpkg.pooling": self.pooling,
                 "gptpkg.labels": json.dumps(list(self.labels)),
-                "gptpkg.context_length": str(self.context_length)}
+                "gptpkg.context_length": str(self.context_length), "gptpkg.framing": self.framing}
 
     @classmethod
     def from_props(cls, props: dict[str, str], where: str) -> "ModelMeta":
@@ -59,13 +60,16 @@ class ModelMeta:
             meta = cls(tokenizer=props["gptpkg.tokenizer"], max_length=int(props["gptpkg.max_length"]),
                        pad_id=int(props["gptpkg.pad_id"]), pooling=props["gptpkg.pooling"],
                        labels=tuple(json.loads(props["gptpkg.labels"])),
-                       context_length=int(props["gptpkg.context_length"]))
+                       context_length=int(props["gptpkg.context_length"]),
+                       framing=props.get("gptpkg.framing", "plain"))
         except (ValueError, TypeError) as e:
             raise ModelUnavailable(f"{where}: bad gptpkg metadata {props}: {e}") from None
         if meta.pooling not in POOLINGS:
             raise ModelUnavailable(f"{where}: pooling {meta.pooling!r} unsupported (expected one of {list(POOLINGS)})")
         if meta.tokenizer not in TOKENIZERS:
             raise ModelUnavailable(f"{where}: tokenizer {meta.tokenizer!r} unsupported (expected one of {list(TOKENIZERS)})")
+        if meta.framing not in FRAMINGS:
+            raise ModelUnavailable(f"{where}: framing {meta.framing!r} unsupported (expected one of {list(FRAMINGS)})")
         if not 0 < meta.max_length <= meta.context_length:
             raise ModelUnavailable(f"{where}: max_length {meta.max_length} not in 1..{meta.context_length}")
         return meta
@@ -120,10 +124,10 @@ class OnnxSpamClassifier:
         return self.meta.labels
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, cut to the first `max_length` (the training rule); special
-        tokens such as <|endoftext|> in user text are encoded as plain text; an empty
-        text becomes one pad token (as in training)."""
-        return self.tokenizer.encode_ordinary(text)[: self.meta.max_length] or [self.meta.pad_id]
+        """Token ids of `text` as the classifier was trained on them (`encode_message`:
+        cut to `max_length`, framed as in the metadata); special tokens such as
+        <|endoftext|> in user text are encoded as plain text."""
+        return encode_message(self.tokenizer, text, self.meta.max_length, self.meta.framing)
 
     def pad(self, ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Right-pad to the longest row: (input_ids (B, T) int64, lengths (B,) int64)."""

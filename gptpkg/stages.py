@@ -108,6 +108,8 @@ class SpamConfig:
     class_weights: list[float] | None
     batching: str  # bucketed | shuffled | pad_longest (the book's: pad to the longest text)
     pooling: str  # last_real_token | mean (config.POOLINGS)
+    # How each message's tokens are framed: plain | eot (tokenizer.FRAMINGS, encode_message).
+    framing: str
     # Dropout while fine-tuning; None = the start model's (the pretraining drop_rate).
     drop_rate: float | None
     train_data: str  # book | all | nontest (see SPAM_TRAIN_DATA)

@@ -31,6 +31,26 @@ PAD_ID = EOT_ID  # GPT-2 has no pad token; the book pads with <|endoftext|>
 
 TOKENIZERS = ("gpt2", "gpt2-digits")
 DEFAULT_TOKENIZER = "gpt2"
+# How a classifier frames one message's tokens (`encode_message`): plain (the text's own
+# tokens) | eot (between two <|endoftext|>, as every SMS sits in the pretraining corpus).
+FRAMINGS = ("plain", "eot")
+
+
+def encode_message(tokenizer, text: str, max_length: int, framing: str = "plain") -> list[int]:
+    """A classifier's token ids of one message: training, export and serving all use this.
+    Special tokens such as <|endoftext|> in the text are encoded as plain text.
+
+    plain: the text's tokens cut to the first `max_length` (an empty text: one end token).
+    eot: <|endoftext|>, the text's first `max_length - 2` tokens, <|endoftext|>: the
+    pretraining corpus joins the SMS messages with that token, so the model has read
+    every message so framed, and last-token pooling reads the closing one."""
+    if framing == "plain":
+        return tokenizer.encode_ordinary(text)[:max_length] or [EOT_ID]
+    if framing == "eot":
+        if max_length < 3:
+            raise ValueError(f"encode_message: framing 'eot' needs max_length >= 3, got {max_length}")
+        return [EOT_ID, *tokenizer.encode_ordinary(text)[: max_length - 2], EOT_ID]
+    raise ValueError(f"encode_message: framing expected one of {list(FRAMINGS)}, got {framing!r}")
 
 
 class TokenizerUnavailable(GptpkgError, RuntimeError):

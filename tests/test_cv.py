@@ -254,6 +254,8 @@ def test_cv_with_train_data_nontest_folds_over_the_all_messages(handful):
                                  "spam share strictly between 0 and 1 (0.5: the book's balanced test mix), got 1.0"),
     ("decision_spam_share", 0, "params.finetune_spam.decision_spam_share: expected null (decide as trained) or a "
                                "spam share strictly between 0 and 1 (0.5: the book's balanced test mix), got 0"),
+    # finetune_spam.framing (tests/test_framing.py)
+    ("framing", "bos", "params.finetune_spam.framing: expected one of plain|eot, got 'bos'"),
 ])
 def test_bad_cv_folds_or_soup_is_a_config_error_before_any_training(handful, key, value, message):
     from gptpkg.runner import run_stage
