@@ -70,8 +70,10 @@ class ModelMeta:
             raise ModelUnavailable(f"{where}: tokenizer {meta.tokenizer!r} unsupported (expected one of {list(TOKENIZERS)})")
         if meta.framing not in FRAMINGS:
             raise ModelUnavailable(f"{where}: framing {meta.framing!r} unsupported (expected one of {list(FRAMINGS)})")
-        if not 0 < meta.max_length <= meta.context_length:
-            raise ModelUnavailable(f"{where}: max_length {meta.max_length} not in 1..{meta.context_length}")
+        low = 3 if meta.framing == "eot" else 1  # eot: two end tokens and one of the text
+        if not low <= meta.max_length <= meta.context_length:
+            raise ModelUnavailable(f"{where}: max_length {meta.max_length} not in {low}..{meta.context_length}"
+                                   + (" (framing eot)" if low > 1 else ""))
         return meta
 
 

@@ -117,12 +117,19 @@ def test_onnx_framing_metadata_old_and_unknown(tiny_onnx_export, tmp_path):
     old.metadata_props.extend(kept)
     onnx.save(old, str(tmp_path / "old.onnx"))
     assert OnnxSpamClassifier(tmp_path / "old.onnx", device="cpu").meta.framing == "plain"
-    for p in proto.metadata_props:
-        if p.key == "gptpkg.framing":
-            p.value = "bos"
-    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    def save_with(name: str, **values: str) -> Path:
+        bad = copy.deepcopy(proto)
+        for p in bad.metadata_props:
+            if p.key.removeprefix("gptpkg.") in values:
+                p.value = values[p.key.removeprefix("gptpkg.")]
+        onnx.save(bad, str(tmp_path / name))
+        return tmp_path / name
+
     with pytest.raises(ModelUnavailable, match=r"framing 'bos' unsupported \(expected one of \['plain', 'eot'\]\)"):
-        OnnxSpamClassifier(tmp_path / "bad.onnx", device="cpu")
+        OnnxSpamClassifier(save_with("bad.onnx", framing="bos"), device="cpu")
+    with pytest.raises(ModelUnavailable, match=r"max_length 2 not in 3..\d+ \(framing eot\)"):
+        OnnxSpamClassifier(save_with("short.onnx", framing="eot", max_length="2"), device="cpu")
+    assert OnnxSpamClassifier(save_with("plain2.onnx", max_length="2"), device="cpu").meta.max_length == 2
 
 
 def test_params_default_is_documented():
