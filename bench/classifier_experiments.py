@@ -227,6 +227,10 @@ LEVERS: dict[str, list[str]] = {
     "r10 finetune train_data=nontest": ["finetune_spam.train_data=nontest"],
     "r10 finetune train_data=nontest, seed=2": ["finetune_spam.train_data=nontest", "finetune_spam.seed=2"],
     "r10 finetune train_data=nontest, seed=3": ["finetune_spam.train_data=nontest", "finetune_spam.seed=3"],
+    # Outcome (CV over seeds 123/2/3, same messages and folds as the r9 rows, test columns
+    # unread): 97.915 / 97.978 / 98.035% (mean 97.976%) against 97.852 / 98.035 / 98.120%
+    # (98.002%); CV spam missed 17 / 16 / 16 of 463 (r9: 18 / 16 / 15). Not adopted:
+    # train_data stays all (2026-11-25 03:36 UTC).
     # Round 11, on the same defaults: frame each message as the SMS pretraining corpus does,
     # between two <|endoftext|>, and pool at the closing one (framing=eot).
     # Rule, written 2026-11-25 02:53 UTC before any round-11 run: seeds 123, 2 and 3 on the
