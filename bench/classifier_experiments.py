@@ -241,6 +241,10 @@ LEVERS: dict[str, list[str]] = {
     "r11 finetune framing=eot": ["finetune_spam.framing=eot"],
     "r11 finetune framing=eot, seed=2": ["finetune_spam.framing=eot", "finetune_spam.seed=2"],
     "r11 finetune framing=eot, seed=3": ["finetune_spam.framing=eot", "finetune_spam.seed=3"],
+    # Outcome (CV over seeds 123/2/3, test columns unread): 97.540 / 98.001 / 97.915% (mean
+    # 97.819%) against 97.852 / 98.035 / 98.120% (98.002%): lower at every seed; CV spam missed
+    # 21 / 16 / 17 of 463. Not adopted: framing stays plain; round 10 failed too, so no
+    # combination ran (2026-11-25 04:00 UTC).
     # model size and context
     "model=cpu-small (d=256, 6 layers), 206 pretrain steps": ["pretrain.model=cpu-small", "pretrain.max_steps=300"],
     "max_length=64": ["finetune_spam.max_length=64"],
