@@ -36,14 +36,20 @@ def test_plain_and_eot_framing(tok):
         encode_message(tok, TEXT, 2, "eot")
 
 
-def test_the_sms_pretraining_corpus_frames_messages_so(_offline_env, tmp_path, tok):
-    """The lever's premise: prepare joins the SMS messages with <|endoftext|>, so inside
-    the corpus every message is eot-framed."""
-    params = load_params(ROOT / "params.yaml", [f"paths.{k}={tmp_path / k}" for k in ("raw", "processed", "metrics")])
+@pytest.fixture(scope="module")
+def real(_offline_env, tmp_path_factory) -> dict:
+    """params whose fetch and prepare stages ran on the real data (the mirror)."""
+    work = tmp_path_factory.mktemp("framing-real")
+    params = load_params(ROOT / "params.yaml", [f"paths.{k}={work / k}" for k in ("raw", "processed", "metrics")])
     fetch(params)
     prepare(params)
-    corpus = Path(params["paths"]["processed"]) / "corpus"
-    ids = np.load(corpus / "sms.train.npy")
+    return params
+
+
+def test_the_sms_pretraining_corpus_frames_messages_so(real):
+    """The lever's premise: prepare joins the SMS messages with <|endoftext|>, so inside
+    the corpus every message is eot-framed."""
+    ids = np.load(Path(real["paths"]["processed"]) / "corpus" / "sms.train.npy")
     eots = np.flatnonzero(ids == EOT_ID)
     assert len(eots) > 4000  # one between every two of the ~5,000 messages
     first = [int(t) for t in ids[eots[10]: eots[11] + 1]]
@@ -51,14 +57,11 @@ def test_the_sms_pretraining_corpus_frames_messages_so(_offline_env, tmp_path, t
 
 
 @pytest.fixture(scope="module")
-def tiny_spam(_offline_env, tmp_path_factory):
+def tiny_spam(real, tmp_path_factory):
     """A handful of real messages as the spam splits, and params for a tiny scratch
     classifier whose outputs go under the module's temp dir."""
     work = tmp_path_factory.mktemp("framing")
-    base = load_params(ROOT / "params.yaml", [f"paths.{k}={work / 'real' / k}" for k in ("raw", "processed", "metrics")])
-    fetch(base)
-    prepare(base)
-    real = paths_of(base)
+    base, real = real, paths_of(real)
     spam_dir = work / "processed" / "spam"
     spam_dir.mkdir(parents=True)
     for part, n in (("train", 12), ("val", 4), ("test", 20)):
