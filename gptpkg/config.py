@@ -122,8 +122,14 @@ class TrainConfig:
     # auto: an untied, trainable token embedding (a classifier's) gets row-sparse
     # gradients and RowSparseAdamW on CPU in one process without compile | false
     sparse_embedding: str = "auto"
+    # Layer-wise lr decay: a GPT's head and final norm train at lr, each block below at
+    # this factor more (the top block lr * d, the embeddings lr * d^(n_layers + 1)); 1 = off.
+    lr_layer_decay: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.lr_layer_decay <= 1.0:
+            raise ConfigError(f"lr_layer_decay must be in (0, 1] (1 = one lr for every layer), "
+                              f"got {self.lr_layer_decay!r}")
         if self.sparse_embedding not in ("auto", "false"):
             raise ConfigError(f"sparse_embedding must be auto|false, got {self.sparse_embedding!r}")
         if self.precision not in ("auto", "fp32", "bf16"):

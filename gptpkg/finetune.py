@@ -228,6 +228,9 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
     if cfg.framing == "eot" and cfg.max_length < 3:
         raise ConfigError(f"params.finetune_spam.max_length={cfg.max_length}: framing eot needs at least 3 "
                           f"(two <|endoftext|> and one token of the message)")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise ConfigError(f"params.finetune_spam.label_smoothing: expected a share in [0, 1) (0 = off), "
+                          f"got {cfg.label_smoothing!r}")
     check_cv_folds(cfg.cv_folds)
     check_soup(cfg.soup)
     check_decision_spam_share(cfg.decision_spam_share)
@@ -264,7 +267,7 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
     dtype = autocast_dtype(train.precision, device)
     model.to(device)
     init = copy.deepcopy(model) if cfg.cv_folds else None  # every CV fold starts from this
-    loss_fn = classification_loss(cfg.class_weights)
+    loss_fn = classification_loss(cfg.class_weights, cfg.label_smoothing)
     val_batches = batches_of(sets["val"], classification_collate, train.batch_size)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:

@@ -106,6 +106,8 @@ class SpamConfig:
     n_blocks: int
     max_length: int
     class_weights: list[float] | None
+    # s > 0: train towards 1 - s on the label and s spread over both classes; 0 = off.
+    label_smoothing: float
     batching: str  # bucketed | shuffled | pad_longest (the book's: pad to the longest text)
     pooling: str  # last_real_token | mean (config.POOLINGS)
     # How each message's tokens are framed: plain | eot (tokenizer.FRAMINGS, encode_message).

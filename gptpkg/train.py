@@ -56,13 +56,17 @@ def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     return loss, batch["input_ids"].numel()
 
 
-def classification_loss(class_weights: Sequence[float] | None = None) -> LossFn:
-    """Cross-entropy on the logits of each text's last real token."""
+def classification_loss(class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0) -> LossFn:
+    """Cross-entropy on the logits of each text's pooled token; with `label_smoothing`
+    s the target is 1 - s on the label and s spread evenly over all classes."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
 
     def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
         logits = _classify(model, batch)  # (B, n_classes)
         w = None if class_weights is None else torch.tensor(class_weights, device=logits.device)
-        return F.cross_entropy(logits.float(), batch["labels"], weight=w), batch["input_ids"].numel()
+        loss = F.cross_entropy(logits.float(), batch["labels"], weight=w, label_smoothing=label_smoothing)
+        return loss, batch["input_ids"].numel()
 
     return loss_fn
 
@@ -110,18 +114,50 @@ def should_compile(setting: str, device: torch.device) -> bool:
     return setting == "true" or (setting == "auto" and device.type == "cuda")
 
 
-def param_groups(model: nn.Module, weight_decay: float, exclude: nn.Parameter | None = None) -> list[dict]:
-    """Decay matrices (linear and embedding weights) only; not biases or norms."""
-    seen, decay, no_decay = {id(exclude)}, [], []
+def layer_lr_scales(model: nn.Module, decay: float) -> dict[int, float]:
+    """Layer-wise lr decay: id(parameter) -> its lr factor. The embeddings are depth 0,
+    block i depth i + 1, the final norm and the head depth n_layers + 1 (factor 1); a
+    parameter at depth k trains at decay ** (n_layers + 1 - k). A tied head shares the
+    token embedding's factor (the parameter is one)."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError(f"lr_layer_decay needs a GPT (a model with .blocks), got {type(model).__name__}")
+    top = len(blocks) + 1
+    scales: dict[int, float] = {}
+    for name in ("tok_emb", "pos_emb"):
+        for p in getattr(model, name).parameters():
+            scales[id(p)] = decay ** top
+    for i, block in enumerate(blocks):
+        for p in block.parameters():
+            scales[id(p)] = decay ** (top - i - 1)
+    for p in model.parameters():
+        scales.setdefault(id(p), 1.0)  # final norm, head
+    return scales
+
+
+def param_groups(model: nn.Module, weight_decay: float, exclude: nn.Parameter | None = None,
+                 lr_layer_decay: float = 1.0) -> list[dict]:
+    """Decay matrices (linear and embedding weights) only; not biases or norms. With
+    `lr_layer_decay` < 1, one such pair of groups per depth, each with its `lr_scale`
+    (`layer_lr_scales`; `fit` sets a group's lr to the schedule's lr times it)."""
+    scales = layer_lr_scales(model, lr_layer_decay) if lr_layer_decay != 1.0 else {}
+    seen, groups = {id(exclude)}, {}
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        key = (p.dim() < 2, scales.get(id(p), 1.0))
+        groups.setdefault(key, []).append(p)
+    out = []
+    for scale in sorted({s for _, s in groups} | {1.0}, reverse=True):
+        for no_decay in (False, True):
+            params = groups.get((no_decay, scale), [])
+            if params or scale == 1.0:  # the plain pair is always there (it may be empty)
+                group = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+                if lr_layer_decay != 1.0:
+                    group["lr_scale"] = scale
+                out.append(group)
+    return out
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
@@ -129,13 +165,17 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
     """AdamW, fused; with `row_sparse` (the token embedding, trained with sparse
     gradients), that one matrix gets `RowSparseAdamW` (same decay) beside it."""
     dense = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, exclude=row_sparse), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+        param_groups(model, cfg.weight_decay, exclude=row_sparse, lr_layer_decay=cfg.lr_layer_decay),
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
         # The fused kernel (one pass over each parameter) exists for CUDA and CPU.
         fused=device.type in ("cuda", "cpu"),
     )
     if row_sparse is None:
         return dense
-    rows = optim.RowSparseAdamW([row_sparse], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    group: dict = {"params": [row_sparse]}
+    if cfg.lr_layer_decay != 1.0:
+        group["lr_scale"] = layer_lr_scales(model, cfg.lr_layer_decay)[id(row_sparse)]
+    rows = optim.RowSparseAdamW([group], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     return optim.OptimizerSet(dense, rows)
 
 
@@ -415,7 +455,7 @@ def fit(
         while step < steps:
             lr = lr_at(step, steps, cfg)
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)  # lr_scale: layer-wise lr decay
             step_loss = torch.zeros((), device=device)
             for k in range(cfg.grad_accum_steps):
                 idx = next(micro)

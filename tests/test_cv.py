@@ -256,6 +256,10 @@ def test_cv_with_train_data_nontest_folds_over_the_all_messages(handful):
                                "spam share strictly between 0 and 1 (0.5: the book's balanced test mix), got 0"),
     # finetune_spam.framing (tests/test_framing.py)
     ("framing", "bos", "params.finetune_spam.framing: expected one of plain|eot, got 'bos'"),
+    # finetune_spam.label_smoothing and lr_layer_decay (tests/test_optim.py)
+    ("label_smoothing", 1.0, "params.finetune_spam.label_smoothing: expected a share in [0, 1) (0 = off), got 1.0"),
+    ("lr_layer_decay", 0.0, "lr_layer_decay must be in (0, 1] (1 = one lr for every layer), got 0.0"),
+    ("lr_layer_decay", 1.5, "lr_layer_decay must be in (0, 1] (1 = one lr for every layer), got 1.5"),
 ])
 def test_bad_cv_folds_or_soup_is_a_config_error_before_any_training(handful, key, value, message):
     from gptpkg.runner import run_stage

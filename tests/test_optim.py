@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from gptpkg import checkpoint as ckpt
-from gptpkg.config import TrainConfig, model_config
+from gptpkg.config import ConfigError, TrainConfig, model_config
 from gptpkg.errors import GptpkgError
 from gptpkg.model import GPT
 from gptpkg.optim import OptimizerSet, RowSparseAdamW, clip_grad_norm_
@@ -148,3 +148,72 @@ def test_sparse_embedding_setting_is_checked():
     from gptpkg.config import ConfigError
     with pytest.raises(ConfigError, match="sparse_embedding must be auto|false"):
         TrainConfig(sparse_embedding="yes")
+
+
+def _changes(seed_model, trained) -> dict[str, float]:
+    """Mean |weight change| per part of the model (the embedding over its touched rows)."""
+    before, after = seed_model.state_dict(), trained.state_dict()
+    d = {k: (after[k] - before[k]).abs() for k in before}
+    rows = d["tok_emb.weight"].sum(1) > 0
+    return {"emb": d["tok_emb.weight"][rows].mean().item(), "block0": d["blocks.0.mlp.fc.weight"].mean().item(),
+            "block1": d["blocks.1.mlp.fc.weight"].mean().item(), "head": d["out_head.weight"].mean().item()}
+
+
+def test_layer_wise_lr_decay_trains_each_depth_at_its_share_of_the_lr():
+    cfg = dict(lr=3e-3, warmup_steps=0, epochs=0, max_steps=6, batch_size=4, eval_every=0, seed=7, device="cpu",
+               compile="false", weight_decay=0.0, min_lr_ratio=1.0)
+    change, trained = {}, {}
+    for decay, mode in ((1.0, "auto"), (0.5, "auto"), (0.5, "false")):
+        model = _classifier()
+        fit(model, _texts(), _collate, TrainConfig(**cfg, lr_layer_decay=decay, sparse_embedding=mode),
+            loss_fn=classification_loss(), progress=False)
+        change[decay, mode], trained[decay, mode] = _changes(_classifier(), model), model
+    # Adam's steps are about lr in size, so each depth's change shrinks by its factor
+    # (tiny: 2 blocks; head 1, block 1 x0.5, block 0 x0.25, embeddings x0.125) ...
+    plain, decayed = change[1.0, "auto"], change[0.5, "auto"]
+    for part, factor in (("block1", 0.5), ("block0", 0.25), ("emb", 0.125)):
+        ratio = (decayed[part] / decayed["head"]) / (plain[part] / plain["head"])
+        assert 0.5 * factor < ratio < 2 * factor, (part, ratio)
+    # ... the row-sparse embedding's optimizer included: the same weights as dense AdamW.
+    sparse, dense = trained[0.5, "auto"].state_dict(), trained[0.5, "false"].state_dict()
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_layer_wise_lr_decay_groups_and_its_default_leaves_the_groups_as_they_were():
+    from gptpkg.train import layer_lr_scales, param_groups
+
+    model = _classifier()
+    plain = param_groups(model, 0.1)
+    assert len(plain) == 2 and all("lr_scale" not in g for g in plain)
+    groups = param_groups(model, 0.1, lr_layer_decay=0.5)
+    scales = layer_lr_scales(model, 0.5)
+    assert sorted({g["lr_scale"] for g in groups}) == [0.125, 0.25, 0.5, 1.0]
+    for g in groups:
+        assert all(scales[id(p)] == g["lr_scale"] for p in g["params"])
+        assert g["weight_decay"] == (0.1 if all(p.dim() >= 2 for p in g["params"]) else 0.0)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert scales[id(model.tok_emb.weight)] == scales[id(model.pos_emb.weight)] == 0.125
+    assert scales[id(model.final_norm.weight)] == scales[id(model.out_head.weight)] == 1.0
+    opt = make_optimizer(model, TrainConfig(lr_layer_decay=0.5), CPU, row_sparse=model.tok_emb.weight)
+    assert opt.optimizers[-1].param_groups[0]["lr_scale"] == 0.125
+    with pytest.raises(ValueError, match="lr_layer_decay needs a GPT"):
+        param_groups(nn.Linear(3, 2), 0.1, lr_layer_decay=0.5)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match=r"lr_layer_decay must be in \(0, 1\]"):
+            TrainConfig(lr_layer_decay=bad)
+
+
+def test_label_smoothing_is_cross_entropy_towards_the_smoothed_targets():
+    model = _classifier().eval()
+    batch = _collate(_texts()[:6])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(batch["input_ids"], lengths=batch["lengths"]), -1)
+        y = batch["labels"]
+        for s in (0.0, 0.1, 0.3):
+            loss, _ = classification_loss(None, s)(model, batch)
+            expected = -((1 - s) * logp[torch.arange(len(y)), y] + s / 2 * logp.sum(-1)).mean()
+            torch.testing.assert_close(loss, expected)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
+            classification_loss(None, bad)
