@@ -82,7 +82,7 @@ def test_an_interrupted_soup_resumes_to_the_uninterrupted_soup(handful, monkeypa
     out = Path(p["paths"]["spam_classifier"])
     real = ft.classification_loss
     # member 1: 3 training calls + 1 val eval; member 2 dies in its 2nd step (after step 1's checkpoint)
-    monkeypatch.setattr(ft, "classification_loss", lambda w: dying(real(w), 6))
+    monkeypatch.setattr(ft, "classification_loss", lambda *a: dying(real(*a), 6))
     with pytest.raises(Interrupted):
         run_stage("finetune_spam", p, progress=False)
     monkeypatch.setattr(ft, "classification_loss", real)
