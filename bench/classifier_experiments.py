@@ -273,6 +273,9 @@ LEVERS: dict[str, list[str]] = {
     "r14 finetune lr_layer_decay=0.8": ["finetune_spam.lr_layer_decay=0.8"],
     "r14 finetune lr_layer_decay=0.8, seed=2": ["finetune_spam.lr_layer_decay=0.8", "finetune_spam.seed=2"],
     "r14 finetune lr_layer_decay=0.8, seed=3": ["finetune_spam.lr_layer_decay=0.8", "finetune_spam.seed=3"],
+    # Outcome (CV over seeds 123/2/3, test columns unread): r13 97.836 / 97.967 / 98.131% (mean
+    # 97.978%), r14 97.353 / 97.523 / 97.347% (mean 97.408%), against 98.002%. Neither passes:
+    # label_smoothing stays 0, lr_layer_decay 1 (2026-11-25 07:05 UTC).
     # model size and context
     "model=cpu-small (d=256, 6 layers), 206 pretrain steps": ["pretrain.model=cpu-small", "pretrain.max_steps=300"],
     "max_length=64": ["finetune_spam.max_length=64"],
