@@ -122,8 +122,9 @@ class TrainConfig:
     # auto: an untied, trainable token embedding (a classifier's) gets row-sparse
     # gradients and RowSparseAdamW on CPU in one process without compile | false
     sparse_embedding: str = "auto"
-    # Layer-wise lr decay: a GPT's head and final norm train at lr, each block below at
-    # this factor more (the top block lr * d, the embeddings lr * d^(n_layers + 1)); 1 = off.
+    # Layer-wise lr decay d: a GPT's head and final norm train at lr, the top block at
+    # lr * d, each block below at d times the one above, the embeddings at
+    # lr * d^(n_layers + 1) (`train.layer_lr_scales`); 1 = one lr for every layer.
     lr_layer_decay: float = 1.0
 
     def __post_init__(self) -> None:
