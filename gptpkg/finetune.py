@@ -118,7 +118,7 @@ def evaluate_classifier(model: GPT, dataset, prefix: str, batch_size: int = 32, 
 def cross_validate(init: GPT, dataset: ClassificationDataset, texts: list[str], k: int, seed: int,
                    train_fn: Callable[[GPT, ClassificationDataset, str], Any],
                    predict_fn: Callable[[GPT, ClassificationDataset], list[float]],
-                   train_only: Sequence[int] = ()) -> dict[str, Any]:
+                   train_only: Sequence[int] = ()) -> tuple[dict[str, Any], dict[int, float]]:
     """k-fold cross-validation on `dataset` (the training messages, `texts` their texts):
     per fold, a copy of `init` (the model a fine-tuning starts from) is trained by
     `train_fn` on the other folds and predicts the held-out fold. The held-out
@@ -130,7 +130,10 @@ def cross_validate(init: GPT, dataset: ClassificationDataset, texts: list[str], 
     `train_only`: indices of messages every fold trains on and none holds out (with
     train_data=nontest, the validation messages): the folds, and so the figures, are
     those of the other messages alone, the same as without them. A train-only text
-    identical to a folded one is an error (it would be trained on while held out)."""
+    identical to a folded one is an error (it would be trained on while held out).
+
+    Returns (the cv_* metrics, {message index: its held-out spam probability}): the
+    probabilities let runs on the same folds be compared or averaged message by message."""
     fixed = set(train_only)
     folded = [i for i in range(len(dataset)) if i not in fixed]
     fixed_keys = {text_key(texts[i]) for i in fixed}
@@ -140,23 +143,23 @@ def cross_validate(init: GPT, dataset: ClassificationDataset, texts: list[str], 
                          f"message (e.g. {clash[0][:60]!r}); they would be trained on while held out")
     folds = [[folded[j] for j in fold] for fold in stratified_group_folds(
         [dataset.labels[i] for i in folded], [text_key(texts[i]) for i in folded], k, seed)]
-    pred: dict[int, int] = {}
+    prob: dict[int, float] = {}
     for i, held in enumerate(folds):
         held_set = set(held)
         model = copy.deepcopy(init)
         train_fn(model, dataset.subset([j for j in range(len(dataset)) if j not in held_set]), f"cv fold {i + 1}/{k}")
         for j, p in zip(held, predict_fn(model, dataset.subset(held))):
-            pred[j] = int(p > 0.5)
+            prob[j] = p
         del model
         print(f"finetune_spam: cv fold {i + 1}/{k} trained on {len(dataset) - len(held)}, "
               f"predicted {len(held)} held-out messages", flush=True)
-    assert sorted(pred) == folded, "the folds must cover every cross-validated message"
-    out = classification_metrics([dataset.labels[i] for i in folded], [pred[i] for i in folded], "cv_")
+    assert sorted(prob) == folded, "the folds must cover every cross-validated message"
+    out = classification_metrics([dataset.labels[i] for i in folded], [int(prob[i] > 0.5) for i in folded], "cv_")
     out["cv_balanced_accuracy"] = at_spam_share(out["cv_confusion"], 0.5)["accuracy"]
     out["cv_folds"] = k
     if fixed:
         out["cv_train_only_messages"] = len(fixed)
-    return out
+    return out, prob
 
 
 def check_cv_folds(value: int) -> None:
@@ -353,19 +356,45 @@ def run_spam(params: dict, logger: MetricLogger, resume: bool = False, progress:
                                "examples_per_s": result.examples_seen / max(result.wall_time_s, 1e-9),
                                "n_trainable_params": model.num_params(trainable_only=True),
                                "train_messages": len(rows["train"]), "heldout_full_messages": len(rows["heldout_full"])}
+    probs = {part: predict_proba(model, ds, train.batch_size, device=device, dtype=dtype) for part, ds in sets.items()}
     for part, ds in sets.items():
-        metrics.update(evaluate_classifier(model, ds, f"{part}_", train.batch_size, device=device, dtype=dtype))
+        metrics.update(classification_metrics(ds.labels, [int(p > 0.5) for p in probs[part]], f"{part}_"))
     metrics.update(traffic_metrics(paths, metrics))
+    cv_probs: dict[int, float] = {}
     if cfg.cv_folds:
         t0 = time.perf_counter()
-        metrics.update(cross_validate(
+        cv_metrics, cv_probs = cross_validate(
             init, sets["train"], [t for t, _ in rows["train"]], cfg.cv_folds, train.seed,
             train_fn=train_classifier,
             predict_fn=lambda m, ds: predict_proba(m, ds, train.batch_size, device=device, dtype=dtype),
-            train_only=train_only))
+            train_only=train_only)
+        metrics.update(cv_metrics)
         metrics["cv_wall_time_s"] = time.perf_counter() - t0
+    predictions = {
+        "decision": "spam iff spam_probability > 0.5 (decision_spam_share's offset included)",
+        "val": prediction_rows(rows["val"], probs["val"]),
+        "test": prediction_rows(rows["test"], probs["test"]),
+        "cv_folds": cfg.cv_folds, "cv_seed": train.seed,
+        "cv": prediction_rows([rows["train"][i] for i in sorted(cv_probs)], [cv_probs[i] for i in sorted(cv_probs)]),
+    }
+    if is_main_process():
+        atomic_write_text(Path(paths.metrics) / PREDICTIONS_FILE,
+                          json.dumps(predictions, indent=0, ensure_ascii=False) + "\n")
     metrics["history"] = result.history
     return metrics
+
+
+# The classifier's spam probability per message: val and test (the final model), and the
+# CV's held-out predictions of the training messages (empty with cv_folds 0). Runs with
+# the same finetune_spam.seed and training messages share their folds, so their files
+# can be compared or averaged message by message (bench/classifier_experiments.py ensemble).
+PREDICTIONS_FILE = "finetune_spam_predictions.json"
+
+
+def prediction_rows(rows: Sequence[tuple[str, int]], probs: Sequence[float]) -> list[dict[str, Any]]:
+    if len(rows) != len(probs):
+        raise ValueError(f"prediction_rows: {len(rows)} messages but {len(probs)} probabilities")
+    return [{"text": t, "label": y, "spam_probability": p} for (t, y), p in zip(rows, probs)]
 
 
 # ---------------------------------------------------------------------------------

@@ -133,3 +133,36 @@ def test_once_levers_have_seed_reruns_their_seed_means_choose(ce):
     # seeds of the defaults alone do not change the rule: the best single run still wins
     rows = _rows(ce, {"defaults": 0.972, "seed=2": 0.99, "soup=3 (3 fine-tunings averaged)": 0.975})
     assert ce.choose(rows)["lever"] == "soup=3 (3 fine-tunings averaged)"
+
+
+def _pred(probs: dict[str, list[tuple[str, int, float]]], folds=5, seed=123) -> dict:
+    return {"cv_folds": folds, "cv_seed": seed,
+            **{part: [{"text": t, "label": y, "spam_probability": p} for t, y, p in rows] for part, rows in probs.items()}}
+
+
+def test_an_ensemble_averages_its_members_probabilities_message_by_message(ce):
+    a = _pred({"cv": [("h1", 0, 0.2), ("h2", 0, 0.6), ("s1", 1, 0.4), ("s2", 1, 0.9)]})
+    b = _pred({"cv": [("h1", 0, 0.1), ("h2", 0, 0.3), ("s1", 1, 0.7), ("s2", 1, 0.2)]})
+    assert ce.ensemble_metrics([a], ("cv",))["cv_confusion"] == [[1, 1], [1, 1]]
+    # means 0.15, 0.45, 0.55, 0.55: every message right
+    e = ce.ensemble_metrics([a, b], ("cv",))
+    assert e["cv_confusion"] == [[2, 0], [0, 2]] and e["cv_balanced_accuracy"] == 1.0
+    b["cv"][3]["spam_probability"] = 0.05  # s2's mean 0.475: missed
+    e = ce.ensemble_metrics([a, b], ("cv",))
+    assert e["cv_confusion"] == [[2, 0], [1, 1]] and e["cv_balanced_accuracy"] == pytest.approx(0.75)
+
+
+def test_an_ensemble_refuses_members_on_other_messages_or_folds(ce):
+    a = _pred({"cv": [("h1", 0, 0.2), ("s1", 1, 0.9)]})
+    with pytest.raises(SystemExit, match="not over the same messages"):
+        ce.ensemble_metrics([a, _pred({"cv": [("s1", 1, 0.9), ("h1", 0, 0.2)]})], ("cv",))
+    with pytest.raises(SystemExit, match="different folds"):
+        ce.ensemble_metrics([a, _pred({"cv": [("h1", 0, 0.2), ("s1", 1, 0.9)]}, seed=2)], ("cv",))
+    with pytest.raises(SystemExit, match="not over the same messages"):  # cv_folds 0: no CV predictions
+        ce.ensemble_metrics([_pred({"cv": []}, folds=0)], ("cv",))
+
+
+def test_an_ensembles_seed_groups_pair_the_members_runs_at_each_fine_tuning_seed(ce):
+    a, b = "r16 pretrain lm_vocab=corpus", "r16 pretrain lm_vocab=corpus, pretrain_seed=124"
+    assert ce.seed_groups([a, b]) == [[a, b], [f"{a}, seed=2", f"{b}, seed=2"], [f"{a}, seed=3", f"{b}, seed=3"]]
+    assert ce.configuration(b) == b and ce.configuration(f"{b}, seed=3") == b

@@ -13,7 +13,7 @@ import torch
 
 from gptpkg.config import ConfigError, load_params
 from gptpkg.data import DataError, stratified_group_folds
-from gptpkg.metrics import at_spam_share
+from gptpkg.metrics import at_spam_share, classification_metrics
 from gptpkg.stages import contains_any, fetch, paths_of, prepare, read_spam_split, spam_train_rows, text_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +140,20 @@ def test_cv_run_reports_pooled_held_out_figures_and_leaves_the_final_model_alone
     assert cv["cv_balanced_accuracy"] == pytest.approx((tn / 10 + tp / 11) / 2)
     assert cv["cv_balanced_accuracy"] == pytest.approx(at_spam_share(cv["cv_confusion"], 0.5)["accuracy"])
     assert 0.0 <= cv["cv_spam_f1"] <= 1.0
+    # the predictions file: per message its spam probability, whose 0.5 decision gives
+    # every confusion matrix above (CV: held out; val/test: the final model)
+    pred = json.loads((root / "cv" / "metrics" / "finetune_spam_predictions.json").read_text())
+    assert (pred["cv_folds"], pred["cv_seed"]) == (3, 123)
+    assert sorted((r["text"], r["label"]) for r in pred["cv"]) == sorted(map(tuple, parts["train"]))
+    for part, prefix in (("cv", "cv_"), ("val", "val_"), ("test", "test_")):
+        rows = pred[part]
+        assert all(0.0 <= r["spam_probability"] <= 1.0 for r in rows)
+        assert classification_metrics([r["label"] for r in rows], [int(r["spam_probability"] > 0.5) for r in rows],
+                                      prefix)[f"{prefix}confusion"] == cv[f"{prefix}confusion"]
+    assert [(r["text"], r["label"]) for r in pred["test"]] == [tuple(r) for r in parts["test"]]
+    plain_pred = json.loads((root / "plain" / "metrics" / "finetune_spam_predictions.json").read_text())
+    assert plain_pred["cv"] == [] and plain_pred["cv_folds"] == 0
+    assert plain_pred["test"] == pred["test"] and plain_pred["val"] == pred["val"]
 
 
 def test_cross_validate_trains_each_fold_on_the_others_from_the_same_init(handful, tok):
@@ -170,7 +184,8 @@ def test_cross_validate_trains_each_fold_on_the_others_from_the_same_init(handfu
         seen[-1][1].extend(tok.decode(ids) for ids in subset.ids)
         return predict_proba(model, subset)
 
-    m = cross_validate(init, ds, [t for t, _ in rows], 3, 123, train_fn, predict_fn)
+    m, prob = cross_validate(init, ds, [t for t, _ in rows], 3, 123, train_fn, predict_fn)
+    assert sorted(prob) == list(range(len(rows))) and all(0.0 <= p <= 1.0 for p in prob.values())
     assert all(torch.equal(v, before[k]) for k, v in init.state_dict().items())
     assert len(seen) == 3
     held_all = [t for _, held in seen for t in held]
@@ -208,7 +223,8 @@ def test_cross_validate_train_only_messages_train_in_every_fold_and_are_never_he
         seen[-1][1].extend(tok.decode(ids) for ids in subset.ids)
         return predict_proba(model, subset)
 
-    m = cross_validate(init, ds, [t for t, _ in rows], 3, 123, train_fn, predict_fn, train_only=fixed)
+    m, prob = cross_validate(init, ds, [t for t, _ in rows], 3, 123, train_fn, predict_fn, train_only=fixed)
+    assert sorted(prob) == [i for i in range(len(rows)) if i not in fixed]  # train-only: never held out
     extra_texts = [tok.decode(ds.ids[i]) for i in fixed]
     for trained, held in seen:
         assert all(t in trained for t in extra_texts) and not set(extra_texts) & set(held)
