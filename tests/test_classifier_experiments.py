@@ -166,3 +166,39 @@ def test_an_ensembles_seed_groups_pair_the_members_runs_at_each_fine_tuning_seed
     a, b = "r16 pretrain lm_vocab=corpus", "r16 pretrain lm_vocab=corpus, pretrain_seed=124"
     assert ce.seed_groups([a, b]) == [[a, b], [f"{a}, seed=2", f"{b}, seed=2"], [f"{a}, seed=3", f"{b}, seed=3"]]
     assert ce.configuration(b) == b and ce.configuration(f"{b}, seed=3") == b
+
+
+def test_an_ensemble_reads_each_members_newest_run_with_predictions_from_its_experiment_ref(ce, tmp_path, monkeypatch):
+    """exp_predictions on a real git repository holding experiment refs as `dvc exp run` writes them."""
+    import json
+    import os
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, text=True,
+                              capture_output=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    lever = "r16 pretrain lm_vocab=corpus"
+
+    def exp_commit(preds: dict | None, when: int) -> str:
+        path = tmp_path / ce.PREDICTIONS
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if preds is None:
+            path.unlink(missing_ok=True)
+            (tmp_path / "other").write_text(str(when))
+        else:
+            path.write_text(json.dumps(preds))
+        git("add", "-A")
+        env = {"GIT_COMMITTER_DATE": f"{when} +0000", "GIT_AUTHOR_DATE": f"{when} +0000"}
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", str(when)], cwd=tmp_path,
+                       check=True, env={**os.environ, **env})
+        return git("rev-parse", "HEAD")
+
+    old, new = _pred({"cv": [("h", 0, 0.1)]}), _pred({"cv": [("h", 0, 0.2)]})
+    git("update-ref", f"refs/exps/aa/bb/base1/{ce.exp_name(lever)}", exp_commit(old, 1_700_000_000))
+    git("update-ref", f"refs/exps/cc/dd/base2/{ce.exp_name(lever)}", exp_commit(new, 1_700_000_100))
+    git("update-ref", f"refs/exps/ee/ff/base3/{ce.exp_name(lever)}", exp_commit(None, 1_700_000_200))  # before the file
+    monkeypatch.setattr(ce, "ROOT", tmp_path)
+    assert ce.exp_predictions(lever) == new
+    with pytest.raises(SystemExit, match="no experiment 'r16-pretrain-lm_vocab-corpus-seed-2' with"):
+        ce.exp_predictions(f"{lever}, seed=2")
