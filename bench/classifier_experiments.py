@@ -529,6 +529,11 @@ def ensemble_metrics(members: list[dict], parts: tuple[str, ...]) -> dict[str, f
     return out
 
 
+def cv_errors(predictions: dict) -> set[int]:
+    """The CV-held-out messages (their positions) a run's decision gets wrong."""
+    return {i for i, r in enumerate(predictions["cv"]) if int(r["spam_probability"] > 0.5) != r["label"]}
+
+
 def seed_groups(members: list[str]) -> list[list[str]]:
     """The ensembles of `members` (levers without a seed suffix) at each fine-tuning seed
     all of them were run with: their own rows together, then their ", seed=N" rows."""
@@ -548,7 +553,9 @@ def ensemble(members: list[str], with_test: bool) -> str:
         single = [ensemble_metrics([m], ("cv",))["cv_balanced_accuracy"] for m in preds]
         e = ensemble_metrics(preds, parts)
         means.append(e["cv_balanced_accuracy"])
-        line = (" + ".join(f"{lever} ({pct(b)})" for lever, b in zip(group, single))
+        wrong = [cv_errors(m) for m in preds]
+        line = (" + ".join(f"{lever} ({pct(b)}, {len(w)} CV errors)" for lever, b, w in zip(group, single, wrong))
+                + f": {len(set.intersection(*wrong))} errors shared by all"
                 + f" -> CV balanced acc {pct(e['cv_balanced_accuracy'])}, CV acc {pct(e['cv_accuracy'])}, "
                   f"CV spam F1 {e['cv_spam_f1']:.4f}, CV confusion {e['cv_confusion']}")
         if with_test:

@@ -144,6 +144,7 @@ def test_an_ensemble_averages_its_members_probabilities_message_by_message(ce):
     a = _pred({"cv": [("h1", 0, 0.2), ("h2", 0, 0.6), ("s1", 1, 0.4), ("s2", 1, 0.9)]})
     b = _pred({"cv": [("h1", 0, 0.1), ("h2", 0, 0.3), ("s1", 1, 0.7), ("s2", 1, 0.2)]})
     assert ce.ensemble_metrics([a], ("cv",))["cv_confusion"] == [[1, 1], [1, 1]]
+    assert ce.cv_errors(a) == {1, 2} and ce.cv_errors(b) == {3}
     # means 0.15, 0.45, 0.55, 0.55: every message right
     e = ce.ensemble_metrics([a, b], ("cv",))
     assert e["cv_confusion"] == [[2, 0], [0, 2]] and e["cv_balanced_accuracy"] == 1.0
