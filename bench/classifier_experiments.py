@@ -46,6 +46,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gptpkg.metrics import at_spam_share, classification_metrics  # noqa: E402  (no torch)
 
 # name -> overrides (as `dvc exp run -S` takes them). The defaults in params.yaml are the
 # row named "defaults"; every other row changes one lever (or a pair that belongs
@@ -492,7 +495,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-PREDICTIONS = "metrics/finetune_spam_predictions.json"
+PREDICTIONS = "metrics/finetune_spam_predictions.json"  # gptpkg.finetune.PREDICTIONS_FILE in params' paths.metrics
 
 
 def exp_predictions(lever: str) -> dict:
@@ -515,9 +518,6 @@ def ensemble_metrics(members: list[dict], parts: tuple[str, ...]) -> dict[str, f
     """The figures of the classifier that averages `members`' spam probabilities
     (prediction files of runs on the same messages; for "cv", the same folds): spam iff
     the mean probability > 0.5, as each member decides."""
-    sys.path.insert(0, str(ROOT))
-    from gptpkg.metrics import at_spam_share, classification_metrics
-
     out: dict[str, float] = {}
     for part in parts:
         keys = [[(r["text"], r["label"]) for r in m[part]] for m in members]

@@ -163,6 +163,13 @@ def test_an_ensemble_refuses_members_on_other_messages_or_folds(ce):
         ce.ensemble_metrics([_pred({"cv": []}, folds=0)], ("cv",))
 
 
+def test_the_predictions_file_read_is_the_one_finetune_spam_writes(ce):
+    from gptpkg.config import load_params
+    from gptpkg.finetune import PREDICTIONS_FILE
+
+    assert ce.PREDICTIONS == f"{load_params(ROOT / 'params.yaml')['paths']['metrics']}/{PREDICTIONS_FILE}"
+
+
 def test_an_ensembles_seed_groups_pair_the_members_runs_at_each_fine_tuning_seed(ce):
     a, b = "r16 pretrain lm_vocab=corpus", "r16 pretrain lm_vocab=corpus, pretrain_seed=124"
     assert ce.seed_groups([a, b]) == [[a, b], [f"{a}, seed=2", f"{b}, seed=2"], [f"{a}, seed=3", f"{b}, seed=3"]]
