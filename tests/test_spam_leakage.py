@@ -131,11 +131,13 @@ def test_finetune_and_baseline_report_heldout_full(prepared, tmp_path):
     params, paths, metrics = prepared
     over = load_params(ROOT / "params.yaml", [
         f"paths.processed={paths.processed}", f"paths.spam_classifier={tmp_path / 'clf'}",
+        f"paths.metrics={tmp_path / 'metrics'}",
         "finetune_spam.init=scratch", "finetune_spam.model=tiny", "finetune_spam.max_length=32",
         "finetune_spam.max_steps=2", "finetune_spam.batch_size=8", "finetune_spam.eval_every=0",
         "finetune_spam.train_data=all", "finetune_spam.class_weights=[1.0, 4.0]",
         "finetune_spam.freeze_embeddings=true", "baseline_spam.train_data=all"], profile=None)
     m = run_spam(over, NullLogger(), progress=False)
+    assert (tmp_path / "metrics" / "finetune_spam_predictions.json").is_file()  # its outputs stay under tmp_path
     n_train = len(spam_train_rows(paths, "all", "x"))
     assert m["train_messages"] == n_train and m["steps"] == 2
     from gptpkg.config import model_config
