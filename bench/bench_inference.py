@@ -31,9 +31,13 @@ def main() -> None:
     ap.add_argument("--model-dir", help="where to export (default: a temp folder)")
     ap.add_argument("--texts", type=int, default=256, help="SMS texts measured per engine and repeat")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="intra-op threads for torch and ORT alike (1: on a shared, busy machine more "
-                         "threads measure the scheduler; see the load average printed)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads for torch and ORT alike (1: on a shared, busy machine more "
+        "threads measure the scheduler; see the load average printed)",
+    )
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 
@@ -44,7 +48,7 @@ def main() -> None:
     int8 = OnnxSpamClassifier(folder / INT8_FILE, device="cpu", threads=args.threads)
     ids = [fp32.encode(t) for t in sms_texts(args.texts)]
     batches1 = [fp32.pad([r]) for r in ids]
-    batches32 = [fp32.pad(ids[i:i + 32]) for i in range(0, len(ids), 32)]
+    batches32 = [fp32.pad(ids[i : i + 32]) for i in range(0, len(ids), 32)]
 
     @torch.no_grad()
     def torch_run(x, n):
@@ -54,8 +58,10 @@ def main() -> None:
     for run in engines.values():  # warm-up (allocators, ORT's first-run shape work)
         for b in batches1[:8] + batches32[:2]:
             run(*b)
-    agree = {k: float((run(*batches32[0]).argmax(1) == torch_run(*batches32[0]).argmax(1)).mean())
-             for k, run in engines.items()}
+    agree = {
+        k: float((run(*batches32[0]).argmax(1) == torch_run(*batches32[0]).argmax(1)).mean())
+        for k, run in engines.items()
+    }
     lat = {k: [] for k in engines}
     thr = {k: [] for k in engines}
     for _ in range(args.repeats):
@@ -71,24 +77,41 @@ def main() -> None:
                 run(*b)
             thr[name].append(len(ids) / (time.perf_counter() - t0))
     tokens = [len(r) for r in ids]
-    result = {"model": args.checkpoint or "cpu-mini (fresh)", "threads": args.threads, "texts": len(ids),
-              "load_average_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
-              "median_tokens_per_text": statistics.median(tokens), "repeats": args.repeats,
-              "fp32_mb": round((folder / FP32_FILE).stat().st_size / 2**20, 2),
-              "int8_mb": round((folder / INT8_FILE).stat().st_size / 2**20, 2),
-              "engines": {k: {"latency_ms_batch1_median": round(statistics.median(lat[k]), 3),
-                              "throughput_texts_per_s_batch32_median": round(statistics.median(thr[k]), 1),
-                              "label_agreement_with_pytorch": agree[k]} for k in engines}}
+    result = {
+        "model": args.checkpoint or "cpu-mini (fresh)",
+        "threads": args.threads,
+        "texts": len(ids),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "cpus": os.cpu_count(),
+        "median_tokens_per_text": statistics.median(tokens),
+        "repeats": args.repeats,
+        "fp32_mb": round((folder / FP32_FILE).stat().st_size / 2**20, 2),
+        "int8_mb": round((folder / INT8_FILE).stat().st_size / 2**20, 2),
+        "engines": {
+            k: {
+                "latency_ms_batch1_median": round(statistics.median(lat[k]), 3),
+                "throughput_texts_per_s_batch32_median": round(statistics.median(thr[k]), 1),
+                "label_agreement_with_pytorch": agree[k],
+            }
+            for k in engines
+        },
+    }
     base = result["engines"]["pytorch_eager"]
-    print(f"model {result['model']}, {len(ids)} SMS texts (median {result['median_tokens_per_text']} tokens), "
-          f"{args.threads} threads, median of {args.repeats} repeats, load average {result['load_average_1m']} "
-          f"on {result['cpus']} CPUs")
-    print("| engine | latency/text, batch 1 (ms) | throughput, batch 32 (texts/s) | vs PyTorch (latency / throughput) |")
+    print(
+        f"model {result['model']}, {len(ids)} SMS texts (median {result['median_tokens_per_text']} tokens), "
+        f"{args.threads} threads, median of {args.repeats} repeats, load average {result['load_average_1m']} "
+        f"on {result['cpus']} CPUs"
+    )
+    print(
+        "| engine | latency/text, batch 1 (ms) | throughput, batch 32 (texts/s) | vs PyTorch (latency / throughput) |"
+    )
     print("|---|---:|---:|---:|")
     for k, v in result["engines"].items():
-        print(f"| {k} | {v['latency_ms_batch1_median']:.2f} | {v['throughput_texts_per_s_batch32_median']:.0f} | "
-              f"{base['latency_ms_batch1_median'] / v['latency_ms_batch1_median']:.2f}x / "
-              f"{v['throughput_texts_per_s_batch32_median'] / base['throughput_texts_per_s_batch32_median']:.2f}x |")
+        print(
+            f"| {k} | {v['latency_ms_batch1_median']:.2f} | {v['throughput_texts_per_s_batch32_median']:.0f} | "
+            f"{base['latency_ms_batch1_median'] / v['latency_ms_batch1_median']:.2f}x / "
+            f"{v['throughput_texts_per_s_batch32_median'] / base['throughput_texts_per_s_batch32_median']:.2f}x |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

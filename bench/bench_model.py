@@ -37,8 +37,11 @@ def build(folder: Path, checkpoint: str | None = None, preset: str = "cpu-mini",
     else:
         torch.manual_seed(123)
         model = GPT(model_config(preset)).to_classifier(2)
-        config = {"n_classes": 2, "model": {"context_length": model.cfg.context_length},
-                  "meta": {"labels": ["ham", "spam"], "max_length": max_length, "pad_id": 50256}}
+        config = {
+            "n_classes": 2,
+            "model": {"context_length": model.cfg.context_length},
+            "meta": {"labels": ["ham", "spam"], "max_length": max_length, "pad_id": 50256},
+        }
     model.eval()
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / FP32_FILE).is_file():

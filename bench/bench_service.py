@@ -42,13 +42,25 @@ def free_port() -> int:
 
 def start_server(model_file: Path, batching: bool, args) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "GPTPKG_MODEL_PATH": str(model_file), "GPTPKG_BATCHING": "on" if batching else "off",
-           "GPTPKG_MAX_BATCH_SIZE": str(args.max_batch_size), "GPTPKG_MAX_LATENCY_MS": str(args.max_latency_ms),
-           "GPTPKG_ORT_THREADS": str(args.ort_threads), "BENTOML_DO_NOT_TRACK": "true", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "GPTPKG_MODEL_PATH": str(model_file),
+        "GPTPKG_BATCHING": "on" if batching else "off",
+        "GPTPKG_MAX_BATCH_SIZE": str(args.max_batch_size),
+        "GPTPKG_MAX_LATENCY_MS": str(args.max_latency_ms),
+        "GPTPKG_ORT_THREADS": str(args.ort_threads),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "PYTHONPATH": str(ROOT),
+    }
     bentoml = str(Path(sys.executable).parent / "bentoml")
-    proc = subprocess.Popen([bentoml, "serve", "serving.service:SpamClassifier", "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [bentoml, "serve", "serving.service:SpamClassifier", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -101,9 +113,14 @@ async def load(url: str, texts: list[str], clients: int, duration: float) -> dic
         await asyncio.gather(*(client(i, http) for i in range(clients)))
         wall = time.perf_counter() - t0
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
-    return {"requests": len(latencies), "errors": errors, "wall_s": round(wall, 2),
-            "req_per_s": round(len(latencies) / wall, 1), "p50_ms": round(q[49] * 1e3, 1),
-            "p99_ms": round(q[98] * 1e3, 1)}
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "wall_s": round(wall, 2),
+        "req_per_s": round(len(latencies) / wall, 1),
+        "p50_ms": round(q[49] * 1e3, 1),
+        "p99_ms": round(q[98] * 1e3, 1),
+    }
 
 
 def main() -> None:
@@ -114,8 +131,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--max-batch-size", type=int, default=64)
-    ap.add_argument("--max-latency-ms", type=int, default=5000,
-                    help="batcher queue bound; a request that would wait longer gets a 503")
+    ap.add_argument(
+        "--max-latency-ms",
+        type=int,
+        default=5000,
+        help="batcher queue bound; a request that would wait longer gets a 503",
+    )
     ap.add_argument("--ort-threads", type=int, default=1, help="ONNX Runtime intra-op threads in the server")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
@@ -134,17 +155,26 @@ def main() -> None:
             results["on" if batching else "off"]["load_average_1m"] = round(os.getloadavg()[0], 2)
         finally:
             stop_server(proc)
-    print(f"{args.variant} model, {args.clients} concurrent clients x {args.duration:.0f} s, one text per request, "
-          f"max_batch_size {args.max_batch_size}, max_latency_ms {args.max_latency_ms}, {args.ort_threads} ORT thread(s), "
-          f"client and server on the same {os.cpu_count()} CPUs")
+    print(
+        f"{args.variant} model, {args.clients} concurrent clients x {args.duration:.0f} s, one text per request, "
+        f"max_batch_size {args.max_batch_size}, max_latency_ms {args.max_latency_ms}, {args.ort_threads} ORT thread(s), "
+        f"client and server on the same {os.cpu_count()} CPUs"
+    )
     print("| adaptive batching | requests/s | p50 (ms) | p99 (ms) | errors | load average (1 min) |")
     print("|---|---:|---:|---:|---:|---:|")
     for mode, r in results.items():
-        print(f"| {mode} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
-              f"{r['load_average_1m']} |")
+        print(
+            f"| {mode} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
+            f"{r['load_average_1m']} |"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"variant": args.variant, "clients": args.clients,
-                                               "duration_s": args.duration, "results": results}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {"variant": args.variant, "clients": args.clients, "duration_s": args.duration, "results": results},
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -18,34 +18,58 @@ from __future__ import annotations
 
 import argparse
 import copy
-from dataclasses import replace
 import json
 import os
 import statistics
 import sys
+import typing
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptpkg.config import TrainConfig, model_config  # noqa: E402
+from gptpkg.classifier import predict_proba  # noqa: E402
+from gptpkg.config import Batching, TrainConfig, model_config  # noqa: E402
 from gptpkg.data import (  # noqa: E402
-    ClassificationDataset, InstructionDataset, book_spam_splits, classification_collate,
-    instruction_collate, read_instructions, split_instructions,
+    ClassificationDataset,
+    InstructionDataset,
+    book_spam_splits,
+    classification_collate,
+    instruction_collate,
+    read_instructions,
+    split_instructions,
 )
-from gptpkg.finetune import _batching, evaluate_classifier  # noqa: E402
+from gptpkg.finetune import batching  # noqa: E402
+from gptpkg.loggers import NullLogger  # noqa: E402
+from gptpkg.metrics import classification_metrics  # noqa: E402
 from gptpkg.model import GPT  # noqa: E402
 from gptpkg.perf import keep_freed_memory  # noqa: E402
 from gptpkg.tokenizer import get_tokenizer  # noqa: E402
 from gptpkg.train import batches_of, classification_loss, fit, lm_loss, mean_loss  # noqa: E402
 
+# What `fit` takes as `ctx`: no logging, no resume, no progress bars.
+QUIET = SimpleNamespace(logger=NullLogger(), resume=False, progress=False)
 
-def run_name(mode: str, sparse_embedding: str) -> str:
+
+def run_name(mode: str, sparse_embedding: bool) -> str:
     """`bucketed`, or `bucketed+dense_embedding` for the run without the row-sparse
     embedding (`TrainConfig.sparse_embedding=false`: dense AdamW over all 50,257 rows)."""
-    return mode if sparse_embedding == "auto" else f"{mode}+dense_embedding"
+    return mode if sparse_embedding else f"{mode}+dense_embedding"
+
+
+def plan_for(mode: str, lengths: list[int], cfg: TrainConfig, collate):
+    """(batch plan, collate) as a fine-tuning section with `batching: mode` gets them."""
+    return batching(SimpleNamespace(batching=mode, batch_size=cfg.batch_size, seed=cfg.seed), lengths, collate)
+
+
+def accuracy(model, dataset) -> float:
+    """Accuracy at the 0.5 decision, as finetune_spam reports it."""
+    predicted = [int(p > 0.5) for p in predict_proba(model, dataset, 32)]
+    return classification_metrics(dataset.labels, predicted)["accuracy"]
 
 
 def padded_tokens(plan, lengths, collate_pad: int | None) -> int:
@@ -59,29 +83,47 @@ def spam(args, mirror: Path, tok) -> dict:
     torch.manual_seed(args.seed)
     base = GPT(model_config(args.preset, drop_rate=0.0)).to_classifier(2)
     base.set_trainable(args.trainable, 1)
-    cfg = TrainConfig(lr=args.lr, warmup_steps=10, epochs=args.epochs, batch_size=args.batch_size,
-                      eval_every=0, seed=args.seed, device="cpu", compile="false", beta2=0.999)
-    out: dict = {"train_examples": len(lengths), "mean_length": statistics.mean(lengths),
-                 "longest": max(lengths), "epochs": args.epochs, "batch_size": args.batch_size,
-                 "preset": args.preset, "trainable": args.trainable}
-    runs = [(m, "auto") for m in args.modes] + [(m, "false") for m in args.modes if args.dense_embedding_too]
+    cfg = TrainConfig(
+        lr=args.lr,
+        warmup_steps=10,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        eval_every=0,
+        seed=args.seed,
+        device="cpu",
+        compile=False,
+        beta2=0.999,
+    )
+    out: dict = {
+        "train_examples": len(lengths),
+        "mean_length": statistics.mean(lengths),
+        "longest": max(lengths),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "preset": args.preset,
+        "trainable": args.trainable,
+    }
+    runs = [(m, True) for m in args.modes] + [(m, False) for m in args.modes if args.dense_embedding_too]
     rates = {run_name(m, e): [] for m, e in runs}
     for rep in range(args.reps):
         for mode, emb in runs:
             rep_cfg = replace(cfg, seed=args.seed + rep, sparse_embedding=emb)  # each repetition its own batch order
-            plan, collate = _batching(mode, "finetune_spam", lengths, rep_cfg, classification_collate)
+            plan, collate = plan_for(mode, lengths, rep_cfg, classification_collate)
             model = copy.deepcopy(base)
-            r = fit(model, sets["train"], collate, rep_cfg, loss_fn=classification_loss(), batch_plan=plan,
-                    progress=False)
+            r = fit(model, sets["train"], collate, rep_cfg, loss_fn=classification_loss(), batch_plan=plan, ctx=QUIET)
             mode = run_name(mode, emb)
             rates[mode].append(r.examples_seen / r.wall_time_s)
             row = out.setdefault(mode, {})
-            row["padded_tokens_per_epoch"] = padded_tokens(plan(0), lengths, max(lengths) if mode.startswith("pad_longest") else None)
+            row["padded_tokens_per_epoch"] = padded_tokens(
+                plan(0), lengths, max(lengths) if mode.startswith("pad_longest") else None
+            )
             for part in ("val", "test"):
-                acc = evaluate_classifier(model, sets[part], f"{part}_", 32)[f"{part}_accuracy"]
-                row.setdefault(f"{part}_accuracy", []).append(acc)
-            print(f"spam rep {rep + 1} {mode}: {rates[mode][-1]:.1f} examples/s, val acc "
-                  f"{row['val_accuracy'][-1]:.4f}, test acc {row['test_accuracy'][-1]:.4f}", flush=True)
+                row.setdefault(f"{part}_accuracy", []).append(accuracy(model, sets[part]))
+            print(
+                f"spam rep {rep + 1} {mode}: {rates[mode][-1]:.1f} examples/s, val acc "
+                f"{row['val_accuracy'][-1]:.4f}, test acc {row['test_accuracy'][-1]:.4f}",
+                flush=True,
+            )
     speedups(out, rates)
     return out
 
@@ -95,23 +137,33 @@ def instruct(args, mirror: Path, tok) -> dict:
     lengths = [len(it["input_ids"]) for it in train.items]
     torch.manual_seed(args.seed)
     base = GPT(model_config(args.preset, drop_rate=0.0))
-    cfg = TrainConfig(lr=5e-4, warmup_steps=2, epochs=1.0, batch_size=args.batch_size, eval_every=0,
-                      seed=args.seed, device="cpu", compile="false")
+    cfg = TrainConfig(
+        lr=5e-4,
+        warmup_steps=2,
+        epochs=1.0,
+        batch_size=args.batch_size,
+        eval_every=0,
+        seed=args.seed,
+        device="cpu",
+        compile=False,
+    )
     out: dict = {"train_examples": len(lengths), "mean_length": statistics.mean(lengths), "longest": max(lengths)}
     rates: dict[str, list[float]] = {m: [] for m in args.modes}
     for rep in range(args.reps):
         rep_cfg = replace(cfg, seed=args.seed + rep)
         for mode in rates:
-            plan, train_collate = _batching(mode, "finetune_instruct", lengths, rep_cfg, collate)
+            plan, train_collate = plan_for(mode, lengths, rep_cfg, collate)
             model = copy.deepcopy(base)
-            r = fit(model, train, train_collate, rep_cfg, loss_fn=lm_loss, batch_plan=plan, progress=False)
+            r = fit(model, train, train_collate, rep_cfg, loss_fn=lm_loss, batch_plan=plan, ctx=QUIET)
             rates[mode].append(r.examples_seen / r.wall_time_s)
             row = out.setdefault(mode, {})
             pad = max(lengths) + 1 if mode == "pad_longest" else None
             row["padded_tokens_per_epoch"] = padded_tokens(plan(0), [n + 1 for n in lengths], pad)
             row.setdefault("val_loss", []).append(mean_loss(model, val_batches, lm_loss, torch.device("cpu")))
-            print(f"instruct rep {rep + 1} {mode}: {rates[mode][-1]:.2f} examples/s, val loss {row['val_loss'][-1]:.4f}",
-                  flush=True)
+            print(
+                f"instruct rep {rep + 1} {mode}: {rates[mode][-1]:.2f} examples/s, val loss {row['val_loss'][-1]:.4f}",
+                flush=True,
+            )
     speedups(out, rates)
     return out
 
@@ -134,16 +186,27 @@ def main() -> None:
     p.add_argument("--preset", default="cpu-mini")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--trainable", default="all", help="head | last_blocks (1 block, the book's) | all")
-    p.add_argument("--batch-size", type=int, default=16, help="16 = finetune_spam.batch_size in params.yaml (the book: 8)")
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="16 = finetune_spam.batch_size in params.yaml (the book: 8)"
+    )
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--max-length", type=int, default=256, help="truncation of the SMS texts (none below 256)")
-    p.add_argument("--modes", nargs="+", default=["pad_longest", "shuffled", "bucketed"])
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["pad_longest", "shuffled", "bucketed"],
+        choices=typing.get_args(Batching),
+        help="batching settings to compare (as finetune_spam.batching)",
+    )
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--instruct-examples", type=int, default=160, help="0 = skip the instruction comparison")
     p.add_argument("--instruct-max-length", type=int, default=256)
-    p.add_argument("--dense-embedding-too", action="store_true",
-                   help="also run each classifier mode with dense AdamW on the token embedding (the old path)")
+    p.add_argument(
+        "--dense-embedding-too",
+        action="store_true",
+        help="also run each classifier mode with dense AdamW on the token embedding (the old path)",
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args()

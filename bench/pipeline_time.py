@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["fetch", "prepare", "pretrain", "finetune_spam", "baseline_spam", "finetune_instruct",
-          "export_onnx", "package"]
 HEADLINE = {
     "pretrain": ["val_loss", "val_perplexity", "steps", "tokens_seen"],
     "finetune_spam": ["test_accuracy", "test_spam_f1", "val_accuracy", "train_accuracy"],
@@ -33,10 +33,15 @@ HEADLINE = {
 }
 
 
+def stage_names(work: Path) -> list[str]:
+    """The stages `dvc repro` ran in `work`: those of its dvc.yaml, in order."""
+    return list(yaml.safe_load((work / "dvc.yaml").read_text(encoding="utf-8"))["stages"])
+
+
 def report(work: Path, total: float | None) -> None:
     print(f"\n{'stage':18s} {'wall s':>8s} {'cpu s':>8s}")
     walls = 0.0
-    for s in STAGES:
+    for s in stage_names(work):
         rt = json.loads((work / "metrics" / "runtime" / f"{s}.json").read_text())
         walls += rt["stage_wall_time_s"]
         print(f"{s:18s} {rt['stage_wall_time_s']:8.1f} {rt.get('stage_cpu_time_s', float('nan')):8.1f}")
@@ -61,9 +66,13 @@ def main() -> int:
 
     bin_dir = Path(sys.executable).parent
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="gptpkg-pipeline-"))
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(work),
-               WANDB_MODE=os.environ.get("WANDB_MODE", "offline"),
-               BENTOML_HOME=os.environ.get("BENTOML_HOME", str(work / "bentoml-home")))
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        PYTHONPATH=str(work),
+        WANDB_MODE=os.environ.get("WANDB_MODE", "offline"),
+        BENTOML_HOME=os.environ.get("BENTOML_HOME", str(work / "bentoml-home")),
+    )
     mirror = ROOT.parent / "shared" / "data"
     if "GPTPKG_DATA_MIRROR" not in env and mirror.is_dir():
         env["GPTPKG_DATA_MIRROR"] = str(mirror)  # the clone lives elsewhere: ../shared/data would miss

@@ -28,18 +28,28 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptpkg.config import TrainConfig, model_config  # noqa: E402
+from gptpkg.loggers import NullLogger  # noqa: E402
 from gptpkg.model import GPT  # noqa: E402
+from gptpkg.optim import make_optimizer, param_groups  # noqa: E402
 from gptpkg.perf import (  # noqa: E402
-    flops_per_token, gpu_peak_flops, keep_freed_memory, matmul_params, measure_matmul_flops,
+    flops_per_token,
+    gpu_peak_flops,
+    keep_freed_memory,
+    matmul_params,
+    measure_matmul_flops,
 )
 from gptpkg.reference import reference_copy  # noqa: E402
-from gptpkg.train import autocast, autocast_dtype, make_optimizer, param_groups, should_compile  # noqa: E402
+from gptpkg.train import autocast, autocast_dtype, should_compile  # noqa: E402
+
+# What `fit` takes as `ctx`: no logging, no resume, no progress bar.
+QUIET = SimpleNamespace(logger=NullLogger(), resume=False, progress=False)
 
 
 def train_step(model, opt, x, y, device, dtype) -> None:
@@ -52,18 +62,27 @@ def train_step(model, opt, x, y, device, dtype) -> None:
 
 
 def throughput(args, device: torch.device) -> dict:
-    cfg = model_config(args.preset, drop_rate=0.0, context_length=max(args.seq_len, 1),
-                       vocab_multiple=args.vocab_multiple)
+    cfg = model_config(
+        args.preset, drop_rate=0.0, context_length=max(args.seq_len, 1), vocab_multiple=args.vocab_multiple
+    )
     torch.manual_seed(0)
     fast = GPT(cfg).to(device)
     plain = reference_copy(fast)
-    tcfg = TrainConfig(device=str(device), precision=args.precision, compile=args.compile)
+    # Dense AdamW over every parameter (the tied head fills every embedding row anyway).
+    tcfg = TrainConfig(device=str(device), precision=args.precision, compile=args.compile, sparse_embedding=False)
     dtype = autocast_dtype(tcfg.precision, device)
-    fast_run = torch.compile(fast) if should_compile(tcfg.compile, device) else fast
+    compiled = should_compile(tcfg.compile, device)
+    fast_run = torch.compile(fast) if compiled else fast
+    fast_opt, _ = make_optimizer(fast, tcfg, device, compiled=compiled)  # as `fit` makes it
     opts = {
-        "fast": make_optimizer(fast, tcfg, device),
-        "plain": torch.optim.AdamW(param_groups(plain, tcfg.weight_decay), lr=tcfg.lr,
-                                   betas=(tcfg.beta1, tcfg.beta2), foreach=False, fused=False),
+        "fast": fast_opt,
+        "plain": torch.optim.AdamW(
+            param_groups(plain, tcfg.weight_decay),
+            lr=tcfg.lr,
+            betas=(tcfg.beta1, tcfg.beta2),
+            foreach=False,
+            fused=False,
+        ),
     }
     models = {"fast": fast_run, "plain": plain}
     g = torch.Generator().manual_seed(1)
@@ -95,9 +114,12 @@ def throughput(args, device: torch.device) -> dict:
         if device.type == "cpu":
             rates["peak"].append(measure_matmul_flops(args.mm_size, reps=3))
             cpu_rates["peak"].append(measure_matmul_flops(args.mm_size, reps=3, clock=time.process_time))
-        print(f"rep {rep + 1}/{args.reps}: fast {rates['fast'][-1]:.0f} tok/s, plain "
-              f"{rates['plain'][-1]:.0f} tok/s" + (f", matmul {rates['peak'][-1] / 1e9:.1f} GFLOP/s"
-                                                   if rates["peak"] else ""), flush=True)
+        print(
+            f"rep {rep + 1}/{args.reps}: fast {rates['fast'][-1]:.0f} tok/s, plain "
+            f"{rates['plain'][-1]:.0f} tok/s"
+            + (f", matmul {rates['peak'][-1] / 1e9:.1f} GFLOP/s" if rates["peak"] else ""),
+            flush=True,
+        )
     if device.type == "cpu":
         peak, peak_src = statistics.median(rates["peak"]), f"measured fp32 matmul ({args.mm_size}^3), median"
     else:
@@ -106,18 +128,28 @@ def throughput(args, device: torch.device) -> dict:
         if peak is None:
             peak, peak_src = float("nan"), f"{name}: not in gptpkg.perf.GPU_BF16_PEAK"
     fpt = flops_per_token(cfg, args.seq_len)
-    out = {"preset": args.preset, "batch_size": args.batch_size, "seq_len": args.seq_len,
-           "device": str(device), "threads": torch.get_num_threads(), "steps_per_rep": args.steps,
-           "reps": args.reps, "matmul_params": matmul_params(cfg), "flops_per_token": fpt,
-           "peak_flops": peak, "peak_source": peak_src,
-           "peak_flops_all": rates["peak"]}
+    out = {
+        "preset": args.preset,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "steps_per_rep": args.steps,
+        "reps": args.reps,
+        "matmul_params": matmul_params(cfg),
+        "flops_per_token": fpt,
+        "peak_flops": peak,
+        "peak_source": peak_src,
+        "peak_flops_all": rates["peak"],
+    }
     for name in ("fast", "plain"):
         med = statistics.median(rates[name])
         out[name] = {"tokens_per_s_median": med, "tokens_per_s_all": rates[name], "mfu": fpt * med / peak}
         if device.type == "cpu":
             cmed, cpeak = statistics.median(cpu_rates[name]), statistics.median(cpu_rates["peak"])
-            out[name].update(tokens_per_cpu_s_median=cmed, tokens_per_cpu_s_all=cpu_rates[name],
-                             mfu_cpu_time=fpt * cmed / cpeak)
+            out[name].update(
+                tokens_per_cpu_s_median=cmed, tokens_per_cpu_s_all=cpu_rates[name], mfu_cpu_time=fpt * cmed / cpeak
+            )
     if device.type == "cpu":
         out["peak_flops_per_cpu_s"] = statistics.median(cpu_rates["peak"])
         out["peak_flops_per_cpu_s_all"] = cpu_rates["peak"]
@@ -145,26 +177,46 @@ def rss_child(args_json: str) -> None:
     n = a["micro"] * a["accum"] * 2 + 1
     data = TokenWindows(torch.randint(0, cfg.vocab_size, (n * a["seq_len"] + 1,)), a["seq_len"], a["seq_len"])
     stack = lambda items: {k: torch.stack([it[k] for it in items]) for k in items[0]}  # noqa: E731
-    tcfg = TrainConfig(batch_size=a["micro"], grad_accum_steps=a["accum"], max_steps=2, epochs=1.0,
-                       eval_every=0, device="cpu", compile="false")
+    tcfg = TrainConfig(
+        batch_size=a["micro"],
+        grad_accum_steps=a["accum"],
+        max_steps=2,
+        epochs=1.0,
+        eval_every=0,
+        device="cpu",
+        compile=False,
+    )
     t = time.perf_counter()
-    result = fit(model, data, stack, tcfg, progress=False)
-    hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    print(json.dumps({"peak_rss_mib": hwm_kib / 1024,
-                      "tokens_per_s": result.tokens_seen / (time.perf_counter() - t)}))
+    result = fit(model, data, stack, tcfg, ctx=QUIET)
+    with open("/proc/self/status") as f:
+        hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_mib": hwm_kib / 1024, "tokens_per_s": result.tokens_seen / (time.perf_counter() - t)}))
 
 
 def memory(args) -> dict:
     out = {}
     for micro, accum in ((args.accum_batch, 1), (args.batch_size, args.accum_batch // args.batch_size)):
-        spec = json.dumps({"preset": args.preset, "seq_len": args.seq_len, "micro": micro, "accum": accum,
-                           "threads": torch.get_num_threads()})
-        proc = subprocess.run([sys.executable, __file__, "--rss-child", spec], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        spec = json.dumps(
+            {
+                "preset": args.preset,
+                "seq_len": args.seq_len,
+                "micro": micro,
+                "accum": accum,
+                "threads": torch.get_num_threads(),
+            }
+        )
+        proc = subprocess.run(
+            [sys.executable, __file__, "--rss-child", spec],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )
         if proc.returncode:
             raise RuntimeError(f"fit run (micro-batch {micro} x {accum}) failed:\n{proc.stderr[-2000:]}")
         out[f"micro{micro}_x_accum{accum}"] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"effective batch {micro * accum} as {micro} x {accum}: {out[f'micro{micro}_x_accum{accum}']}", flush=True)
+        print(
+            f"effective batch {micro * accum} as {micro} x {accum}: {out[f'micro{micro}_x_accum{accum}']}", flush=True
+        )
     return out
 
 
@@ -186,11 +238,24 @@ def generation(args, device: torch.device) -> dict:
             rates[name].append(args.gen_tokens / (time.perf_counter() - t))
     same = bool(torch.equal(outputs["kv_cache"], outputs["no_cache"]))
     med = {k: statistics.median(v) for k, v in rates.items()}
-    out = {"new_tokens": args.gen_tokens, "prompt_tokens": args.gen_prompt, "same_tokens": same,
-           **{f"{k}_tokens_per_s": v for k, v in med.items()}, "all": rates,
-           "speedup": med["kv_cache"] / med["no_cache"]}
+    out = {
+        "new_tokens": args.gen_tokens,
+        "prompt_tokens": args.gen_prompt,
+        "same_tokens": same,
+        **{f"{k}_tokens_per_s": v for k, v in med.items()},
+        "all": rates,
+        "speedup": med["kv_cache"] / med["no_cache"],
+    }
     print(f"generation of {args.gen_tokens} tokens: {out}", flush=True)
     return out
+
+
+def compile_setting(text: str) -> bool | str:
+    """--compile as TrainConfig.compile takes it: True, False or "auto"."""
+    value = {"true": True, "false": False, "auto": "auto"}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true|false|auto, got {text!r}")
+    return value
 
 
 def main() -> None:
@@ -203,15 +268,19 @@ def main() -> None:
     p.add_argument("--mm-size", type=int, default=2048)
     p.add_argument("--vocab-multiple", type=int, default=1)
     p.add_argument("--precision", default="auto")
-    p.add_argument("--compile", default="auto")
+    p.add_argument("--compile", default="auto", type=compile_setting, help="true | false | auto (on CUDA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     p.add_argument("--accum-batch", type=int, default=16, help="effective batch of the memory comparison (0 = skip)")
     p.add_argument("--gen-tokens", type=int, default=200)
     p.add_argument("--gen-prompt", type=int, default=20)
     p.add_argument("--gen-reps", type=int, default=2, help="0 = skip the generation comparison")
-    p.add_argument("--allocator", choices=("keep", "default"), default="keep",
-                   help="keep: gptpkg.perf.keep_freed_memory(), as the training stages; default: leave malloc as is")
+    p.add_argument(
+        "--allocator",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep: gptpkg.perf.keep_freed_memory(), as the training stages; default: leave malloc as is",
+    )
     p.add_argument("--parts", default="train,memory,generation", help="comma-separated parts to run")
     p.add_argument("--json", default=None, help="write the figures to this file")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
@@ -238,12 +307,20 @@ def main() -> None:
 
 
 def report(t: dict, args, device) -> dict:
-    print(f"\n{args.preset} B={args.batch_size} T={args.seq_len} on {device} ({t['threads']} threads); "
-          f"peak {t['peak_flops'] / 1e9:.1f} GFLOP/s ({t['peak_source']})")
+    print(
+        f"\n{args.preset} B={args.batch_size} T={args.seq_len} on {device} ({t['threads']} threads); "
+        f"peak {t['peak_flops'] / 1e9:.1f} GFLOP/s ({t['peak_source']})"
+    )
     for name in ("fast", "plain"):
-        print(f"  {name:5s} {t[name]['tokens_per_s_median']:8.0f} tokens/s  MFU {100 * t[name]['mfu']:5.1f}%"
-              + (f"   per CPU-second: {t[name]['tokens_per_cpu_s_median']:8.0f} tokens, MFU "
-                 f"{100 * t[name]['mfu_cpu_time']:5.1f}%" if "mfu_cpu_time" in t[name] else ""))
+        print(
+            f"  {name:5s} {t[name]['tokens_per_s_median']:8.0f} tokens/s  MFU {100 * t[name]['mfu']:5.1f}%"
+            + (
+                f"   per CPU-second: {t[name]['tokens_per_cpu_s_median']:8.0f} tokens, MFU "
+                f"{100 * t[name]['mfu_cpu_time']:5.1f}%"
+                if "mfu_cpu_time" in t[name]
+                else ""
+            )
+        )
     print(f"  fast / plain: median {t['fast_over_plain_median']:.2f}x, min {t['fast_over_plain_min']:.2f}x")
     return t
 

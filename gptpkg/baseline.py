@@ -6,20 +6,18 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .config import BaselineConfig
 from .metrics import classification_metrics
-from .stages import (
-    BaselineConfig, heldout_full_rows, paths_of, read_spam_split, spam_train_rows, stage_config, traffic_metrics,
-)
+from .prepare import heldout_full_rows, read_spam_split, spam_train_rows, traffic_metrics
 
 
-def run(params: dict) -> dict[str, Any]:
+def run(cfg: BaselineConfig, ctx) -> dict[str, Any]:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    paths = paths_of(params)
-    cfg, _ = stage_config(params, "baseline_spam", BaselineConfig)
+    paths = ctx.paths
     parts = {p: read_spam_split(paths, p) for p in ("val", "test")}
-    parts["train"] = spam_train_rows(paths, cfg.train_data, "params.baseline_spam")
+    parts["train"] = spam_train_rows(paths, cfg.train_data)
     parts["heldout_full"] = heldout_full_rows(paths, parts["train"])
     t0 = time.perf_counter()
     vec = TfidfVectorizer(max_features=cfg.max_features or None, ngram_range=(1, cfg.ngram_max))

@@ -8,21 +8,18 @@ crash mid-write never leaves a half-written checkpoint or destroys the previous 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import POOLINGS, ConfigError, ModelConfig, from_dict
-from .model import GPT
+from .config import ConfigError, ModelConfig, from_dict
 from .errors import GptpkgError
+from .files import atomic_dir
+from .model import GPT
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -33,60 +30,16 @@ class CheckpointError(GptpkgError, RuntimeError):
     pass
 
 
-@contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a fresh temp folder; on success it replaces `target` (an old one is removed
-    only after the new one is in place); on error it is deleted and `target` is kept."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def file_mode() -> int:
-    """The mode a plain `open(..., "w")` would give (mkstemp makes files 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _unwrap(model: torch.nn.Module) -> GPT:
+def unwrap(model: torch.nn.Module) -> GPT:
     # DDP wraps in .module, torch.compile in ._orig_mod
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+        model = getattr(model, "module", None) or model._orig_mod
     return model  # type: ignore[return-value]
 
 
 def write_model(dir_: Path, model: torch.nn.Module, meta: dict[str, Any] | None = None) -> None:
     """Write weights and config into an existing folder (use inside `atomic_dir`)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.tied:
         del state["out_head.weight"]  # shares storage with tok_emb.weight
@@ -94,9 +47,7 @@ def write_model(dir_: Path, model: torch.nn.Module, meta: dict[str, Any] | None 
     config = {
         "model": dataclasses.asdict(model.cfg),
         "n_classes": model.n_classes,
-        "pooling": model.pooling,
         "logit_offset": None if model.logit_offset is None else list(model.logit_offset),
-        "lm_vocab": None if model.lm_vocab is None else list(model.lm_vocab),
         "tied": model.tied,
         "meta": meta or {},
     }
@@ -121,8 +72,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     cfg_file = path / CONFIG
     if not cfg_file.is_file():
         raise CheckpointError(
-            f"{path} is not a gptpkg checkpoint: {CONFIG} missing "
-            f"(expected a folder with {WEIGHTS} and {CONFIG})"
+            f"{path} is not a gptpkg checkpoint: {CONFIG} missing (expected a folder with {WEIGHTS} and {CONFIG})"
         )
     try:
         return json.loads(cfg_file.read_text())
@@ -141,14 +91,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     model = GPT(mcfg)
     if config.get("n_classes"):
         try:
-            model.to_classifier(int(config["n_classes"]), config.get("pooling", POOLINGS[0]))
+            model.to_classifier(int(config["n_classes"]))
             model.set_logit_offset(config.get("logit_offset"))
         except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{path / CONFIG}: {e}") from None
-    elif config.get("lm_vocab") is not None:
-        try:
-            model.set_lm_vocab(config["lm_vocab"])
-        except ValueError as e:
             raise CheckpointError(f"{path / CONFIG}: {e}") from None
     weights = path / WEIGHTS
     if not weights.is_file():
@@ -169,29 +114,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return model.to(map_location), config
 
 
-def check_same_training(checkpoint_dir: str | Path, now: dict[str, Any], where: str,
-                        stage: dict[str, Any] | None = None) -> None:
-    """Before resuming `checkpoint_dir`: its recorded training params (meta "train") must
-    equal `now` (`asdict(TrainConfig)`), and its recorded stage keys (meta
-    "stage_params", `stages.training_params`) must equal `stage`, else a ConfigError
-    naming the keys that differ. A folder without a checkpoint passes (the training
-    starts from step 0); a checkpoint written before stage keys were recorded is
-    compared on its training params only."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not (checkpoint_dir / CONFIG).is_file():
-        return
-    meta = read_config(checkpoint_dir).get("meta", {})
-    saved = meta.get("train")
+def check_same_training(checkpoint_dir: str | Path, now: dict[str, Any]) -> None:
+    """Before resuming `checkpoint_dir`: the training params it records (meta "params",
+    `TrainConfig.training_params`) must equal `now`, else a ConfigError naming the keys
+    that differ, so a resumed result is the one params.yaml describes."""
+    saved = read_config(checkpoint_dir).get("meta", {}).get("params")
     if saved is None:
-        raise ConfigError(f"--resume: {checkpoint_dir} holds no training state to resume")
-    if stage is not None and isinstance(meta.get("stage_params"), dict):
-        saved, now = {**meta["stage_params"], **saved}, {**stage, **now}
-    differ = sorted(k for k in now if saved.get(k) != now[k])
+        raise ConfigError(f"--resume: {checkpoint_dir} records no training params to compare; run without --resume")
+    differ = sorted(k for k in {**saved, **now} if saved.get(k) != now.get(k))
     if differ:
         raise ConfigError(
-            f"--resume: {checkpoint_dir} was trained with other {where} values for {differ} "
-            f"(checkpoint: {[saved.get(k) for k in differ]}, params: {[now[k] for k in differ]}); "
-            f"restore them or run without --resume")
+            f"--resume: {checkpoint_dir} was trained with other values for {differ} "
+            f"(checkpoint: {[saved.get(k) for k in differ]}, params: {[now.get(k) for k in differ]}); "
+            f"restore them or run without --resume"
+        )
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any] | None:

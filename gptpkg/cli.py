@@ -6,38 +6,41 @@ import argparse
 import json
 import sys
 
-STAGE_HELP = {
-    "fetch": "fetch the raw files (offline mirror first, then the canonical URLs), sha256-verified",
-    "prepare": "tokenize once; write pretraining token arrays, spam and instruction splits",
-    "pretrain": "pretrain a GPT on the chosen corpus (next-token loss)",
-    "finetune_spam": "fine-tune the pretrained GPT into the spam classifier",
-    "baseline_spam": "TF-IDF + logistic regression on the same spam split",
-    "finetune_instruct": "instruction-fine-tune the pretrained GPT; write test responses",
-    "export_onnx": "export the spam classifier to ONNX, checked against PyTorch on the test split",
-    "package": "import the exported ONNX model into the BentoML model store (versioned tag)",
-}
+from .stages import STAGES
 
 
 def _add_params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--profile", default=None, help="merge profiles/NAME.yaml over the params file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one key of the params file (repeatable); the value is YAML")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one key of the params file (repeatable); the value is YAML",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptpkg", description="GPT from scratch as an MLOps pipeline.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, text in STAGE_HELP.items():
+    for name, stage in STAGES.items():
         aliases = [name.replace("_", "-")] if "_" in name else []
-        p = sub.add_parser(name, aliases=aliases, help=text, description=text)
+        p = sub.add_parser(name, aliases=aliases, help=stage.help, description=stage.help)
         _add_params_args(p)
         p.set_defaults(stage=name)
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
-        if name in ("pretrain", "finetune_spam", "finetune_instruct"):
+        p.add_argument(
+            "--no-progress",
+            action="store_true",
+            help="no progress bars (by default they show on a terminal, and log lines elsewhere)",
+        )
+        if stage.checkpoint:
             p.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
 
-    g = sub.add_parser("generate", help="generate text from a checkpoint", description="generate text from a checkpoint")
+    g = sub.add_parser(
+        "generate", help="generate text from a checkpoint", description="generate text from a checkpoint"
+    )
     g.add_argument("checkpoint", help="checkpoint folder (model.safetensors + config.json)")
     g.add_argument("prompt")
     g.add_argument("--max-new-tokens", type=int, default=50)
@@ -46,17 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=123)
     g.set_defaults(stage=None)
 
-    pr = sub.add_parser("profile", help="write profiles/NAME.yaml into the params file (for dvc repro)",
-                        description="write the keys of profiles/NAME.yaml into the params file in place "
-                                    "(comments kept), so `dvc repro` / `dvc exp run` run that profile")
+    pr = sub.add_parser(
+        "profile",
+        help="write profiles/NAME.yaml into the params file (for dvc repro)",
+        description="write the keys of profiles/NAME.yaml into the params file in place "
+        "(comments kept), so `dvc repro` / `dvc exp run` run that profile",
+    )
     pr.add_argument("name", nargs="?", default=None, help="profile name (profiles/NAME.yaml next to the params file)")
     pr.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="also write this key (repeatable; after the profile); the value is YAML")
+    pr.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="also write this key (repeatable; after the profile); the value is YAML",
+    )
     pr.set_defaults(stage=None)
 
-    i = sub.add_parser("presets", help="list the model presets with their parameter counts",
-                       description="list the model presets with their parameter counts")
+    i = sub.add_parser(
+        "presets",
+        help="list the model presets with their parameter counts",
+        description="list the model presets with their parameter counts",
+    )
     i.set_defaults(stage=None)
     return parser
 
@@ -66,15 +81,24 @@ def _generate(args) -> int:
 
     from .checkpoint import load_checkpoint
     from .generate import generate_text
-    from .tokenizer import get_tokenizer, tokenizer_of
+    from .tokenizer import get_tokenizer
 
-    model, config = load_checkpoint(args.checkpoint)
+    model, _ = load_checkpoint(args.checkpoint)
     if model.n_classes:
         print(f"error: {args.checkpoint} is a classifier, not a language model", file=sys.stderr)
         return 2
     g = torch.Generator().manual_seed(args.seed)
-    print(generate_text(model, get_tokenizer(name=tokenizer_of(config)), args.prompt, args.max_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, generator=g))
+    print(
+        generate_text(
+            model,
+            get_tokenizer(),
+            args.prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            generator=g,
+        )
+    )
     return 0
 
 
@@ -92,8 +116,7 @@ def _presets() -> int:
 
 
 def _profile(args) -> int:
-    from .config import ConfigError
-    from .stages import apply_profile
+    from .config import ConfigError, apply_profile
 
     try:
         if not args.name and not args.overrides:
@@ -102,8 +125,14 @@ def _profile(args) -> int:
     except ConfigError as e:
         print(f"gptpkg profile: error: {e}", file=sys.stderr)
         return 1
-    what = " and ".join(x for x in (f"profile {args.name!r}" if args.name else "",
-                                    f"{len(args.overrides)} override(s)" if args.overrides else "") if x)
+    what = " and ".join(
+        x
+        for x in (
+            f"profile {args.name!r}" if args.name else "",
+            f"{len(args.overrides)} override(s)" if args.overrides else "",
+        )
+        if x
+    )
     print(f"{args.params}: {what} applied, {len(changed)} key(s) changed: {', '.join(changed) or '-'}")
     return 0
 
@@ -123,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = load_params(args.params, args.overrides, args.profile)
-        metrics = run_stage(args.stage, params, resume=getattr(args, "resume", False),
-                            progress=not getattr(args, "no_progress", False))
+        metrics = run_stage(
+            args.stage, params, resume=getattr(args, "resume", False), progress=not getattr(args, "no_progress", False)
+        )
     except (GptpkgError, FileNotFoundError) as e:
         print(f"gptpkg {args.stage}: error: {e}", file=sys.stderr)
         return 1

@@ -1,31 +1,40 @@
-"""Configuration: the model preset table, the training hyperparameters, and the one
-path from a `params.yaml` section to a frozen dataclass.
+"""Configuration: the model preset table and the one typed tree of `params.yaml`.
 
-Unknown keys and wrong types are errors that name the key, the section and what was
-expected, so a typo in `params.yaml` never silently falls back to a default.
+`load_params` reads `params.yaml`, merges a profile and `--set` overrides over it, and
+parses the result once into `Params`: one frozen dataclass per section. Unknown keys,
+wrong types and broken rules are errors that name the key and what was expected, so a
+typo never silently falls back to a default. Each rule lives in the `__post_init__` of
+the section that owns the key. Torch-free: `fetch` and `prepare` import it too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Literal
 
 import yaml
+
 from .errors import GptpkgError
 
 
 class ConfigError(GptpkgError, ValueError):
-    """A params file, section or key is missing, unknown or of the wrong type."""
+    """A params file, section or key is missing, unknown, of the wrong type or out of range."""
 
 
-# How a classifier reads one vector out of a text's hidden states: at its last real token
-# (causal attention has let it see the whole text), or their mean over the real tokens.
-# Both ignore padding, so a text's logits do not depend on what it is batched with.
-POOLINGS = ("last_real_token", "mean")
+def require(ok: bool, key: str, expected: str, value: Any) -> None:
+    """Raise ConfigError naming `key`, what was `expected` and the `value` found, unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------
+# The model
 
 
 @dataclass(frozen=True)
@@ -45,24 +54,15 @@ class ModelConfig:
     vocab_multiple: int = 1
 
     def __post_init__(self) -> None:
-        if self.emb_dim % self.n_heads:
-            raise ConfigError(
-                f"emb_dim={self.emb_dim} must be divisible by n_heads={self.n_heads}"
-            )
+        require(self.emb_dim % self.n_heads == 0, "emb_dim", f"a multiple of n_heads={self.n_heads}", self.emb_dim)
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "vocab_multiple"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ConfigError(f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
+            require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        require(0.0 <= self.drop_rate < 1.0, "drop_rate", "a probability in [0, 1)", self.drop_rate)
 
     @property
     def padded_vocab_size(self) -> int:
         m = self.vocab_multiple
         return (self.vocab_size + m - 1) // m * m
-
-    @property
-    def head_dim(self) -> int:
-        return self.emb_dim // self.n_heads
 
 
 _GPT2 = dict(vocab_size=50257, context_length=1024, qkv_bias=True, tie_weights=True)
@@ -89,17 +89,69 @@ KNOWN_PARAM_COUNTS = {
 
 def model_config(preset: str, **overrides: Any) -> ModelConfig:
     """The preset named `preset`, with `overrides` (e.g. `drop_rate=0.1`) applied."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown model preset {preset!r}; expected one of {sorted(PRESETS)}")
+    require(preset in PRESETS, "model preset", f"one of {sorted(PRESETS)}", preset)
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
-    if unknown:
-        raise ConfigError(f"unknown model key(s) {sorted(unknown)} for preset {preset!r}")
+    require(not unknown, f"model keys for preset {preset!r}", "ModelConfig fields", sorted(unknown))
     return ModelConfig(**{**PRESETS[preset], **overrides})
 
 
+# ---------------------------------------------------------------------------------
+# Sections of params.yaml
+
+Batching = Literal["bucketed", "shuffled", "pad_longest"]
+
+
 @dataclass(frozen=True)
+class Paths:
+    """Every file and folder the pipeline reads or writes, declared once."""
+
+    raw: str
+    processed: str
+    pretrained: str
+    spam_classifier: str
+    instruct_model: str
+    metrics: str
+    plots: str
+    onnx: str
+    wandb: str
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    mirror: str  # offline mirror folder, tried before the canonical URLs
+    files: list[str]
+    timeout_s: float
+    retries: int
+
+    def __post_init__(self) -> None:
+        from .fetch import SOURCES
+
+        unknown = [f for f in self.files if f not in SOURCES]
+        require(not unknown, "files", f"names from {sorted(SOURCES)}", unknown)
+        require(self.timeout_s > 0, "timeout_s", "seconds > 0", self.timeout_s)
+        require(self.retries >= 0, "retries", "an integer >= 0", self.retries)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    seed: int  # seed of the spam split
+    pretrain_train_ratio: float
+    spam_split: Literal["book", "full"]
+    instruct_seed: int
+
+    def __post_init__(self) -> None:
+        require(
+            0.0 < self.pretrain_train_ratio < 1.0,
+            "pretrain_train_ratio",
+            "a share in (0, 1)",
+            self.pretrain_train_ratio,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Hyperparameters of the one training loop (`gptpkg.train.fit`)."""
+    """Hyperparameters of the one training loop (`gptpkg.train.fit`); every training
+    section of params.yaml holds them beside its own keys."""
 
     lr: float = 4e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -116,71 +168,266 @@ class TrainConfig:
     eval_batches: int = 0  # 0 = the whole validation set
     checkpoint_every: int = 0  # optimizer steps; 0 = only at the end
     seed: int = 123
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16
-    compile: str = "auto"  # auto (on CUDA) | true | false
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
+    compile: bool | Literal["auto"] = "auto"  # auto: on CUDA
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    # auto: an untied, trainable token embedding (a classifier's) gets row-sparse
-    # gradients and RowSparseAdamW on CPU in one process without compile | false
-    sparse_embedding: str = "auto"
-    # Layer-wise lr decay d: a GPT's head and final norm train at lr, the top block at
-    # lr * d, each block below at d times the one above, the embeddings at
-    # lr * d^(n_layers + 1) (`train.layer_lr_scales`); 1 = one lr for every layer.
-    lr_layer_decay: float = 1.0
+    # Row-sparse gradients and RowSparseAdamW for an untied trainable token embedding (a
+    # classifier's), where they pay: on CPU, in one process, without compile.
+    sparse_embedding: bool = True
+
+    # Own keys that act only after or beside training: `--resume` ignores them.
+    AFTER_TRAINING: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.lr_layer_decay <= 1.0:
-            raise ConfigError(f"lr_layer_decay must be in (0, 1] (1 = one lr for every layer), "
-                              f"got {self.lr_layer_decay!r}")
-        if self.sparse_embedding not in ("auto", "false"):
-            raise ConfigError(f"sparse_embedding must be auto|false, got {self.sparse_embedding!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision must be auto|fp32|bf16, got {self.precision!r}")
-        if str(self.compile) not in ("auto", "true", "false", "True", "False"):
-            raise ConfigError(f"compile must be auto|true|false, got {self.compile!r}")
         for name in ("batch_size", "grad_accum_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "epochs", "grad_clip", "weight_decay", "warmup_steps", "max_steps",
-                     "eval_every", "eval_batches", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.epochs == 0 and self.max_steps == 0:
-            raise ConfigError("set epochs > 0 or max_steps > 0: nothing to train otherwise")
+            require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        for name in (
+            "lr",
+            "epochs",
+            "grad_clip",
+            "weight_decay",
+            "warmup_steps",
+            "max_steps",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+        ):
+            require(getattr(self, name) >= 0, name, "a number >= 0", getattr(self, name))
+        require(
+            self.epochs > 0 or self.max_steps > 0,
+            "epochs",
+            "> 0, or max_steps > 0 (nothing to train otherwise)",
+            self.epochs,
+        )
+        require(
+            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+            "device",
+            "auto|cpu|cuda|cuda:N|mps",
+            self.device,
+        )
+
+    def training_params(self) -> dict[str, Any]:
+        """The keys that shape the trained weights: a checkpoint records them, and
+        `--resume` continues only a checkpoint trained with the same values."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.AFTER_TRAINING}
 
 
-TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+def _check_drop_rate(value: float | None) -> None:
+    require(
+        value is None or 0.0 <= value < 1.0, "drop_rate", "null (the start model's) or a probability in [0, 1)", value
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig(TrainConfig):
+    model: str  # a preset of PRESETS
+    drop_rate: float
+    vocab_multiple: int  # pad the vocabulary to a multiple of this (64 on GPUs; 1 = none)
+    corpus: list[Literal["the-verdict.txt", "tinyshakespeare.txt", "sms"]]
+    max_length: int
+    stride: int
+    sample_prompt: str
+    sample_tokens: int
+    AFTER_TRAINING: ClassVar[frozenset[str]] = frozenset({"sample_prompt", "sample_tokens"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.model in PRESETS, "model", f"a preset of {sorted(PRESETS)}", self.model)
+        require(bool(self.corpus), "corpus", "a non-empty list of sources", self.corpus)
+        context = self.model_config().context_length
+        require(
+            1 <= self.max_length <= context,
+            "max_length",
+            f"1..{context} (the context_length of {self.model})",
+            self.max_length,
+        )
+        require(self.stride >= 1, "stride", "an integer >= 1", self.stride)
+
+    def model_config(self) -> ModelConfig:
+        return model_config(self.model, drop_rate=self.drop_rate, vocab_multiple=self.vocab_multiple)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpamConfig(TrainConfig):
+    init: Literal["pretrained", "openai", "scratch"]
+    openai_weights: str  # local folder of OpenAI's GPT-2 weights (init: openai)
+    model: str  # preset, used only with init: scratch
+    trainable: Literal["head", "last_blocks", "all"]
+    n_blocks: int
+    max_length: int
+    class_weights: list[float] | None  # ham, spam
+    batching: Batching
+    drop_rate: float | None  # dropout while fine-tuning; None = the start model's
+    train_data: Literal["book", "all"]
+    cv_folds: int  # k >= 2: also k-fold cross-validate on the training messages; 0 = off
+    soup: int  # n: average n fine-tunings (seeds seed .. seed + n - 1) into one classifier
+    decision_spam_share: float | None  # decide for this spam share; None = as trained
+    AFTER_TRAINING: ClassVar[frozenset[str]] = frozenset({"openai_weights", "cv_folds", "decision_spam_share"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.init != "openai" or bool(self.openai_weights),
+            "openai_weights",
+            "a local folder of GPT-2 weights with init: openai",
+            self.openai_weights,
+        )
+        require(self.init != "scratch" or self.model in PRESETS, "model", f"a preset of {sorted(PRESETS)}", self.model)
+        require(self.max_length >= 1, "max_length", "an integer >= 1", self.max_length)
+        require(self.n_blocks >= 1, "n_blocks", "an integer >= 1", self.n_blocks)
+        require(
+            self.class_weights is None or (len(self.class_weights) == 2 and min(self.class_weights) > 0),
+            "class_weights",
+            "null or two positive weights [ham, spam]",
+            self.class_weights,
+        )
+        _check_drop_rate(self.drop_rate)
+        require(
+            self.cv_folds == 0 or self.cv_folds >= 2, "cv_folds", "0 (off) or a number of folds >= 2", self.cv_folds
+        )
+        require(self.soup >= 1, "soup", "an integer >= 1 (the number of fine-tunings averaged)", self.soup)
+        share = self.decision_spam_share
+        require(
+            share is None or 0.0 < share < 1.0,
+            "decision_spam_share",
+            "null (decide as trained) or a spam share strictly between 0 and 1",
+            share,
+        )
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    max_features: int  # 0 = all terms
+    ngram_max: int
+    C: float
+    train_data: Literal["book", "all"]  # as finetune_spam.train_data
+
+    def __post_init__(self) -> None:
+        require(self.max_features >= 0, "max_features", "an integer >= 0 (0 = all terms)", self.max_features)
+        require(self.ngram_max >= 1, "ngram_max", "an integer >= 1", self.ngram_max)
+        require(self.C > 0, "C", "a number > 0", self.C)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstructConfig(TrainConfig):
+    init: Literal["pretrained", "openai"]
+    openai_weights: str
+    max_length: int
+    mask_prompt: bool
+    max_new_tokens: int
+    judge_url: str
+    judge_model: str
+    batching: Batching
+    drop_rate: float | None  # dropout while fine-tuning; None = the start model's
+    AFTER_TRAINING: ClassVar[frozenset[str]] = frozenset(
+        {"openai_weights", "max_new_tokens", "judge_url", "judge_model"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.init != "openai" or bool(self.openai_weights),
+            "openai_weights",
+            "a local folder of GPT-2 weights with init: openai",
+            self.openai_weights,
+        )
+        require(self.max_length >= 2, "max_length", "an integer >= 2", self.max_length)
+        require(self.max_new_tokens >= 0, "max_new_tokens", "an integer >= 0", self.max_new_tokens)
+        _check_drop_rate(self.drop_rate)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int  # ONNX opset of the exported graph
+    parity_atol: float  # max |logit_onnx - logit_torch| allowed on the test split
+    batch_size: int  # rows per run for the parity check and the accuracy figures
+    int8: bool  # also write a dynamic-quantized int8 copy (kept only if it passes the gate)
+    int8_max_drop: float  # accuracy points (0-100) int8 may lose against fp32 on the test split
+
+    def __post_init__(self) -> None:
+        require(self.opset >= 17, "opset", "an ONNX opset >= 17", self.opset)
+        require(self.parity_atol > 0, "parity_atol", "a tolerance > 0", self.parity_atol)
+        require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        require(self.int8_max_drop >= 0, "int8_max_drop", "accuracy points >= 0", self.int8_max_drop)
+
+
+@dataclass(frozen=True)
+class PackageConfig:
+    model_name: str  # BentoML model name; the version is derived from the ONNX file
+    variant: Literal["fp32", "int8"]  # which ONNX file the service runs
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    project: str
+    entity: str
+    mode: Literal["offline", "online", "disabled"]
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml, parsed. A stage reads only its own section."""
+
+    paths: Paths
+    data: DataConfig
+    prepare: PrepareConfig
+    pretrain: PretrainConfig
+    finetune_spam: SpamConfig
+    baseline_spam: BaselineConfig
+    finetune_instruct: InstructConfig
+    export_onnx: ExportConfig
+    package: PackageConfig
+    wandb: WandbConfig
 
 
 # ---------------------------------------------------------------------------------
 # dict -> dataclass, strictly
 
 
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(a).lower() if isinstance(a, bool) else str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    names = {type(None): "null", bool: "true|false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(tp) or getattr(tp, "__name__", str(tp))
+
+
 def _type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
     if tp is Any:
         return True
+    if origin is Literal:  # by type too: True is not 1
+        return any(value == a and type(value) is type(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in typing.get_args(tp))
     if tp is type(None):
         return value is None
     if origin in (list, tuple):
-        args = typing.get_args(tp)
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, typing.get_args(tp)[0]) for v in value)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True
+    return isinstance(value, tp) if isinstance(tp, type) else True
 
 
-def from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
+def _coerce(value: Any, tp: Any) -> Any:
+    """int -> float where a float is expected (YAML writes 1 for 1.0); lists stay lists."""
+    if tp is float or (typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp)):
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if typing.get_origin(tp) is list and typing.get_args(tp)[0] is float:
+        return [float(v) for v in value]
+    return value
+
+
+def from_dict(cls: type, data: Any, where: str) -> Any:
     """Build dataclass `cls` from `data`; `where` names the section in error messages.
 
-    Unknown keys, missing required keys and wrong types raise ConfigError.
+    Unknown keys, missing required keys, wrong types and broken rules raise ConfigError.
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping of keys, got {type(data).__name__}")
@@ -195,76 +442,27 @@ def from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{where}: missing required key {name!r}")
             continue
-        value = data[name]
-        tp = hints[name]
+        value, tp = data[name], hints[name]
         if dataclasses.is_dataclass(tp):
             value = from_dict(tp, value, f"{where}.{name}")
         elif not _type_ok(value, tp):
-            raise ConfigError(
-                f"{where}.{name}: expected {getattr(tp, '__name__', tp)}, "
-                f"got {value!r} ({type(value).__name__})"
-            )
-        elif tp is float:
-            value = float(value)
-        elif typing.get_origin(tp) is tuple:
-            value = tuple(value)
-        kwargs[name] = value
+            raise ConfigError(f"{where}.{name}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        kwargs[name] = _coerce(value, tp)
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def split_train(section: Mapping[str, Any], where: str) -> tuple[dict, TrainConfig]:
-    """Split a stage section into its own keys and a TrainConfig of the training keys."""
-    own = {k: v for k, v in section.items() if k not in TRAIN_KEYS}
-    train = from_dict(TrainConfig, {k: v for k, v in section.items() if k in TRAIN_KEYS}, where)
-    return own, train
+        raise ConfigError(f"{where}.{e}") from None
 
 
 # ---------------------------------------------------------------------------------
-# params.yaml
-
-
-def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`section.key=value` (value parsed as YAML) -> (["section", "key"], value)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected section.key=value")
-    key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
-
-
-def apply_overrides(params: Mapping[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    out = dict(params)
-    for text in overrides or []:
-        path, value = parse_override(text)
-        node = out
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a section of params")
-            node[part] = dict(node[part])
-            node = node[part]
-        if path[-1] not in node:
-            raise ConfigError(f"override {text!r}: no key {'.'.join(path)!r} in params")
-        node[path[-1]] = value
-    return out
+# params.yaml, profiles, overrides
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"params file {path} not found (run from the project root or pass --params)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -272,63 +470,84 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def profile_path(params_path: str | Path, profile: str) -> Path:
-    return Path(params_path).parent / "profiles" / f"{profile}.yaml"
+def _set_key(params: dict[str, Any], dotted: str, value: Any, where: str) -> None:
+    """params[section][key] = value, where the key must already exist (catches typos)."""
+    sec, _, key = dotted.partition(".")
+    if not isinstance(params.get(sec), dict) or key not in params[sec]:
+        raise ConfigError(f"{where}: no key {dotted!r} in params.yaml (expected section.key)")
+    params[sec] = {**params[sec], key: value}
 
 
-def load_params(
-    path: str | Path = "params.yaml",
-    overrides: list[str] | None = None,
-    profile: str | None = None,
+def merged_params(
+    path: str | Path = "params.yaml", overrides: Sequence[str] = (), profile: str | None = None
 ) -> dict[str, Any]:
-    """Read `params.yaml`, merge `profiles/<profile>.yaml` over it (a profile may only
-    change keys that exist), then apply `section.key=value` overrides."""
+    """params.yaml as a dict, with `profiles/<profile>.yaml` merged over it and then the
+    `section.key=value` overrides (values parsed as YAML); only existing keys may change."""
     path = Path(path)
     params = read_yaml(path)
     if profile:
-        prof_file = profile_path(path, profile)
+        prof_file = path.parent / "profiles" / f"{profile}.yaml"
         if not prof_file.is_file():
             known = sorted(p.stem for p in prof_file.parent.glob("*.yaml"))
             raise ConfigError(f"unknown profile {profile!r}: {prof_file} not found; profiles: {known}")
-        params = merge_profile(params, read_yaml(prof_file), str(prof_file))
-    return apply_overrides(params, overrides)
+        for sec, keys in read_yaml(prof_file).items():
+            if not isinstance(keys, Mapping):
+                raise ConfigError(f"{prof_file}: section {sec!r} must be a mapping of keys")
+            for key, value in keys.items():
+                _set_key(params, f"{sec}.{key}", value, str(prof_file))
+    for text in overrides:
+        if "=" not in text:
+            raise ConfigError(f"override {text!r}: expected section.key=value")
+        key, raw = text.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {text!r}: the value is not valid YAML: {e}") from None
+        _set_key(params, key.strip(), value, f"override {text!r}")
+    return params
 
 
-def merge_profile(base: Mapping[str, Any], over: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """`deep_merge`, but a key absent from `base` is an error (catches typos)."""
-    for sec, keys in over.items():
-        if sec not in base:
-            raise ConfigError(f"{where}: section {sec!r} is not in params.yaml")
-        if isinstance(keys, Mapping):
-            unknown = sorted(set(keys) - set(base[sec] or {}))
-            if unknown:
-                raise ConfigError(f"{where}: key(s) {unknown} are not in params.yaml section {sec!r}")
-    return deep_merge(base, over)
+def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = (), profile: str | None = None) -> Params:
+    """The entry point's one call: params.yaml + profile + overrides, parsed into `Params`."""
+    return from_dict(Params, merged_params(path, overrides or (), profile), "params")
 
 
-def section(params: Mapping[str, Any], name: str, source: str = "params.yaml") -> dict[str, Any]:
-    if name not in params:
-        raise ConfigError(f"{source}: missing section {name!r}; sections present: {sorted(params)}")
-    return dict(params[name] or {})
+def apply_profile(params_file: str | Path, profile: str | None, overrides: Sequence[str] = ()) -> list[str]:
+    """Write the keys a profile and overrides change into `params_file` in place (comments
+    and key order kept), so `dvc repro` and `dvc exp run` run with them and dvc.lock
+    records them. Returns the changed keys ("section.key"). Nothing is written when
+    nothing changes or the result would not parse."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedSeq
 
+    from .files import atomic_write_text
 
-def asdict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
-
-
-__all__ = [
-    "ConfigError",
-    "ModelConfig",
-    "PRESETS",
-    "KNOWN_PARAM_COUNTS",
-    "TrainConfig",
-    "TRAIN_KEYS",
-    "model_config",
-    "from_dict",
-    "split_train",
-    "load_params",
-    "apply_overrides",
-    "deep_merge",
-    "section",
-    "asdict",
-]
+    params_file = Path(params_file)
+    merged = merged_params(params_file, overrides, profile)
+    from_dict(Params, merged, "params")  # validate before writing anything
+    base = read_yaml(params_file)
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096
+    # So every YAML 1.1 reader (PyYAML) reads the same values back: 5e-05 would be a
+    # string there (it needs "5.0e-05"), and null stays spelled out.
+    rt.representer.add_representer(
+        float, lambda r, v: r.represent_scalar("tag:yaml.org,2002:float", yaml.safe_dump(v).split("\n")[0])
+    )
+    rt.representer.add_representer(type(None), lambda r, v: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = rt.load(params_file.read_text(encoding="utf-8"))
+    changed = []
+    for sec, keys in merged.items():
+        for key, value in keys.items():
+            if base[sec].get(key) == value and type(base[sec].get(key)) is type(value):
+                continue  # keep its spelling
+            changed.append(f"{sec}.{key}")
+            if isinstance(value, list):
+                value = CommentedSeq(value)
+                value.fa.set_flow_style()
+            doc[sec][key] = value
+    if changed:
+        buf = io.StringIO()
+        rt.dump(doc, buf)
+        atomic_write_text(params_file, buf.getvalue())
+    return changed

@@ -10,15 +10,15 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from .tokenizer import PAD_ID, encode_message
 from .errors import GptpkgError
+from .tokenizer import PAD_ID, encode_message
 
 IGNORE_INDEX = -100
 SPAM_LABELS = ("ham", "spam")
@@ -140,16 +140,16 @@ def full_spam_splits(path: str | Path, seed: int = 123, ratios=(0.7, 0.1, 0.2)) 
 
 
 class ClassificationDataset(Dataset):
-    """Token ids of each text (`tokenizer.encode_message`: cut to `max_length`, framed by
-    `framing`) and its label. Text is plain text: a literal "<|endoftext|>" in a message
+    """Token ids of each text (`tokenizer.encode_message`: cut to `max_length`) and its
+    label. Text is plain text: a literal "<|endoftext|>" in a message
     is not the special token (the ONNX server encodes the same way), and an empty text
     becomes one end token."""
 
-    def __init__(self, rows: Sequence[tuple[str, int]], tokenizer, max_length: int, framing: str = "plain") -> None:
+    def __init__(self, rows: Sequence[tuple[str, int]], tokenizer, max_length: int) -> None:
         if not rows:
             raise DataError("classification split is empty")
         self.labels = [int(label) for _, label in rows]
-        self.ids = [encode_message(tokenizer, text, max_length, framing) for text, _ in rows]
+        self.ids = [encode_message(tokenizer, text, max_length) for text, _ in rows]
         self.max_length = max_length
 
     def __len__(self) -> int:
@@ -158,7 +158,7 @@ class ClassificationDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         return {"input_ids": self.ids[i], "label": self.labels[i]}
 
-    def subset(self, indices: Sequence[int]) -> "ClassificationDataset":
+    def subset(self, indices: Sequence[int]) -> ClassificationDataset:
         """The items at `indices`, in that order (already tokenized: no second encode)."""
         if not indices:
             raise DataError("classification subset is empty")
@@ -224,8 +224,7 @@ def classification_collate(items: list[dict], pad_to: int | None = None, pad_id:
 # Instruction data (Alpaca prompt format)
 
 PROMPT_HEAD = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
 
 

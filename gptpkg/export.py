@@ -2,8 +2,8 @@
 
 export_onnx: the fine-tuned classifier checkpoint -> one self-contained ONNX file
 (`input_ids` (B, T) int64 + `lengths` (B,) int64 -> `logits` (B, n_labels); batch and
-sequence length dynamic; the pooling (last real token or mean) inside the graph, as
-`GPT.classify`), with the tokenizer / max length / pad id / pooling / labels in its
+sequence length dynamic; the last-real-token pooling inside the graph, as
+`GPT.classify`), with the max length / pad id / labels / context length in its
 metadata_props. It is checked against PyTorch on the whole test split (identical labels,
 max |Δlogit| within `parity_atol`) before it replaces anything; an int8 dynamic-quantized
 copy is kept only when its test accuracy is within `int8_max_drop` points of fp32.
@@ -17,43 +17,16 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import POOLINGS, from_dict, section
-from .onnx_classifier import FP32_FILE, INT8_FILE, TOKENIZER_DIR, ModelMeta, OnnxSpamClassifier
+from .config import ExportConfig, PackageConfig
 from .errors import GptpkgError
-
-MIN_OPSET = 17
+from .onnx_classifier import FP32_FILE, INT8_FILE, TOKENIZER_DIR, ModelMeta, OnnxSpamClassifier
 
 
 class ExportError(GptpkgError, RuntimeError):
     """The exported model failed a check; nothing was written over the previous export."""
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    opset: int  # ONNX opset of the exported graph (>= 17)
-    parity_atol: float  # max |logit_onnx - logit_torch| allowed on the test split
-    batch_size: int  # rows per run for the parity check and the accuracy figures
-    int8: bool  # also write a dynamic-quantized int8 copy (kept only if it passes the gate)
-    int8_max_drop: float  # accuracy points (0-100) int8 may lose against fp32 on the test split
-
-
-@dataclass(frozen=True)
-class PackageConfig:
-    model_name: str  # BentoML model name; the version is derived from the ONNX file
-    variant: str  # fp32 | int8: which ONNX file the service runs
-
-
-def export_config(params: dict) -> ExportConfig:
-    cfg = from_dict(ExportConfig, section(params, "export_onnx"), "params.export_onnx")
-    if cfg.opset < MIN_OPSET:
-        raise ExportError(f"params.export_onnx.opset={cfg.opset}: need >= {MIN_OPSET}")
-    if cfg.batch_size < 1 or cfg.parity_atol <= 0 or cfg.int8_max_drop < 0:
-        raise ExportError(f"params.export_onnx: batch_size >= 1, parity_atol > 0, int8_max_drop >= 0 expected, got {cfg}")
-    return cfg
 
 
 # ---------------------------------------------------------------------------------
@@ -65,14 +38,18 @@ def model_meta(config: dict, where: str) -> ModelMeta:
     meta = config.get("meta") or {}
     missing = [k for k in ("labels", "max_length", "pad_id") if k not in meta]
     if not config.get("n_classes") or missing:
-        raise ExportError(f"{where}: not a fine-tuned classifier checkpoint (n_classes={config.get('n_classes')}, "
-                          f"meta lacks {missing}); run finetune_spam first")
+        raise ExportError(
+            f"{where}: not a fine-tuned classifier checkpoint (n_classes={config.get('n_classes')}, "
+            f"meta lacks {missing}); run finetune_spam first"
+        )
     if len(meta["labels"]) != config["n_classes"]:
         raise ExportError(f"{where}: {len(meta['labels'])} labels for {config['n_classes']} classes")
-    return ModelMeta(tokenizer=meta.get("tokenizer", "gpt2"), max_length=int(meta["max_length"]),
-                     pad_id=int(meta["pad_id"]), pooling=meta.get("pooling", POOLINGS[0]),
-                     labels=tuple(meta["labels"]), context_length=int(config["model"]["context_length"]),
-                     framing=meta.get("framing", "plain"))
+    return ModelMeta(
+        max_length=int(meta["max_length"]),
+        pad_id=int(meta["pad_id"]),
+        labels=tuple(meta["labels"]),
+        context_length=int(config["model"]["context_length"]),
+    )
 
 
 def export_classifier(model, meta: ModelMeta, out: Path, opset: int) -> None:
@@ -96,9 +73,15 @@ def export_classifier(model, meta: ModelMeta, out: Path, opset: int) -> None:
     seq = torch.export.Dim("seq", min=1, max=meta.context_length)
     with torch.no_grad():
         program = torch.onnx.export(
-            Classify(model).eval(), (ids, lengths), input_names=["input_ids", "lengths"], output_names=["logits"],
+            Classify(model).eval(),
+            (ids, lengths),
+            input_names=["input_ids", "lengths"],
+            output_names=["logits"],
             dynamic_shapes={"input_ids": {0: batch, 1: seq}, "lengths": {0: batch}},
-            opset_version=opset, dynamo=True, external_data=False, verbose=False,
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
         )
     program.model.metadata_props.update(meta.to_props())
     program.save(str(out), external_data=False)
@@ -127,20 +110,20 @@ def torch_logits(model, ids: list[list[int]], pad, batch_size: int):
     out = []
     with torch.no_grad():
         for i in range(0, len(ids), batch_size):
-            x, n = pad(ids[i:i + batch_size])
+            x, n = pad(ids[i : i + batch_size])
             out.append(model.classify(torch.from_numpy(x), torch.from_numpy(n)).float().numpy())
     return np.concatenate(out)
 
 
-def run(params: dict) -> dict[str, Any]:
+def run(cfg: ExportConfig, ctx) -> dict[str, Any]:
     import numpy as np
 
-    from .checkpoint import atomic_dir, load_checkpoint
+    from .checkpoint import load_checkpoint
+    from .files import atomic_dir
     from .metrics import classification_metrics
-    from .stages import mirror_of, paths_of, read_spam_split
+    from .prepare import read_spam_split
 
-    paths = paths_of(params)
-    cfg = export_config(params)
+    paths = ctx.paths
     model, config = load_checkpoint(paths.spam_classifier)
     model.eval()
     meta = model_meta(config, paths.spam_classifier)
@@ -149,7 +132,7 @@ def run(params: dict) -> dict[str, Any]:
     metrics: dict[str, Any] = {"opset": cfg.opset, "test_n": len(test)}
 
     with atomic_dir(paths.onnx) as tmp:
-        bundle_tokenizer(tmp, mirror_of(params))
+        bundle_tokenizer(tmp, ctx.mirror)
         t0 = time.perf_counter()
         export_classifier(model, meta, tmp / FP32_FILE, cfg.opset)
         metrics["export_s"] = round(time.perf_counter() - t0, 2)
@@ -159,12 +142,15 @@ def run(params: dict) -> dict[str, Any]:
         got = fp32.logits_of_ids(ids, cfg.batch_size)
         diff = float(np.abs(got - ref).max())
         mismatches = int((got.argmax(1) != ref.argmax(1)).sum())
-        metrics.update({"parity_max_abs_logit_diff": diff, "parity_label_mismatches": mismatches,
-                        "parity_atol": cfg.parity_atol})
+        metrics.update(
+            {"parity_max_abs_logit_diff": diff, "parity_label_mismatches": mismatches, "parity_atol": cfg.parity_atol}
+        )
         if mismatches or not diff <= cfg.parity_atol:  # `not <=` also catches NaN
-            raise ExportError(f"ONNX export of {paths.spam_classifier} fails parity on the test split: "
-                              f"{mismatches} labels differ, max |Δlogit| {diff:.3g} > {cfg.parity_atol}; "
-                              f"{paths.onnx} left unchanged")
+            raise ExportError(
+                f"ONNX export of {paths.spam_classifier} fails parity on the test split: "
+                f"{mismatches} labels differ, max |Δlogit| {diff:.3g} > {cfg.parity_atol}; "
+                f"{paths.onnx} left unchanged"
+            )
         acc = classification_metrics(y_true, got.argmax(1).tolist(), "test_")
         metrics["torch_test_accuracy"] = classification_metrics(y_true, ref.argmax(1).tolist())["accuracy"]
         metrics.update({"fp32_" + k: v for k, v in acc.items()})
@@ -192,8 +178,9 @@ def write_int8(src: Path, out: Path) -> None:
         root.setLevel(level)
 
 
-def quantize_int8(folder: Path, ids: list[list[int]], y_true: list[int], fp32_accuracy: float,
-                  cfg: ExportConfig) -> dict[str, Any]:
+def quantize_int8(
+    folder: Path, ids: list[list[int]], y_true: list[int], fp32_accuracy: float, cfg: ExportConfig
+) -> dict[str, Any]:
     """Write folder/model.int8.onnx; delete it again unless it passes the accuracy gate."""
     from .metrics import classification_metrics
 
@@ -204,12 +191,20 @@ def quantize_int8(folder: Path, ids: list[list[int]], y_true: list[int], fp32_ac
     drop = 100.0 * (fp32_accuracy - acc["test_accuracy"])
     kept = drop <= cfg.int8_max_drop
     result = {"int8_" + k: v for k, v in acc.items()}
-    result.update({"int8_accuracy_drop_points": round(drop, 4), "int8_max_drop": cfg.int8_max_drop,
-                   "int8_kept": kept, "int8_size_mb": round(out.stat().st_size / 2**20, 2)})
+    result.update(
+        {
+            "int8_accuracy_drop_points": round(drop, 4),
+            "int8_max_drop": cfg.int8_max_drop,
+            "int8_kept": kept,
+            "int8_size_mb": round(out.stat().st_size / 2**20, 2),
+        }
+    )
     if not kept:
         out.unlink()
-        print(f"export_onnx: int8 variant dropped: test accuracy {acc['test_accuracy']:.4f} is "
-              f"{drop:.2f} points below fp32 (allowed {cfg.int8_max_drop})")
+        print(
+            f"export_onnx: int8 variant dropped: test accuracy {acc['test_accuracy']:.4f} is "
+            f"{drop:.2f} points below fp32 (allowed {cfg.int8_max_drop})"
+        )
     return result
 
 
@@ -217,7 +212,7 @@ def quantize_int8(folder: Path, ids: list[list[int]], y_true: list[int], fp32_ac
 # package
 
 
-def package(params: dict) -> dict[str, Any]:
+def package(cfg: PackageConfig, ctx) -> dict[str, Any]:
     """Import the exported folder into the BentoML model store; returns its tag."""
     try:
         import bentoml  # only here: the core library does not depend on bentoml
@@ -225,13 +220,8 @@ def package(params: dict) -> dict[str, Any]:
         raise ExportError("the package stage needs BentoML: pip install 'gptpkg[serving]'") from None
 
     from .fetch import sha256_of
-    from .stages import paths_of
 
-    paths = paths_of(params)
-    cfg = from_dict(PackageConfig, section(params, "package"), "params.package")
-    if cfg.variant not in ("fp32", "int8"):
-        raise ExportError(f"params.package.variant: expected fp32|int8, got {cfg.variant!r}")
-    folder = Path(paths.onnx)
+    folder = Path(ctx.paths.onnx)
     onnx_file = folder / (FP32_FILE if cfg.variant == "fp32" else INT8_FILE)
     if not onnx_file.is_file():
         hint = " (the int8 copy is kept only when it passes the accuracy gate)" if cfg.variant == "int8" else ""
@@ -239,14 +229,17 @@ def package(params: dict) -> dict[str, Any]:
     clf = OnnxSpamClassifier(onnx_file, device="cpu")  # refuse to package an unreadable model
     digest = sha256_of(onnx_file)
     tag = f"{cfg.model_name}:{cfg.variant}-{digest[:12]}"
-    info = {"onnx_file": onnx_file.name, "sha256": digest, "variant": cfg.variant,
-            **{k.removeprefix("gptpkg."): v for k, v in clf.meta.to_props().items()}}
+    info = {
+        "onnx_file": onnx_file.name,
+        "sha256": digest,
+        "variant": cfg.variant,
+        **{k.removeprefix("gptpkg."): v for k, v in clf.meta.to_props().items()},
+    }
     try:
         stored = bentoml.models.get(tag)
         created = False
     except bentoml.exceptions.NotFound:
-        with bentoml.models.create(tag, labels={"framework": "onnx", "variant": cfg.variant},
-                                   metadata=info) as m:
+        with bentoml.models.create(tag, labels={"framework": "onnx", "variant": cfg.variant}, metadata=info) as m:
             shutil.copyfile(onnx_file, Path(m.path) / onnx_file.name)
             shutil.copytree(folder / TOKENIZER_DIR, Path(m.path) / TOKENIZER_DIR)
         stored = bentoml.models.get(tag)

@@ -3,7 +3,7 @@
 Order of sources for `fetch_file`: the destination if already valid; the offline mirror
 folder (`GPTPKG_DATA_MIRROR` or the `mirror` argument); the canonical URL. A checksum
 mismatch never overwrites a file: downloads go to a temp name and are renamed only when
-their hash matches. No torch here (the serving side imports this module's neighbours).
+their hash matches. No torch here: fetching does not depend on the model code.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
 from .errors import GptpkgError
+from .files import atomic_write_bytes
 
 MIRROR_ENV = "GPTPKG_DATA_MIRROR"
 
@@ -87,18 +89,6 @@ def mirror_dir(mirror: str | Path | None = None) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def atomic_write_bytes(dest: Path, data: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _download(url: str, timeout: float, retries: int) -> bytes:
     from tqdm.auto import tqdm
 
@@ -109,8 +99,7 @@ def _download(url: str, timeout: float, retries: int) -> bytes:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 total = int(r.headers.get("Content-Length") or 0) or None
                 buf = io.BytesIO()
-                with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1],
-                          disable=None) as bar:
+                with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], disable=None) as bar:
                     for chunk in iter(lambda: r.read(1 << 16), b""):
                         buf.write(chunk)
                         bar.update(len(chunk))
@@ -118,7 +107,7 @@ def _download(url: str, timeout: float, retries: int) -> bytes:
         except OSError as e:  # URLError, timeouts and connection resets are OSErrors
             last = e
             if attempt < retries:
-                time.sleep(min(2 ** attempt, 10))
+                time.sleep(min(2**attempt, 10))
     raise FetchError(
         f"could not download {url} after {retries} attempt(s): {last}. Offline? Set "
         f"{MIRROR_ENV} to a folder holding a copy of the raw files."
@@ -147,8 +136,7 @@ def fetch_file(
         got = sha256_of(candidate)
         if got != src.sha256:
             raise FetchError(
-                f"mirror file {candidate} has sha256 {got}, expected {src.sha256}; "
-                f"nothing was overwritten"
+                f"mirror file {candidate} has sha256 {got}, expected {src.sha256}; nothing was overwritten"
             )
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
@@ -170,10 +158,7 @@ def fetch_file(
             raise FetchError(f"{src.url}: expected a zip holding {src.zip_member!r}: {e}") from None
     got = hashlib.sha256(data).hexdigest()
     if got != src.sha256:
-        raise FetchError(
-            f"{src.url} gave {name} with sha256 {got}, expected {src.sha256}; "
-            f"nothing was overwritten"
-        )
+        raise FetchError(f"{src.url} gave {name} with sha256 {got}, expected {src.sha256}; nothing was overwritten")
     atomic_write_bytes(dest, data)
     return dest, "download"
 
@@ -190,3 +175,11 @@ def verify_file(path: str | Path, name: str) -> Path:
             f"delete it and run `gptpkg fetch`"
         )
     return path
+
+
+def run(cfg, ctx) -> dict:
+    """The `fetch` stage (`cfg`: params.data): every listed raw file, verified."""
+    how = {}
+    for name in cfg.files:
+        _, how[name] = fetch_file(name, ctx.paths.raw, mirror=ctx.mirror, timeout=cfg.timeout_s, retries=cfg.retries)
+    return {"files": how}

@@ -49,8 +49,9 @@ def generate(
     return idx
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k: int | None,
-          generator: torch.Generator | None) -> torch.Tensor:
+def _pick(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
@@ -63,13 +64,13 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None,
 
 def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, **kw) -> str:
     """Prompt in, completion (without the prompt) out."""
-    from .tokenizer import EOT_ID
+    from .tokenizer import END_OF_TEXT, EOT_ID
 
     device = next(model.parameters()).device
-    ids = torch.tensor([tokenizer.encode(prompt, allowed_special={"<|endoftext|>"})], device=device)
+    ids = torch.tensor([tokenizer.encode(prompt, allowed_special={END_OF_TEXT})], device=device)
     ids = ids[:, -model.cfg.context_length :]
     out = generate(model, ids, max_new_tokens, eos_id=kw.pop("eos_id", EOT_ID), **kw)
-    new = out[0, ids.shape[1]:].tolist()
+    new = out[0, ids.shape[1] :].tolist()
     if EOT_ID in new:
         new = new[: new.index(EOT_ID)]
     return tokenizer.decode(new)

@@ -14,17 +14,23 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .model import GPT
 from .errors import GptpkgError
+from .model import GPT
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _BLOCK_MAP = {
-    "ln_1.weight": "norm1.weight", "ln_1.bias": "norm1.bias",
-    "attn.c_attn.weight": "attn.qkv.weight", "attn.c_attn.bias": "attn.qkv.bias",
-    "attn.c_proj.weight": "attn.proj.weight", "attn.c_proj.bias": "attn.proj.bias",
-    "ln_2.weight": "norm2.weight", "ln_2.bias": "norm2.bias",
-    "mlp.c_fc.weight": "mlp.fc.weight", "mlp.c_fc.bias": "mlp.fc.bias",
-    "mlp.c_proj.weight": "mlp.proj.weight", "mlp.c_proj.bias": "mlp.proj.bias",
+    "ln_1.weight": "norm1.weight",
+    "ln_1.bias": "norm1.bias",
+    "attn.c_attn.weight": "attn.qkv.weight",
+    "attn.c_attn.bias": "attn.qkv.bias",
+    "attn.c_proj.weight": "attn.proj.weight",
+    "attn.c_proj.bias": "attn.proj.bias",
+    "ln_2.weight": "norm2.weight",
+    "ln_2.bias": "norm2.bias",
+    "mlp.c_fc.weight": "mlp.fc.weight",
+    "mlp.c_fc.bias": "mlp.fc.bias",
+    "mlp.c_proj.weight": "mlp.proj.weight",
+    "mlp.c_proj.bias": "mlp.proj.bias",
 }
 
 
@@ -53,9 +59,14 @@ def read_hf_state(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def config_from_hf(hf_cfg: dict, drop_rate: float = 0.0) -> ModelConfig:
     try:
         return ModelConfig(
-            vocab_size=hf_cfg["vocab_size"], context_length=hf_cfg.get("n_positions", hf_cfg.get("n_ctx")),
-            emb_dim=hf_cfg["n_embd"], n_heads=hf_cfg["n_head"], n_layers=hf_cfg["n_layer"],
-            drop_rate=drop_rate, qkv_bias=True, tie_weights=True,
+            vocab_size=hf_cfg["vocab_size"],
+            context_length=hf_cfg.get("n_positions", hf_cfg.get("n_ctx")),
+            emb_dim=hf_cfg["n_embd"],
+            n_heads=hf_cfg["n_head"],
+            n_layers=hf_cfg["n_layer"],
+            drop_rate=drop_rate,
+            qkv_bias=True,
+            tie_weights=True,
         )
     except KeyError as e:
         raise WeightsError(f"config.json lacks GPT-2 key {e}") from None

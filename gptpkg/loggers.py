@@ -1,4 +1,4 @@
-"""Metric loggers: a four-method interface with stdout, JSON-lines and W&B backends.
+"""Metric loggers: a four-method interface with stdout and W&B backends.
 
 W&B is reached only through `WandbLogger`, which imports wandb lazily, so the library
 works without it.
@@ -6,28 +6,35 @@ works without it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 
 class MetricLogger(Protocol):
-    def log_config(self, config: dict[str, Any]) -> None: ...
     def log(self, metrics: dict[str, Any], step: int) -> None: ...
-    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int | None = None) -> None: ...
+    def log_table(
+        self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int | None = None
+    ) -> None: ...
     def log_artifact(self, path: str | Path, name: str, type: str) -> None: ...
     def finish(self) -> None: ...
 
 
 class NullLogger:
-    def log_config(self, config): pass
-    def log(self, metrics, step): pass
-    def log_table(self, name, columns, rows, step=None): pass
-    def log_artifact(self, path, name, type): pass
-    def finish(self): pass
+    def log(self, metrics, step):
+        pass
+
+    def log_table(self, name, columns, rows, step=None):
+        pass
+
+    def log_artifact(self, path, name, type):
+        pass
+
+    def finish(self):
+        pass
 
 
 # Keys of the rows `fit` logs after every optimizer step (between evals): W&B plots them,
@@ -46,20 +53,6 @@ class StdoutLogger(NullLogger):
         print(f"[step {step}] " + " ".join(parts), file=self.stream, flush=True)
 
 
-class JsonlLogger(NullLogger):
-    """Appends one JSON object per `log` call: the per-step history on disk."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
-
-    def log(self, metrics, step):
-        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
 def _plain(v: Any) -> Any:
     if hasattr(v, "item"):
         v = v.item()
@@ -71,10 +64,6 @@ def _plain(v: Any) -> Any:
 class MultiLogger(NullLogger):
     def __init__(self, *loggers: MetricLogger) -> None:
         self.loggers = [lg for lg in loggers if lg is not None]
-
-    def log_config(self, config):
-        for lg in self.loggers:
-            lg.log_config(config)
 
     def log(self, metrics, step):
         for lg in self.loggers:
@@ -115,16 +104,18 @@ class WandbLogger(NullLogger):
         if dir is not None:
             Path(dir).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
-            project=project, entity=entity or None, name=name, mode=mode,
-            dir=str(dir) if dir else None, group=group, job_type=job_type,
-            config=config, reinit="create_new",
+            project=project,
+            entity=entity or None,
+            name=name,
+            mode=mode,
+            dir=str(dir) if dir else None,
+            group=group,
+            job_type=job_type,
+            config=config,
+            reinit="create_new",
             settings=wandb.Settings(silent=True, console="off"),
         )
         self.mode = mode
-
-    @property
-    def run_dir(self) -> str | None:
-        return getattr(self.run, "dir", None)
 
     @property
     def run_path(self) -> str:
@@ -139,9 +130,6 @@ class WandbLogger(NullLogger):
         if self.mode == "offline":
             return f"W&B offline run in {self.run_path}; upload it with: wandb sync {self.run_path}"
         return "W&B disabled"
-
-    def log_config(self, config):
-        self.run.config.update(config, allow_val_change=True)
 
     def log(self, metrics, step):
         self.run.log({k: _plain(v) for k, v in metrics.items()}, step=step)

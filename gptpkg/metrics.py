@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], prefix: str = "") -> dict[str, float | list]:

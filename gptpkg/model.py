@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import POOLINGS, ModelConfig
+from .config import ModelConfig
 
 IGNORE_INDEX = -100  # targets equal to this are not scored (padding, masked prompts)
 
@@ -75,7 +75,11 @@ class CausalSelfAttention(nn.Module):
             mask = torch.arange(past + T, device=x.device)[None, :] <= q_pos
         # SDPA picks the flash / memory-efficient kernel where it can; no stored mask.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
             dropout_p=self.drop_rate if self.training else 0.0,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -177,8 +181,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
-def chunked_head_loss(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
-                      chunk: int = HEAD_CHUNK_ROWS) -> torch.Tensor:
+def chunked_head_loss(
+    h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk: int = HEAD_CHUNK_ROWS
+) -> torch.Tensor:
     """Mean cross-entropy of logits `h @ w.T` (h (N, C), w (V, C), targets (N,),
     -100 ignored) without materialising the (N, V) logits."""
     return _ChunkedHeadLoss.apply(h, w, targets, chunk, torch.is_grad_enabled())
@@ -196,14 +201,9 @@ class GPT(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.out_head = nn.Linear(cfg.emb_dim, V, bias=False)
         self.n_classes: int | None = None  # set by `to_classifier`
-        self.pooling = POOLINGS[0]
         # Added to the class logits at every `classify` (set by `set_logit_offset`, after
         # training): a decision rule, not a weight; None = none.
         self.logit_offset: tuple[float, ...] | None = None
-        # The tokens next-token prediction scores (`set_lm_vocab`); None = all of them.
-        self.lm_vocab: tuple[int, ...] | None = None
-        self.register_buffer("lm_rows", None, persistent=False)  # (V',) the lm_vocab ids
-        self.register_buffer("lm_index", None, persistent=False)  # (V,) id -> row of lm_rows, -1 outside
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -237,8 +237,7 @@ class GPT(nn.Module):
         past = cache.length if cache is not None else 0
         if past + T > self.cfg.context_length:
             raise ValueError(
-                f"sequence of {past + T} tokens exceeds the model's context_length "
-                f"{self.cfg.context_length}"
+                f"sequence of {past + T} tokens exceeds the model's context_length {self.cfg.context_length}"
             )
         pos = torch.arange(past, past + T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
@@ -246,8 +245,13 @@ class GPT(nn.Module):
             x = block(x, cache, i)
         return self.final_norm(x)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
-                targets: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size), or (B, T, n_classes) for a classifier.
 
         With `targets` (B, T): the mean next-token cross-entropy instead (-100 ignored).
@@ -262,8 +266,6 @@ class GPT(nn.Module):
         logits = self.out_head(h)
         if self.n_classes is None and logits.shape[-1] != self.cfg.vocab_size:
             logits = logits[..., : self.cfg.vocab_size]  # drop the padded vocabulary rows
-        if self.n_classes is None and self.lm_index is not None:
-            logits = logits.masked_fill(self.lm_index < 0, float("-inf"))  # tokens it never scores
         if targets is not None:
             return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits
@@ -276,10 +278,7 @@ class GPT(nn.Module):
         autocast applies to the head matmul.
         """
         w = self.out_head.weight
-        if self.lm_rows is not None:
-            w = w.index_select(0, self.lm_rows)  # (V', C): only the lm_vocab rows score
-            targets = self.lm_targets(targets)
-        elif w.shape[0] != self.cfg.vocab_size:
+        if w.shape[0] != self.cfg.vocab_size:
             w = w[: self.cfg.vocab_size]  # padded rows never score (sliced only then: a
             # slice's backward copies the whole (V, C) gradient)
         if h.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
@@ -288,8 +287,7 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
     def classify(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Class logits (B, n_classes) of each row's pooled hidden states (`self.pooling`:
-        the last real token, or the mean over the real tokens).
+        """Class logits (B, n_classes) of each row's hidden state at its last real token.
 
         `idx` is right-padded; `lengths` (B,) counts the real tokens. Causal attention
         means padding after a token cannot change it, so a text's logits do not depend
@@ -297,11 +295,7 @@ class GPT(nn.Module):
         """
         h = self.hidden(idx)  # (B, T, C)
         lengths = lengths.to(idx.device).clamp(min=1)
-        if self.pooling == "mean":
-            real = torch.arange(idx.shape[1], device=idx.device)[None, :] < lengths[:, None]  # (B, T)
-            pooled = (h * real[..., None].to(h.dtype)).sum(dim=1) / lengths[:, None].to(h.dtype)
-        else:
-            pooled = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]  # (B, C)
+        pooled = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]  # (B, C)
         logits = self.out_head(pooled)
         if self.logit_offset is not None:
             logits = logits + torch.tensor(self.logit_offset, dtype=logits.dtype, device=logits.device)
@@ -309,59 +303,15 @@ class GPT(nn.Module):
 
     # -- fine-tuning surgery -----------------------------------------------------
 
-    def to_classifier(self, n_classes: int, pooling: str = POOLINGS[0]) -> "GPT":
-        """Swap the LM head for a fresh Linear(C, n_classes) (unties it) read through
-        `pooling` (see `POOLINGS`)."""
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {'|'.join(POOLINGS)}, got {pooling!r}")
+    def to_classifier(self, n_classes: int) -> GPT:
+        """Swap the LM head for a fresh Linear(C, n_classes) (unties it)."""
         head = nn.Linear(self.cfg.emb_dim, n_classes)
         nn.init.normal_(head.weight, mean=0.0, std=0.02)
         nn.init.zeros_(head.bias)
         self.out_head = head.to(self.tok_emb.weight.device)
         self.n_classes = n_classes
-        self.pooling = pooling
         self.logit_offset = None
-        self.set_lm_vocab(None)
         return self
-
-    def set_lm_vocab(self, ids) -> None:
-        """Score only the token ids `ids` in next-token prediction from now on; None scores
-        all of them. The loss is the softmax cross-entropy over those tokens alone (the
-        head's matmuls shrink from the whole vocabulary to them: most of a small model's
-        training FLOPs), and generation never picks another token (its logit is -inf).
-        Every target must be one of them. Checkpoints save it."""
-        if ids is None:
-            self.lm_vocab = self.lm_rows = self.lm_index = None
-            return
-        if self.n_classes is not None:
-            raise ValueError("lm_vocab: a classifier has no next-token head to restrict")
-        try:
-            items = list(ids)
-            values = tuple(int(v) for v in items)
-            exact = all(int(v) == v for v in items)
-        except (TypeError, ValueError):
-            raise ValueError(f"lm_vocab: expected token ids (integers), got {str(ids)[:80]}") from None
-        V = self.cfg.vocab_size
-        if not values or not exact or list(values) != sorted(set(values)) or values[0] < 0 or values[-1] >= V:
-            raise ValueError(f"lm_vocab: expected a non-empty increasing list of distinct token ids in "
-                             f"[0, {V}), got {len(values)} values starting {list(values[:5])}")
-        device = self.tok_emb.weight.device
-        rows = torch.tensor(values, dtype=torch.long, device=device)
-        index = torch.full((V,), -1, dtype=torch.long, device=device)
-        index[rows] = torch.arange(len(values), device=device)
-        self.lm_vocab, self.lm_rows, self.lm_index = values, rows, index
-
-    def lm_targets(self, targets: torch.Tensor) -> torch.Tensor:
-        """Token-id targets as rows of `lm_rows` (IGNORE_INDEX kept); a target outside
-        lm_vocab is an error, never silently unscored."""
-        scored = targets != IGNORE_INDEX
-        mapped = self.lm_index[torch.where(scored, targets, torch.zeros_like(targets))]
-        outside = scored & (mapped < 0)
-        if bool(outside.any()):
-            raise ValueError(f"target token id {int(targets[outside][0])} is outside the model's lm_vocab "
-                             f"({len(self.lm_rows)} tokens): train on text of that vocabulary, or "
-                             f"set_lm_vocab(None) to score every token")
-        return torch.where(scored, mapped, torch.full_like(mapped, IGNORE_INDEX))
 
     def set_logit_offset(self, offset) -> None:
         """Add `offset` (one finite number per class) to every `classify` result from now
@@ -373,8 +323,9 @@ class GPT(nn.Module):
             return
         values = tuple(float(v) for v in offset)
         if self.n_classes is None or len(values) != self.n_classes:
-            raise ValueError(f"logit_offset: expected {self.n_classes} values (one per class) "
-                             f"of a classifier, got {list(values)}")
+            raise ValueError(
+                f"logit_offset: expected {self.n_classes} values (one per class) of a classifier, got {list(values)}"
+            )
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"logit_offset: expected finite numbers, got {list(values)}")
         self.logit_offset = values

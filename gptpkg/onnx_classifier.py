@@ -14,20 +14,19 @@ Every ONNX file carries in its `metadata_props` what a server needs (`META_KEYS`
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-from .config import POOLINGS
+
 from .errors import GptpkgError
-from .tokenizer import FRAMINGS, TOKENIZERS, encode_message
+from .tokenizer import encode_message
 
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 TOKENIZER_DIR = "gpt2"  # laid out like the offline mirror: <dir>/gpt2/{vocab.bpe,encoder.json}
-META_KEYS = ("gptpkg.tokenizer", "gptpkg.max_length", "gptpkg.pad_id", "gptpkg.pooling",
-             "gptpkg.labels", "gptpkg.context_length")
+META_KEYS = ("gptpkg.max_length", "gptpkg.pad_id", "gptpkg.labels", "gptpkg.context_length")
 
 
 class ModelUnavailable(GptpkgError, RuntimeError):
@@ -36,44 +35,36 @@ class ModelUnavailable(GptpkgError, RuntimeError):
 
 @dataclass(frozen=True)
 class ModelMeta:
-    tokenizer: str
     max_length: int  # texts are cut to their first `max_length` tokens, as in training
     pad_id: int
-    pooling: str
     labels: tuple[str, ...]
     context_length: int
-    framing: str = "plain"  # tokenizer.FRAMINGS; models exported before it was recorded: plain
 
     def to_props(self) -> dict[str, str]:
         """The ONNX metadata_props (all values strings)."""
-        return {"gptpkg.tokenizer": self.tokenizer, "gptpkg.max_length": str(self.max_length),
-                "gptpkg.pad_id": str(self.pad_id), "gptpkg.pooling": self.pooling,
-                "gptpkg.labels": json.dumps(list(self.labels)),
-                "gptpkg.context_length": str(self.context_length), "gptpkg.framing": self.framing}
+        return {
+            "gptpkg.max_length": str(self.max_length),
+            "gptpkg.pad_id": str(self.pad_id),
+            "gptpkg.labels": json.dumps(list(self.labels)),
+            "gptpkg.context_length": str(self.context_length),
+        }
 
     @classmethod
-    def from_props(cls, props: dict[str, str], where: str) -> "ModelMeta":
+    def from_props(cls, props: dict[str, str], where: str) -> ModelMeta:
         missing = [k for k in META_KEYS if k not in props]
         if missing:
             raise ModelUnavailable(f"{where}: ONNX metadata lacks {missing}; was it written by `gptpkg export_onnx`?")
         try:
-            meta = cls(tokenizer=props["gptpkg.tokenizer"], max_length=int(props["gptpkg.max_length"]),
-                       pad_id=int(props["gptpkg.pad_id"]), pooling=props["gptpkg.pooling"],
-                       labels=tuple(json.loads(props["gptpkg.labels"])),
-                       context_length=int(props["gptpkg.context_length"]),
-                       framing=props.get("gptpkg.framing", "plain"))
+            meta = cls(
+                max_length=int(props["gptpkg.max_length"]),
+                pad_id=int(props["gptpkg.pad_id"]),
+                labels=tuple(json.loads(props["gptpkg.labels"])),
+                context_length=int(props["gptpkg.context_length"]),
+            )
         except (ValueError, TypeError) as e:
             raise ModelUnavailable(f"{where}: bad gptpkg metadata {props}: {e}") from None
-        if meta.pooling not in POOLINGS:
-            raise ModelUnavailable(f"{where}: pooling {meta.pooling!r} unsupported (expected one of {list(POOLINGS)})")
-        if meta.tokenizer not in TOKENIZERS:
-            raise ModelUnavailable(f"{where}: tokenizer {meta.tokenizer!r} unsupported (expected one of {list(TOKENIZERS)})")
-        if meta.framing not in FRAMINGS:
-            raise ModelUnavailable(f"{where}: framing {meta.framing!r} unsupported (expected one of {list(FRAMINGS)})")
-        low = 3 if meta.framing == "eot" else 1  # eot: two end tokens and one of the text
-        if not low <= meta.max_length <= meta.context_length:
-            raise ModelUnavailable(f"{where}: max_length {meta.max_length} not in {low}..{meta.context_length}"
-                                   + (" (framing eot)" if low > 1 else ""))
+        if not 1 <= meta.max_length <= meta.context_length:
+            raise ModelUnavailable(f"{where}: max_length {meta.max_length} not in 1..{meta.context_length}")
         return meta
 
 
@@ -92,18 +83,21 @@ def choose_providers(device: str = "auto") -> list[str]:
 
 
 class OnnxSpamClassifier:
-    """One ONNX Runtime session plus the tokenizer its metadata names."""
+    """One ONNX Runtime session plus the GPT-2 tokenizer."""
 
-    def __init__(self, path: str | Path, device: str = "auto", threads: int = 0,
-                 tokenizer_dir: str | Path | None = None) -> None:
+    def __init__(
+        self, path: str | Path, device: str = "auto", threads: int = 0, tokenizer_dir: str | Path | None = None
+    ) -> None:
         import onnxruntime as ort
 
         from .tokenizer import get_tokenizer
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise ModelUnavailable(f"ONNX model {self.path} not found (run `gptpkg export_onnx`, "
-                                   "or point the service at an exported model.onnx)")
+            raise ModelUnavailable(
+                f"ONNX model {self.path} not found (run `gptpkg export_onnx`, "
+                "or point the service at an exported model.onnx)"
+            )
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -118,7 +112,7 @@ class OnnxSpamClassifier:
         # BPE files shipped beside the model win over the mirror / tiktoken's own cache.
         bundled = Path(tokenizer_dir) if tokenizer_dir else self.path.parent
         mirror = bundled if (bundled / TOKENIZER_DIR / "vocab.bpe").is_file() else None
-        self.tokenizer = get_tokenizer(mirror, self.meta.tokenizer)
+        self.tokenizer = get_tokenizer(mirror)
         self.providers = self.session.get_providers()
 
     @property
@@ -126,10 +120,8 @@ class OnnxSpamClassifier:
         return self.meta.labels
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text` as the classifier was trained on them (`encode_message`:
-        cut to `max_length`, framed as in the metadata); special tokens such as
-        <|endoftext|> in user text are encoded as plain text."""
-        return encode_message(self.tokenizer, text, self.meta.max_length, self.meta.framing)
+        """Token ids of `text` as the classifier was trained on them (`encode_message`)."""
+        return encode_message(self.tokenizer, text, self.meta.max_length)
 
     def pad(self, ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Right-pad to the longest row: (input_ids (B, T) int64, lengths (B,) int64)."""
@@ -149,7 +141,7 @@ class OnnxSpamClassifier:
         out = np.zeros((len(ids), len(self.labels)), dtype=np.float32)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             out[rows] = self.logits(*self.pad([ids[i] for i in rows]))
         return out
 

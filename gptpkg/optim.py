@@ -17,8 +17,9 @@ updated every step, exactly as AdamW does, since their moments keep decaying.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -38,8 +39,14 @@ class RowSparseAdamW(torch.optim.Optimizer):
     AdamW's weights; `flush()` brings every row up to date.
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         for group in self.param_groups:
             for p in group["params"]:
@@ -106,7 +113,7 @@ class RowSparseAdamW(torch.optim.Optimizer):
                 n = st["n_touched"]
                 if new.numel():
                     slot[new] = torch.arange(n, n + new.numel(), device=p.device)
-                    st["rows_by_slot"][n: n + new.numel()] = new
+                    st["rows_by_slot"][n : n + new.numel()] = new
                     n = st["n_touched"] = n + new.numel()
                 st["step"] += 1
                 t = st["step"]
@@ -118,8 +125,8 @@ class RowSparseAdamW(torch.optim.Optimizer):
                 w.mul_(1 - lr * wd)
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-                w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+                denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+                w.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
                 p.data.index_copy_(0, live, w)
                 st["decay"] *= 1 - lr * wd
         return loss
@@ -163,8 +170,7 @@ class OptimizerSet:
             flush(o)
 
     def state_dict(self) -> dict:
-        return {"optimizers": [o.state_dict() for o in self.optimizers],
-                "kinds": kinds(self)}
+        return {"optimizers": [o.state_dict() for o in self.optimizers], "kinds": kinds(self)}
 
     def load_state_dict(self, state: dict) -> None:
         for o, s in zip(self.optimizers, state["optimizers"], strict=True):
@@ -214,3 +220,67 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> torc
     for g in grads:
         g.mul_(coef.to(g.device))
     return total
+
+
+# ---------------------------------------------------------------------------------
+# The optimizer `fit` trains with
+
+
+def param_groups(model: nn.Module, weight_decay: float, exclude: nn.Parameter | None = None) -> list[dict]:
+    """Decay matrices (linear and embedding weights) only; not biases or norms. Each
+    trainable parameter once (a tied head is the embedding), `exclude` left out."""
+    seen, decay, no_decay = {id(exclude)}, [], []
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            (no_decay if p.dim() < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def row_sparse_embedding(
+    model: nn.Module, enabled: bool, device: torch.device, one_process: bool, compiled: bool
+) -> nn.Embedding | None:
+    """The token embedding to train with row-sparse gradients, or None.
+
+    Only where it pays and is safe: on CPU (GPUs keep fused dense AdamW), in one process
+    (DDP would all-reduce a dense gradient anyway), without `torch.compile`, and when the
+    embedding is trainable and not tied to the LM head (a tied head's gradient fills
+    every row; a classifier's head is its own).
+    """
+    emb = getattr(model, "tok_emb", None)
+    if not enabled or device.type != "cpu" or not one_process or compiled:
+        return None
+    if not isinstance(emb, nn.Embedding) or not emb.weight.requires_grad:
+        return None
+    shared = sum(p is emb.weight for _, p in model.named_parameters(remove_duplicate=False))
+    return emb if shared == 1 else None
+
+
+@contextlib.contextmanager
+def sparse_gradients(emb: nn.Embedding, optimizer: RowSparseAdamW) -> Iterator[None]:
+    """While training: the embedding's gradient is a sparse tensor over the batch's rows,
+    and rows owe their decay until a forward pass reads them; on exit every row is paid."""
+    was_sparse, emb.sparse = emb.sparse, True
+    watch = optimizer.watch(emb)
+    try:
+        yield
+    finally:
+        optimizer.flush()
+        emb.sparse = was_sparse
+        watch.remove()
+
+
+def make_optimizer(model: nn.Module, cfg, device: torch.device, one_process: bool = True, compiled: bool = False):
+    """(optimizer, context to train in). AdamW, fused; where `row_sparse_embedding`
+    allows, the token embedding gets `RowSparseAdamW` (same decay) beside it."""
+    emb = row_sparse_embedding(model, cfg.sparse_embedding, device, one_process, compiled)
+    dense = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay, exclude=emb.weight if emb is not None else None),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        fused=device.type in ("cuda", "cpu"),  # one pass over each parameter
+    )
+    if emb is None:
+        return dense, contextlib.nullcontext()
+    rows = RowSparseAdamW([emb.weight], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    return OptimizerSet(dense, rows), sparse_gradients(emb, rows)

@@ -57,8 +57,9 @@ def gpu_peak_flops(device: torch.device | int = 0) -> tuple[str, float | None]:
     return name, None
 
 
-def measure_matmul_flops(n: int = 2048, reps: int = 5, dtype: torch.dtype = torch.float32,
-                         clock=time.perf_counter) -> float:
+def measure_matmul_flops(
+    n: int = 2048, reps: int = 5, dtype: torch.dtype = torch.float32, clock=time.perf_counter
+) -> float:
     """The fp32 (or `dtype`) matmul rate of this CPU now: median over `reps` timed
     (n x n) @ (n x n) products, FLOP/s. `clock=time.process_time` gives FLOPs per
     CPU-second of this process instead (the rate while it is scheduled, which a busy

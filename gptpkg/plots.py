@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text, file_mode
+from .files import atomic_write_bytes, atomic_write_text
 
 LABELS = ("ham", "spam")
 
@@ -22,8 +22,12 @@ def write_history(plots_dir: str | Path, stage: str, history: list[dict[str, Any
 def confusion_rows(confusion: list[list[int]], labels=LABELS) -> list[dict[str, str]]:
     """[[tn, fp], [fn, tp]] (rows = truth, columns = prediction) back to one
     {"actual", "predicted"} row per test item: the input of DVC's confusion template."""
-    return [{"actual": labels[t], "predicted": labels[p]}
-            for t, row in enumerate(confusion) for p, n in enumerate(row) for _ in range(int(n))]
+    return [
+        {"actual": labels[t], "predicted": labels[p]}
+        for t, row in enumerate(confusion)
+        for p, n in enumerate(row)
+        for _ in range(int(n))
+    ]
 
 
 def write_confusion(plots_dir: str | Path, stage: str, confusion: list[list[int]]) -> Path:
@@ -34,23 +38,14 @@ def write_confusion(plots_dir: str | Path, stage: str, confusion: list[list[int]
 
 def _save(fig, out: Path, ax=None, title: str | None = None) -> None:
     """Title, tight layout, then an atomic, byte-reproducible PNG write."""
-    import os
-    import tempfile
+    import io
 
     if ax is not None and title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
-        # No timestamp in the PNG metadata: same history -> same bytes.
-        fig.savefig(tmp, dpi=80, metadata={"Software": None})
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})  # no timestamp: same bytes
+    atomic_write_bytes(out, buf.getvalue())
 
 
 def _pyplot():
@@ -111,8 +106,9 @@ def render_confusion(confusion: list[list[int]], out: str | Path, title: str, la
     return out
 
 
-def write_stage_plots(plots_dir: str | Path, stage: str, history: list[dict[str, Any]] | None,
-                      metrics: dict[str, Any]) -> list[Path]:
+def write_stage_plots(
+    plots_dir: str | Path, stage: str, history: list[dict[str, Any]] | None, metrics: dict[str, Any]
+) -> list[Path]:
     """Every plot file of `stage` (the ones dvc.yaml declares for it)."""
     plots_dir = Path(plots_dir)
     written = []

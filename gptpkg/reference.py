@@ -45,8 +45,7 @@ class PlainAttention(CausalSelfAttention):
         self.attn_drop = nn.Dropout(cfg.drop_rate)
         ctx = cfg.context_length
         # (ctx, ctx) True above the diagonal: the future a query must not see.
-        self.register_buffer("mask", torch.triu(torch.ones(ctx, ctx, dtype=torch.bool), diagonal=1),
-                             persistent=False)
+        self.register_buffer("mask", torch.triu(torch.ones(ctx, ctx, dtype=torch.bool), diagonal=1), persistent=False)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         if cache is not None:
@@ -85,8 +84,6 @@ class ReferenceGPT(GPT):
 
     def lm_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.out_head(h)[..., : self.cfg.vocab_size]  # (B, T, V)
-        if self.lm_rows is not None:  # the full logits, then the lm_vocab columns
-            logits, targets = logits[..., self.lm_rows], self.lm_targets(targets)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
@@ -94,9 +91,8 @@ def reference_copy(model: GPT) -> ReferenceGPT:
     """A `ReferenceGPT` holding the same weights as `model` (same device and dtype)."""
     ref = ReferenceGPT(model.cfg)
     if model.n_classes is not None:
-        ref.to_classifier(model.n_classes, model.pooling)
+        ref.to_classifier(model.n_classes)
         ref.set_logit_offset(model.logit_offset)
-    ref.set_lm_vocab(model.lm_vocab)
     ref.load_state_dict(model.state_dict())
     p = next(model.parameters())
     return ref.to(device=p.device, dtype=p.dtype)

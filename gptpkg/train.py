@@ -1,10 +1,9 @@
 """The one training loop, used by pretraining, classifier and instruction fine-tuning.
 
-`fit` owns: AdamW (decay on matrices only, fused; a classifier's untied token embedding
-on CPU gets row-sparse gradients and `optim.RowSparseAdamW`), linear warmup + cosine decay,
-gradient accumulation and clipping, bf16 autocast and `torch.compile` on CUDA, periodic
-eval, progress with tokens/s, atomic checkpoints and resume, and a loud stop on a
-non-finite loss. What differs between trainings is the loss and the eval, passed in.
+`fit` owns: AdamW (`optim.make_optimizer`), linear warmup + cosine decay, gradient
+accumulation and clipping, bf16 autocast and `torch.compile` on CUDA, periodic eval,
+progress with tokens/s, atomic checkpoints and resume, and a loud stop on a non-finite
+loss. What differs between trainings is the loss and the eval, passed in.
 """
 
 from __future__ import annotations
@@ -13,31 +12,26 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from . import distributed
-from . import optim
+from . import distributed, optim
 from .config import TrainConfig
-from .data import IGNORE_INDEX
-from .loggers import MetricLogger, NullLogger
 from .errors import GptpkgError
+from .loggers import MetricLogger, NullLogger
 
 # A loss function maps (model, batch) to (mean loss, number of tokens in the batch).
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, int]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 # A batch plan maps an epoch number to that epoch's list of micro-batches (index lists).
 BatchPlan = Callable[[int], list[list[int]]]
-
-
-# History fields that measure the machine, not the model.
-TIMING_KEYS = frozenset({"elapsed_s", "tokens_per_s"})
 
 
 class TrainingDiverged(GptpkgError, RuntimeError):
@@ -56,35 +50,25 @@ def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     return loss, batch["input_ids"].numel()
 
 
-def classification_loss(class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0) -> LossFn:
-    """Cross-entropy on the logits of each text's pooled token; with `label_smoothing`
-    s the target is 1 - s on the label and s spread evenly over all classes."""
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+def classification_loss(class_weights: Sequence[float] | None = None) -> LossFn:
+    """Cross-entropy on the class logits of each text's last real token."""
 
     def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-        logits = _classify(model, batch)  # (B, n_classes)
+        # Through forward (not .classify) so a DDP / compile wrapper sees the call.
+        logits = model(batch["input_ids"], lengths=batch["lengths"])  # (B, n_classes)
         w = None if class_weights is None else torch.tensor(class_weights, device=logits.device)
-        loss = F.cross_entropy(logits.float(), batch["labels"], weight=w, label_smoothing=label_smoothing)
-        return loss, batch["input_ids"].numel()
+        return F.cross_entropy(logits.float(), batch["labels"], weight=w), batch["input_ids"].numel()
 
     return loss_fn
 
 
-def _classify(model: nn.Module, batch: dict) -> torch.Tensor:
-    # Through forward (not .classify) so a DDP / compile wrapper sees the call.
-    return model(batch["input_ids"], lengths=batch["lengths"])
-
-
 # ---------------------------------------------------------------------------------
-# Devices, precision, optimizer, schedule
+# Devices, precision, schedule
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but CUDA is not available")
@@ -109,92 +93,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def should_compile(setting: str, device: torch.device) -> bool:
-    setting = str(setting).lower()
-    return setting == "true" or (setting == "auto" and device.type == "cuda")
-
-
-def layer_lr_scales(model: nn.Module, decay: float) -> dict[int, float]:
-    """Layer-wise lr decay: id(parameter) -> its lr factor. The embeddings are depth 0,
-    block i depth i + 1, the final norm and the head depth n_layers + 1 (factor 1); a
-    parameter at depth k trains at decay ** (n_layers + 1 - k). A tied head shares the
-    token embedding's factor (the parameter is one)."""
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise ValueError(f"lr_layer_decay needs a GPT (a model with .blocks), got {type(model).__name__}")
-    top = len(blocks) + 1
-    scales: dict[int, float] = {}
-    for name in ("tok_emb", "pos_emb"):
-        for p in getattr(model, name).parameters():
-            scales[id(p)] = decay ** top
-    for i, block in enumerate(blocks):
-        for p in block.parameters():
-            scales[id(p)] = decay ** (top - i - 1)
-    for p in model.parameters():
-        scales.setdefault(id(p), 1.0)  # final norm, head
-    return scales
-
-
-def param_groups(model: nn.Module, weight_decay: float, exclude: nn.Parameter | None = None,
-                 lr_layer_decay: float = 1.0) -> list[dict]:
-    """Decay matrices (linear and embedding weights) only; not biases or norms. With
-    `lr_layer_decay` < 1, one such pair of groups per depth, each with its `lr_scale`
-    (`layer_lr_scales`; `fit` sets a group's lr to the schedule's lr times it)."""
-    scales = layer_lr_scales(model, lr_layer_decay) if lr_layer_decay != 1.0 else {}
-    seen, groups = {id(exclude)}, {}
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        key = (p.dim() < 2, scales.get(id(p), 1.0))
-        groups.setdefault(key, []).append(p)
-    out = []
-    for scale in sorted({s for _, s in groups} | {1.0}, reverse=True):
-        for no_decay in (False, True):
-            params = groups.get((no_decay, scale), [])
-            if params or scale == 1.0:  # the plain pair is always there (it may be empty)
-                group = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
-                if lr_layer_decay != 1.0:
-                    group["lr_scale"] = scale
-                out.append(group)
-    return out
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
-                   row_sparse: nn.Parameter | None = None) -> torch.optim.Optimizer | optim.OptimizerSet:
-    """AdamW, fused; with `row_sparse` (the token embedding, trained with sparse
-    gradients), that one matrix gets `RowSparseAdamW` (same decay) beside it."""
-    dense = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, exclude=row_sparse, lr_layer_decay=cfg.lr_layer_decay),
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-        # The fused kernel (one pass over each parameter) exists for CUDA and CPU.
-        fused=device.type in ("cuda", "cpu"),
-    )
-    if row_sparse is None:
-        return dense
-    group: dict = {"params": [row_sparse]}
-    if cfg.lr_layer_decay != 1.0:
-        group["lr_scale"] = layer_lr_scales(model, cfg.lr_layer_decay)[id(row_sparse)]
-    rows = optim.RowSparseAdamW([group], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    return optim.OptimizerSet(dense, rows)
-
-
-def sparse_embedding(model: nn.Module, cfg: TrainConfig, device: torch.device, distributed_run: bool,
-                     compiled: bool) -> nn.Embedding | None:
-    """The token embedding to train with row-sparse gradients, or None.
-
-    Only when it pays and is safe: on CPU (measured there; GPUs keep fused dense AdamW),
-    in one process (DDP would all-reduce a dense gradient anyway), without
-    `torch.compile`, and when the embedding is trainable and not tied to the LM head
-    (a tied head's gradient fills every row; a classifier's head is its own).
-    """
-    emb = getattr(model, "tok_emb", None)
-    if cfg.sparse_embedding == "false" or device.type != "cpu" or distributed_run or compiled:
-        return None
-    if not isinstance(emb, nn.Embedding) or not emb.weight.requires_grad:
-        return None
-    shared = sum(p is emb.weight for _, p in model.named_parameters(remove_duplicate=False))
-    return emb if shared == 1 else None
+def should_compile(setting: bool | str, device: torch.device) -> bool:
+    """compile: true | false | auto (on CUDA)."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -250,18 +151,14 @@ def bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, pool_ba
     return plan
 
 
-BATCHING = ("bucketed", "shuffled", "pad_longest")
-
-
 def batch_plan_for(batching: str, lengths: Sequence[int], batch_size: int, seed: int) -> BatchPlan:
-    """The plan for a fine-tuning `batching` setting: `bucketed` groups similar lengths;
-    `shuffled` and `pad_longest` (the book's: every text padded to the longest in the
-    training set, done by the collate) draw random batches."""
+    """The plan for a fine-tuning `batching` setting (bucketed | shuffled | pad_longest):
+    `bucketed` groups similar lengths; `shuffled` and `pad_longest` (the book's: every
+    text padded to the longest in the training set, done by the collate) draw random
+    batches."""
     if batching == "bucketed":
         return bucketed_batches(lengths, batch_size, seed)
-    if batching in ("shuffled", "pad_longest"):
-        return shuffled_batches(len(lengths), batch_size, seed)
-    raise ValueError(f"batching must be one of {'|'.join(BATCHING)}, got {batching!r}")
+    return shuffled_batches(len(lengths), batch_size, seed)
 
 
 def _micro_batches(plan: BatchPlan, skip: int) -> Iterator[list[int]]:
@@ -288,8 +185,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, batches: Iterator[dict] | list[dict], loss_fn: LossFn,
-              device: torch.device, max_batches: int = 0, dtype: torch.dtype | None = None) -> float:
+def mean_loss(
+    model: nn.Module,
+    batches: Iterator[dict] | list[dict],
+    loss_fn: LossFn,
+    device: torch.device,
+    max_batches: int = 0,
+    dtype: torch.dtype | None = None,
+) -> float:
     """Mean of `loss_fn` over (up to `max_batches` of) `batches`, in eval mode."""
     was_training = model.training
     model.eval()
@@ -307,8 +210,10 @@ def mean_loss(model: nn.Module, batches: Iterator[dict] | list[dict], loss_fn: L
 
 def batches_of(dataset, collate: Callable, batch_size: int) -> list[dict]:
     """The dataset in order, collated into batches (for eval)."""
-    return [collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
-            for i in range(0, len(dataset), batch_size)]
+    return [
+        collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+        for i in range(0, len(dataset), batch_size)
+    ]
 
 
 # ---------------------------------------------------------------------------------
@@ -347,6 +252,148 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# History fields that measure the machine, not the model.
+TIMING_KEYS = frozenset({"elapsed_s", "tokens_per_s"})
+
+
+@dataclass
+class Progress:
+    """Where a training stands: what a resumable checkpoint carries besides weights."""
+
+    step: int = 0
+    tokens: int = 0
+    examples: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed: float = 0.0  # seconds trained by earlier processes (resume)
+    started: float = field(default_factory=time.perf_counter)
+
+    def advance(self, tokens: int, examples: int) -> None:
+        """One optimizer step done."""
+        self.step, self.tokens, self.examples = self.step + 1, self.tokens + tokens, self.examples + examples
+
+    def result(self, wall_time_s: float) -> FitResult:
+        return FitResult(
+            steps=self.step,
+            tokens_seen=self.tokens,
+            examples_seen=self.examples,
+            wall_time_s=wall_time_s,
+            tokens_per_s=self.tokens / max(wall_time_s, 1e-9),
+            history=self.history,
+        )
+
+    def elapsed_s(self) -> float:
+        return self.elapsed + time.perf_counter() - self.started
+
+    def state(self, final: bool) -> dict[str, Any]:
+        """The trainer state to save. The final one is a pipeline output: timings are
+        left out, so the same params and seed give byte-identical files."""
+        history = (
+            [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in self.history] if final else self.history
+        )
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "examples": self.examples,
+            "history": history,
+            "elapsed": 0.0 if final else self.elapsed_s(),
+        }
+
+
+class Window:
+    """Mean loss and tokens/s over the optimizer steps since the last eval."""
+
+    def __init__(self) -> None:
+        self.loss, self.n, self.tokens, self.t0 = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss, self.n, self.tokens = self.loss + loss, self.n + 1, self.tokens + tokens
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / max(self.n, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+
+
+def restore(
+    checkpoint_dir: str | Path, model: nn.Module, optimizer, cfg: TrainConfig, device: torch.device
+) -> Progress | None:
+    """Load a resumable checkpoint into `model` and `optimizer`; None when there is none.
+    It must have been trained with the same training params as `cfg`."""
+    state = ckpt.load_trainer_state(checkpoint_dir)
+    if state is None:
+        return None
+    ckpt.check_same_training(checkpoint_dir, cfg.training_params())
+    saved, _ = ckpt.load_checkpoint(checkpoint_dir, map_location=device)
+    ckpt.unwrap(model).load_state_dict(saved.state_dict())
+    optim.load_optimizer_state(optimizer, state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return Progress(
+        step=int(state["step"]),
+        tokens=int(state["tokens"]),
+        examples=int(state["examples"]),
+        history=list(state["history"]),
+        elapsed=float(state["elapsed"]),
+    )
+
+
+def save(
+    checkpoint_dir: str | Path | None,
+    model: nn.Module,
+    optimizer,
+    progress: Progress,
+    cfg: TrainConfig,
+    meta: dict[str, Any] | None,
+    dist_ctx,
+    final: bool,
+) -> None:
+    """A resumable checkpoint, written by rank 0 while the other ranks wait."""
+    if checkpoint_dir is None:
+        return
+    if dist_ctx.is_main:
+        optim.flush(optimizer)
+        ckpt.save_checkpoint(
+            checkpoint_dir,
+            model,
+            meta={**(meta or {}), "step": progress.step, "params": cfg.training_params()},
+            trainer_state={**progress.state(final), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
+        )
+    distributed.barrier(dist_ctx)
+
+
+def train_step(
+    run_model: nn.Module,
+    micro: Iterator[list[int]],
+    train_set,
+    collate: Callable,
+    loss_fn: LossFn,
+    cfg: TrainConfig,
+    dist_ctx,
+    device: torch.device,
+    dtype,
+) -> tuple[torch.Tensor, int, int]:
+    """Forward and backward over `grad_accum_steps` micro-batches: (mean loss on the
+    device, tokens, examples), the counts over all ranks."""
+    step_loss, tokens, examples = torch.zeros((), device=device), 0, 0
+    for k in range(cfg.grad_accum_steps):
+        idx = next(micro)
+        if dist_ctx.enabled:
+            idx = distributed.shard(idx, dist_ctx)
+        batch = to_device(collate([train_set[i] for i in idx]), device)
+        # DDP: average gradients across ranks only on the last micro-batch.
+        sync = k == cfg.grad_accum_steps - 1 or not dist_ctx.enabled
+        with contextlib.nullcontext() if sync else run_model.no_sync():
+            with autocast(device, dtype):
+                loss, n_tok = loss_fn(run_model, batch)
+            (loss / cfg.grad_accum_steps).backward()
+        step_loss += loss.detach() / cfg.grad_accum_steps
+        tokens += n_tok * dist_ctx.world_size  # every rank trains on an equal slice
+        examples += batch["input_ids"].shape[0] * dist_ctx.world_size
+    return step_loss, tokens, examples
+
+
 def fit(
     model: nn.Module,
     train_set,
@@ -356,20 +403,19 @@ def fit(
     eval_fn: EvalFn | None = None,
     batch_plan: BatchPlan | None = None,
     checkpoint_dir: str | Path | None = None,
-    resume: bool = False,
-    logger: MetricLogger | None = None,
     meta: dict[str, Any] | None = None,
-    progress: bool = True,
-    desc: str = "train",
     finalize: Callable[[nn.Module], None] | None = None,
+    ctx=None,
+    desc: str = "train",
 ) -> FitResult:
     """Train `model` in place on `train_set` and return its history.
 
     `eval_fn(model)` returns metrics (e.g. val loss) every `cfg.eval_every` steps and at
     the end. With `checkpoint_dir`, a resumable checkpoint is written every
-    `cfg.checkpoint_every` steps and at the end; `resume=True` continues from it.
+    `cfg.checkpoint_every` steps and at the end; `ctx.resume` continues from it.
     `finalize(model)` runs once training is over, before the final checkpoint is
-    written (e.g. a decision rule that training must not see).
+    written (e.g. a decision rule that training must not see). `ctx` (a StageContext;
+    None = no logger, no resume, progress bars) brings the logger, resume and progress.
 
     Under `torchrun` (WORLD_SIZE > 1) it trains with DDP: every micro-batch of the plan
     is a global batch, each rank trains on its slice, gradients are averaged; the loss
@@ -377,137 +423,77 @@ def fit(
     """
     from tqdm.auto import tqdm
 
-    device = resolve_device(cfg.device)
-    dist_ctx, device = distributed.setup(device)
-    world = dist_ctx.world_size
-    logger = (logger or NullLogger()) if dist_ctx.is_main else NullLogger()
-    progress = progress and dist_ctx.is_main
+    dist_ctx, device = distributed.setup(resolve_device(cfg.device))
+    logger: MetricLogger = (ctx.logger if ctx is not None else NullLogger()) if dist_ctx.is_main else NullLogger()
     dtype = autocast_dtype(cfg.precision, device)
     model.to(device).train()
     plan = batch_plan or shuffled_batches(len(train_set), cfg.batch_size, cfg.seed)
     steps = total_steps(len(plan(0)), cfg)
     compiled = should_compile(cfg.compile, device)
-    emb = sparse_embedding(model, cfg, device, dist_ctx.enabled, compiled)
-    optimizer = make_optimizer(model, cfg, device, row_sparse=emb.weight if emb is not None else None)
-
-    step, tokens, examples, history, elapsed0 = 0, 0, 0, [], 0.0
-    state = ckpt.load_trainer_state(checkpoint_dir) if (resume and checkpoint_dir) else None
-    if state is not None:
-        saved, _ = ckpt.load_checkpoint(checkpoint_dir, map_location=device)
-        ckpt._unwrap(model).load_state_dict(saved.state_dict())
-        optim.load_optimizer_state(optimizer, state["optimizer"])
-        step, tokens, examples = int(state["step"]), int(state["tokens"]), int(state["examples"])
-        history, elapsed0 = list(state["history"]), float(state["elapsed"])
-        torch.set_rng_state(state["rng"])
-    else:
+    optimizer, sparse = optim.make_optimizer(model, cfg, device, not dist_ctx.enabled, compiled)
+    resume = ctx is not None and ctx.resume and checkpoint_dir is not None
+    progress = (restore(checkpoint_dir, model, optimizer, cfg, device) if resume else None) or Progress()
+    if not progress.step:
         set_seed(cfg.seed + dist_ctx.rank)  # distinct dropout masks per rank
-
-    run_model = torch.compile(model) if compiled else model
     # After resume: DDP broadcasts rank 0's weights to every rank when it wraps.
-    run_model = distributed.wrap(run_model, dist_ctx, device)
-    micro = _micro_batches(plan, step * cfg.grad_accum_steps)
+    run_model = distributed.wrap(torch.compile(model) if compiled else model, dist_ctx, device)
+    micro = _micro_batches(plan, progress.step * cfg.grad_accum_steps)
 
-    def save(final: bool) -> None:
-        if checkpoint_dir is None:
-            return
-        if not dist_ctx.is_main:
-            distributed.barrier(dist_ctx)  # wait until rank 0 has written it
-            return
-        optim.flush(optimizer)
-        # The final checkpoint is a pipeline output: leave timings out of it, so the same
-        # params and seed give byte-identical files (DVC then skips the stages below).
-        elapsed = 0.0 if final else time.perf_counter() - t0 + elapsed0
-        kept = [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history] if final else history
-        ckpt.save_checkpoint(checkpoint_dir, model, meta={**(meta or {}), "step": step, "train": asdict(cfg)},
-                             trainer_state={
-                                 "step": step, "tokens": tokens, "examples": examples,
-                                 "history": kept, "elapsed": elapsed,
-                                 "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                             })
-        distributed.barrier(dist_ctx)
-
-    def evaluate(train_loss: float | None, tokens_per_s: float | None = None) -> dict[str, Any]:
-        row: dict[str, Any] = {"step": step, "tokens_seen": tokens, "lr": lr_at(max(step - 1, 0), steps, cfg)}
-        if train_loss is not None:
-            row["train_loss"] = train_loss
-        if tokens_per_s is not None:
-            row["tokens_per_s"] = tokens_per_s
+    def evaluate(window: Window | None) -> None:
+        row: dict[str, Any] = dict(
+            step=progress.step, tokens_seen=progress.tokens, lr=lr_at(max(progress.step - 1, 0), steps, cfg)
+        )
+        if window is not None:
+            row.update(train_loss=window.mean_loss, tokens_per_s=window.tokens_per_s)
         if eval_fn is not None:
             optim.flush(optimizer)
-            was = model.training
             model.eval()
             with torch.no_grad(), autocast(device, dtype):
                 row.update(distributed.mean_metrics(eval_fn(model), dist_ctx, device))
-            model.train(was)
-        row["elapsed_s"] = time.perf_counter() - t0 + elapsed0
-        history.append(row)
-        logger.log({k: v for k, v in row.items() if k != "step"}, step=step)
-        return row
+            model.train()
+        row["elapsed_s"] = progress.elapsed_s()
+        progress.history.append(row)
+        logger.log({k: v for k, v in row.items() if k != "step"}, step=progress.step)
 
-    was_sparse = emb.sparse if emb is not None else False
-    if emb is not None:
-        emb.sparse = True  # its gradient: a sparse tensor over the batch's rows
-        watch = optimizer.optimizers[-1].watch(emb)  # rows owe decay until read
-    try:
-        t0 = time.perf_counter()
-        window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, time.perf_counter()
-        bar = tqdm(total=steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
-        while step < steps:
-            lr = lr_at(step, steps, cfg)
+    show = dist_ctx.is_main and (ctx is None or ctx.progress)
+    window = Window()
+    with (
+        sparse,
+        tqdm(total=steps, initial=progress.step, desc=desc, disable=None if show else True, dynamic_ncols=True) as bar,
+    ):
+        while progress.step < steps:
+            lr = lr_at(progress.step, steps, cfg)
             for g in optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)  # lr_scale: layer-wise lr decay
-            step_loss = torch.zeros((), device=device)
-            for k in range(cfg.grad_accum_steps):
-                idx = next(micro)
-                if dist_ctx.enabled:
-                    idx = distributed.shard(idx, dist_ctx)
-                batch = to_device(collate([train_set[i] for i in idx]), device)
-                # DDP: average gradients across ranks only on the last micro-batch.
-                sync = k == cfg.grad_accum_steps - 1 or not dist_ctx.enabled
-                with (contextlib.nullcontext() if sync else run_model.no_sync()):
-                    with autocast(device, dtype):
-                        loss, n_tok = loss_fn(run_model, batch)
-                    (loss / cfg.grad_accum_steps).backward()
-                step_loss += loss.detach() / cfg.grad_accum_steps
-                tokens += n_tok * world  # every rank trains on an equal slice
-                window_tokens += n_tok * world
-                examples += batch["input_ids"].shape[0] * world
-            value = distributed.mean_across_ranks(step_loss, dist_ctx).item()
+                g["lr"] = lr
+            loss, tokens, examples = train_step(
+                run_model, micro, train_set, collate, loss_fn, cfg, dist_ctx, device, dtype
+            )
+            value = distributed.mean_across_ranks(loss, dist_ctx).item()
             if not math.isfinite(value):
-                optimizer.zero_grad(set_to_none=True)
                 raise TrainingDiverged(
-                    f"loss became {value} at step {step + 1} (lr {lr:.3g}); lower lr, raise "
-                    f"warmup_steps or keep grad_clip > 0. The last checkpoint "
+                    f"loss became {value} at step {progress.step + 1} (lr {lr:.3g}); lower lr, "
+                    f"raise warmup_steps or keep grad_clip > 0. The last checkpoint "
                     f"({checkpoint_dir or 'none'}) was left as it was."
                 )
             if cfg.grad_clip > 0:
                 optim.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_loss += value
-            window_n += 1
-            now = time.perf_counter()
+            progress.advance(tokens, examples)
+            window.add(value, tokens)
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{window_tokens / max(now - window_t, 1e-9):.0f}")
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == steps:
-                evaluate(window_loss / window_n, window_tokens / max(now - window_t, 1e-9))
-                window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, time.perf_counter()
+            bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{window.tokens_per_s:.0f}")
+            if (cfg.eval_every and progress.step % cfg.eval_every == 0) or progress.step == steps:
+                evaluate(window)
+                window = Window()
             else:  # every optimizer step (W&B); the console logger prints eval rows only
-                logger.log({"step_loss": value, "lr": lr}, step=step)
-            if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != steps:
-                save(final=False)
-        bar.close()
-    finally:
-        optim.flush(optimizer)
-        if emb is not None:
-            emb.sparse = was_sparse
-            watch.remove()
-    if not history:  # resumed a finished run
+                logger.log({"step_loss": value, "lr": lr}, step=progress.step)
+            if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and progress.step != steps:
+                save(checkpoint_dir, model, optimizer, progress, cfg, meta, dist_ctx, final=False)
+    if not progress.history:  # resumed a finished run
         evaluate(None)
-    wall = time.perf_counter() - t0 + elapsed0
+    wall = progress.elapsed_s()
     if finalize is not None:
         finalize(model)
-    save(final=True)
-    return FitResult(steps=step, tokens_seen=tokens, examples_seen=examples, wall_time_s=wall,
-                     tokens_per_s=tokens / max(wall, 1e-9), history=history)
+    save(checkpoint_dir, model, optimizer, progress, cfg, meta, dist_ctx, final=True)
+    return progress.result(wall)

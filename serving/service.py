@@ -57,7 +57,7 @@ class Settings:
     ort_threads: int  # GPTPKG_ORT_THREADS: ONNX Runtime intra-op threads (0 = its default)
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         batching = os.environ.get("GPTPKG_BATCHING", "on").lower()
         if batching not in ("on", "off"):
             raise ValueError(f"$GPTPKG_BATCHING={batching!r}: expected on|off")
@@ -130,8 +130,13 @@ class JsonOnly:
     @staticmethod
     async def _reject(send, status: int, message: str) -> None:
         body = json.dumps({"error": message}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -145,11 +150,17 @@ class SpamClassifier:
         self.clf = OnnxSpamClassifier(MODEL_FILE, device=SETTINGS.device, threads=SETTINGS.ort_threads)
         if tuple(self.clf.labels) != ("ham", "spam"):
             raise ModelUnavailable(f"{MODEL_FILE}: labels {self.clf.labels}, expected ['ham', 'spam']")
-        print(f"spam_classifier: {MODEL_FILE} on {self.clf.providers}, batching "
-              f"{'on' if SETTINGS.batching else 'off'}", flush=True)
+        print(
+            f"spam_classifier: {MODEL_FILE} on {self.clf.providers}, batching {'on' if SETTINGS.batching else 'off'}",
+            flush=True,
+        )
 
-    @bentoml.api(route="/classify", batchable=SETTINGS.batching, max_batch_size=SETTINGS.max_batch_size,
-                 max_latency_ms=SETTINGS.max_latency_ms)
+    @bentoml.api(
+        route="/classify",
+        batchable=SETTINGS.batching,
+        max_batch_size=SETTINGS.max_batch_size,
+        max_latency_ms=SETTINGS.max_latency_ms,
+    )
     def classify(self, texts: Texts) -> list[Prediction]:
         """Classify each text; one {label, spam_probability} per text, in order."""
         return [Prediction(**r) for r in self.clf.predict(texts, batch_size=SETTINGS.max_batch_size)]
@@ -161,5 +172,8 @@ class SpamClassifier:
 
 
 # Worst case body: max_texts texts of max_text_chars characters, JSON-escaped (\uXXXX = 6 bytes).
-SpamClassifier.add_asgi_middleware(JsonOnly, routes=("/classify", "/classify_text"),
-                                   max_bytes=SETTINGS.max_texts * (SETTINGS.max_text_chars * 6 + 8) + 1024)
+SpamClassifier.add_asgi_middleware(
+    JsonOnly,
+    routes=("/classify", "/classify_text"),
+    max_bytes=SETTINGS.max_texts * (SETTINGS.max_text_chars * 6 + 8) + 1024,
+)

@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from helpers import params_in
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
@@ -78,22 +79,19 @@ def tiny_onnx_export(_offline_env, tmp_path_factory, shared_data):
     import torch
 
     from gptpkg.checkpoint import save_checkpoint
-    from gptpkg.config import load_params, model_config
+    from gptpkg.config import model_config
     from gptpkg.data import read_sms_spam
-    from gptpkg.export import run
     from gptpkg.model import GPT
+    from gptpkg.runner import run_stage
 
     root = tmp_path_factory.mktemp("onnx-pipeline")
-    params = load_params(ROOT / "params.yaml")
-    params["paths"] = {k: str(root / v) for k, v in params["paths"].items()}
-    params["wandb"]["mode"] = "disabled"
+    params = params_in(root)
     torch.manual_seed(0)
     model = GPT(model_config("tiny")).to_classifier(2)
-    meta = {"labels": ["ham", "spam"], "max_length": 32, "pad_id": 50256, "pooling": "last_real_token",
-            "tokenizer": "gpt2"}
-    save_checkpoint(params["paths"]["spam_classifier"], model, meta)
+    meta = {"labels": ["ham", "spam"], "max_length": 32, "pad_id": 50256}
+    save_checkpoint(params.paths.spam_classifier, model, meta)
     rows = read_sms_spam(shared_data / "SMSSpamCollection")[:58] + [("", 0), ("¡Olé! 🎉 <|endoftext|> 東京", 1)]
-    test = Path(params["paths"]["processed"]) / "spam" / "test.jsonl"
+    test = Path(params.paths.processed) / "spam" / "test.jsonl"
     test.parent.mkdir(parents=True)
     test.write_text("\n".join(json.dumps({"text": t, "label": y}) for t, y in rows) + "\n", encoding="utf-8")
-    return params, run(params)
+    return params, run_stage("export_onnx", params)

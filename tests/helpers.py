@@ -6,8 +6,8 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,9 +46,8 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float
 def prepared_tiny_workspace(root: Path) -> Path:
     """`root` made a pipeline workspace on the tiny profile (this repo's params.yaml and
     profiles) whose fetch and prepare stages have run (from the offline mirror)."""
-    from gptpkg.config import load_params
+    from gptpkg.config import apply_profile, load_params
     from gptpkg.runner import run_stage
-    from gptpkg.stages import apply_profile
 
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
     shutil.copytree(ROOT / "profiles", root / "profiles")
@@ -62,3 +61,15 @@ def prepared_tiny_workspace(root: Path) -> Path:
     finally:
         os.chdir(cwd)
     return root
+
+
+def params_in(root: Path, *overrides: str, profile: str | None = None):
+    """This repo's params (optionally a profile), every path moved under `root`, W&B
+    disabled, then `overrides` (section.key=value): the typed `Params` a stage takes."""
+    import dataclasses
+
+    from gptpkg.config import load_params
+
+    base = load_params(ROOT / "params.yaml", profile=profile)
+    paths = [f"paths.{k}={Path(root) / v}" for k, v in dataclasses.asdict(base.paths).items()]
+    return load_params(ROOT / "params.yaml", [*paths, "wandb.mode=disabled", *overrides], profile)

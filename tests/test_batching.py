@@ -5,13 +5,16 @@ from __future__ import annotations
 import random
 from functools import partial
 from statistics import mean
+from types import SimpleNamespace
 
 import pytest
+from helpers import params_in
 
 from gptpkg.config import ConfigError, TrainConfig
-from gptpkg.finetune import _batching
-from gptpkg.train import batch_plan_for, bucketed_batches, shuffled_batches
 from gptpkg.data import classification_collate, instruction_collate
+from gptpkg.finetune import batching
+from gptpkg.loggers import NullLogger
+from gptpkg.train import batch_plan_for, bucketed_batches, shuffled_batches
 
 _rng = random.Random(0)
 LENGTHS = [_rng.randint(3, 120) for _ in range(1000)]
@@ -42,7 +45,10 @@ def test_bucketed_plan_is_seeded_and_a_function_of_the_epoch():
 def test_bucketed_plan_groups_lengths_and_cuts_padding():
     bucketed = bucketed_batches(LENGTHS, 8, seed=3)(0)
     shuffled = shuffled_batches(len(LENGTHS), 8, seed=3)(0)
-    spread = lambda plan: mean(max(LENGTHS[i] for i in b) - min(LENGTHS[i] for i in b) for b in plan)
+
+    def spread(plan):
+        return mean(max(LENGTHS[i] for i in b) - min(LENGTHS[i] for i in b) for b in plan)
+
     assert spread(bucketed) < 0.1 * spread(shuffled)
     assert _padding_waste(bucketed, LENGTHS) < 0.05 < 0.3 < _padding_waste(shuffled, LENGTHS)
     # the batch order is shuffled, not sorted by length
@@ -50,24 +56,28 @@ def test_bucketed_plan_groups_lengths_and_cuts_padding():
     assert firsts != sorted(firsts)
 
 
-def test_batching_settings_and_errors():
-    cfg = TrainConfig(batch_size=4)
+def test_batching_settings_and_errors(tmp_path):
     lengths = [5, 9, 2, 7, 3, 11, 4, 8]
-    plan, collate = _batching("pad_longest", "finetune_spam", lengths, cfg, classification_collate)
+    sets = ["finetune_spam.batch_size=4", "finetune_instruct.batch_size=4"]
+    pad = params_in(tmp_path, *sets, "finetune_spam.batching=pad_longest", "finetune_instruct.batching=pad_longest")
+    plan, collate = batching(pad.finetune_spam, lengths, classification_collate)
     batch = collate([{"input_ids": [1] * 3, "label": 0}, {"input_ids": [1] * 5, "label": 1}])
     assert batch["input_ids"].shape == (2, 11)  # padded to the longest training text
     assert batch["lengths"].tolist() == [3, 5]
-    _, collate = _batching("bucketed", "finetune_spam", lengths, cfg, classification_collate)
+    assert plan(0) == shuffled_batches(len(lengths), 4, pad.finetune_spam.seed)(0)  # random batches of 4
+    assert plan(0) == batch_plan_for("shuffled", lengths, 4, pad.finetune_spam.seed)(0)
+    bucketed = params_in(tmp_path, *sets, "finetune_spam.batching=bucketed").finetune_spam
+    plan, collate = batching(bucketed, lengths, classification_collate)
     assert collate is classification_collate
+    assert plan(0) == bucketed_batches(lengths, 4, bucketed.seed)(0)
     # instructions: every batch as long as the longest example (+1 end token), targets masked
-    _, collate = _batching("pad_longest", "finetune_instruct", lengths, cfg, instruction_collate)
+    _, collate = batching(pad.finetune_instruct, lengths, instruction_collate)
     batch = collate([{"input_ids": [1] * 3, "prompt_len": 2}, {"input_ids": [1] * 5, "prompt_len": 2}])
     assert batch["input_ids"].shape == (2, 11)
     assert (batch["targets"][0, 3:] == -100).all() and (batch["targets"][0, :3] != -100).all()
-    with pytest.raises(ConfigError, match="finetune_instruct.batching"):
-        _batching("sorted", "finetune_instruct", lengths, cfg, instruction_collate)
-    with pytest.raises(ValueError, match="batching must be one of"):
-        batch_plan_for("sorted", lengths, 4, 0)
+    for section in ("finetune_instruct", "finetune_spam"):
+        with pytest.raises(ConfigError, match=f"params.{section}.batching: expected bucketed\\|shuffled\\|pad_longest"):
+            params_in(tmp_path, f"{section}.batching=sorted")
 
 
 def test_fit_with_a_bucketed_plan_resumes_to_the_same_weights(tmp_path):
@@ -78,10 +88,11 @@ def test_fit_with_a_bucketed_plan_resumes_to_the_same_weights(tmp_path):
     from gptpkg.train import classification_loss, fit
 
     rng = random.Random(1)
-    data = [{"input_ids": [rng.randrange(500) for _ in range(rng.randint(2, 30))], "label": i % 2}
-            for i in range(40)]
-    cfg = TrainConfig(lr=1e-3, epochs=1.0, max_steps=6, batch_size=4, checkpoint_every=2, eval_every=0,
-                      device="cpu", compile="false")
+    data = [{"input_ids": [rng.randrange(500) for _ in range(rng.randint(2, 30))], "label": i % 2} for i in range(40)]
+    cfg = TrainConfig(
+        lr=1e-3, epochs=1.0, max_steps=6, batch_size=4, checkpoint_every=2, eval_every=0, device="cpu", compile=False
+    )
+    quiet = SimpleNamespace(logger=NullLogger(), resume=False, progress=False)
     plan = bucketed_batches([len(d["input_ids"]) for d in data], 4, seed=5)
     collate = partial(classification_collate, pad_id=0)  # the tiny test vocabulary has no 50256
 
@@ -90,7 +101,7 @@ def test_fit_with_a_bucketed_plan_resumes_to_the_same_weights(tmp_path):
         return GPT(model_config("tiny", vocab_size=500, drop_rate=0.0)).to_classifier(2)
 
     straight = model()
-    fit(straight, data, collate, cfg, classification_loss(), batch_plan=plan, progress=False)
+    fit(straight, data, collate, cfg, classification_loss(), batch_plan=plan, ctx=quiet)
 
     calls = {"n": 0}
     base_loss = classification_loss()
@@ -102,11 +113,27 @@ def test_fit_with_a_bucketed_plan_resumes_to_the_same_weights(tmp_path):
         return base_loss(m, batch)
 
     with pytest.raises(KeyboardInterrupt):
-        fit(model(), data, collate, cfg, crash_after_three_steps, batch_plan=plan,
-            checkpoint_dir=tmp_path / "ck", progress=False)
+        fit(
+            model(),
+            data,
+            collate,
+            cfg,
+            crash_after_three_steps,
+            batch_plan=plan,
+            checkpoint_dir=tmp_path / "ck",
+            ctx=quiet,
+        )
     resumed = model()
-    r = fit(resumed, data, collate, cfg, base_loss, batch_plan=plan,
-            checkpoint_dir=tmp_path / "ck", resume=True, progress=False)
+    r = fit(
+        resumed,
+        data,
+        collate,
+        cfg,
+        base_loss,
+        batch_plan=plan,
+        checkpoint_dir=tmp_path / "ck",
+        ctx=SimpleNamespace(logger=NullLogger(), resume=True, progress=False),
+    )
     assert r.steps == 6 and r.examples_seen == sum(len(b) for b in (plan(0) + plan(1))[:6])
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)

@@ -1,16 +1,27 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
 from gptpkg.config import (
-    KNOWN_PARAM_COUNTS, PRESETS, ConfigError, ModelConfig, TrainConfig, from_dict,
-    load_params, model_config,
+    KNOWN_PARAM_COUNTS,
+    PRESETS,
+    ConfigError,
+    ModelConfig,
+    Params,
+    TrainConfig,
+    WandbConfig,
+    apply_profile,
+    from_dict,
+    load_params,
+    merged_params,
+    model_config,
 )
 from gptpkg.model import GPT
-from gptpkg import stages
 
 ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
 
 
 @pytest.mark.parametrize("name,count", sorted(KNOWN_PARAM_COUNTS.items()))
@@ -34,7 +45,7 @@ def test_every_preset_builds_a_model():
 
 
 def test_unknown_preset_and_key_are_named():
-    with pytest.raises(ConfigError, match="unknown model preset 'gpt3'"):
+    with pytest.raises(ConfigError, match="model preset: expected one of .* got 'gpt3'"):
         model_config("gpt3")
     with pytest.raises(ConfigError, match="n_layer"):
         model_config("tiny", n_layer=3)
@@ -43,20 +54,21 @@ def test_unknown_preset_and_key_are_named():
 def test_from_dict_rejects_unknown_missing_and_wrong_types():
     with pytest.raises(ConfigError, match=r"params.pretrain: unknown key\(s\) \['lrr'\]"):
         from_dict(TrainConfig, {"lrr": 1.0}, "params.pretrain")
-    with pytest.raises(ConfigError, match=r"params.pretrain.batch_size: expected int, got 'eight'"):
+    with pytest.raises(ConfigError, match=r"params.pretrain.batch_size: expected an integer, got 'eight'"):
         from_dict(TrainConfig, {"batch_size": "eight"}, "params.pretrain")
     with pytest.raises(ConfigError, match="missing required key 'mode'"):
-        from_dict(stages.WandbConfig, {"project": "p", "entity": ""}, "params.wandb")
-    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        from_dict(WandbConfig, {"project": "p", "entity": ""}, "params.wandb")
+    with pytest.raises(ConfigError, match=r"params.pretrain.batch_size: expected an integer >= 1, got 0"):
         from_dict(TrainConfig, {"batch_size": 0}, "params.pretrain")
     # ints are accepted where floats are expected, bools are not ints
     assert from_dict(TrainConfig, {"lr": 1}, "x").lr == 1.0
+    assert isinstance(from_dict(TrainConfig, {"lr": 1}, "x").lr, float)
     with pytest.raises(ConfigError):
         from_dict(TrainConfig, {"batch_size": True}, "x")
 
 
 def test_model_config_validates_heads():
-    with pytest.raises(ConfigError, match="divisible"):
+    with pytest.raises(ConfigError, match="emb_dim: expected a multiple of n_heads=4"):
         ModelConfig(emb_dim=30, n_heads=4)
 
 
@@ -69,19 +81,68 @@ def test_vocab_padding():
     assert logits.shape == (1, 3, 50257)
 
 
-def test_overrides_and_profiles(tmp_path):
+def test_load_params_gives_one_typed_tree():
+    params = load_params(PARAMS)
+    assert isinstance(params, Params)
+    assert [f.name for f in dataclasses.fields(Params)] == list(merged_params(PARAMS))  # every section, in order
+    assert isinstance(params.finetune_spam, TrainConfig) and params.finetune_spam.soup >= 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.finetune_spam.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("value,expected", [("true", True), ("false", False), ("auto", "auto"), ("True", True)])
+def test_compile_takes_yaml_booleans(value, expected):
+    assert load_params(PARAMS, [f"pretrain.compile={value}"]).pretrain.compile == expected
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("pretrain.compile=maybe", r"params.pretrain.compile: expected true\|false or auto, got 'maybe'"),
+        ("pretrain.precision=fp16", r"params.pretrain.precision: expected auto\|fp32\|bf16, got 'fp16'"),
+        ("pretrain.max_length=1000", r"params.pretrain.max_length: expected 1..256 \(the context_length of cpu-mini\)"),
+        ("pretrain.model=gpt5", r"params.pretrain.model: expected a preset of"),
+        ("pretrain.corpus=[]", r"params.pretrain.corpus: expected a non-empty list"),
+        (
+            "pretrain.corpus=[wiki]",
+            r"params.pretrain.corpus: expected a list of the-verdict.txt\|tinyshakespeare.txt\|sms",
+        ),
+        ("finetune_spam.epochs=0", r"params.finetune_spam.epochs: expected > 0, or max_steps > 0"),
+        ("pretrain.device=tpu", r"params.pretrain.device: expected auto\|cpu\|cuda\|cuda:N\|mps, got 'tpu'"),
+        ("finetune_spam.lr=abc", r"params.finetune_spam.lr: expected a number, got 'abc'"),
+        ("finetune_spam.batching=pad", r"params.finetune_spam.batching: expected bucketed\|shuffled\|pad_longest"),
+        ("finetune_spam.soup=0", r"params.finetune_spam.soup: expected an integer >= 1"),
+        ("finetune_spam.cv_folds=1", r"params.finetune_spam.cv_folds: expected 0 \(off\) or a number of folds >= 2"),
+        ("finetune_spam.decision_spam_share=1.0", r"params.finetune_spam.decision_spam_share: expected null"),
+        ("finetune_spam.drop_rate=1.5", r"params.finetune_spam.drop_rate: expected null \(the start model's\)"),
+        ("finetune_spam.class_weights=[1.0]", r"params.finetune_spam.class_weights: expected null or two positive"),
+        ("finetune_spam.init=openai", r"params.finetune_spam.openai_weights: expected a local folder"),
+        ("finetune_spam.train_data=nontest", r"params.finetune_spam.train_data: expected book\|all, got 'nontest'"),
+        ("finetune_spam.sparse_embedding=auto", r"params.finetune_spam.sparse_embedding: expected true\|false"),
+        ("prepare.spam_split=half", r"params.prepare.spam_split: expected book\|full, got 'half'"),
+        ("data.files=[nope.txt]", r"params.data.files: expected names from"),
+        ("export_onnx.opset=13", r"params.export_onnx.opset: expected an ONNX opset >= 17, got 13"),
+        ("package.variant=fp16", r"params.package.variant: expected fp32\|int8, got 'fp16'"),
+        ("wandb.mode=cloud", r"params.wandb.mode: expected offline\|online\|disabled, got 'cloud'"),
+        ("finetune_spam.lrr=1", r"override 'finetune_spam.lrr=1': no key 'finetune_spam.lrr' in params.yaml"),
+        ("finetune_spam.lr", r"override 'finetune_spam.lr': expected section.key=value"),
+    ],
+)
+def test_each_rule_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_params(PARAMS, [override])
+
+
+def test_profiles_change_only_existing_keys(tmp_path):
     (tmp_path / "params.yaml").write_text("a:\n  x: 1\n  y: [1, 2]\n")
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles" / "p.yaml").write_text("a:\n  x: 2\n")
     (tmp_path / "profiles" / "bad.yaml").write_text("a:\n  z: 2\n")
-    params = load_params(tmp_path / "params.yaml", ["a.y=[3]"], "p")
-    assert params == {"a": {"x": 2, "y": [3]}}
-    with pytest.raises(ConfigError, match=r"key\(s\) \['z'\] are not in params.yaml section 'a'"):
-        load_params(tmp_path / "params.yaml", profile="bad")
+    assert merged_params(tmp_path / "params.yaml", ["a.y=[3]"], "p") == {"a": {"x": 2, "y": [3]}}
+    with pytest.raises(ConfigError, match=r"profiles/bad.yaml: no key 'a.z' in params.yaml"):
+        merged_params(tmp_path / "params.yaml", profile="bad")
     with pytest.raises(ConfigError, match="unknown profile 'nope'"):
-        load_params(tmp_path / "params.yaml", profile="nope")
-    with pytest.raises(ConfigError, match="no key 'a.w'"):
-        load_params(tmp_path / "params.yaml", ["a.w=1"])
+        merged_params(tmp_path / "params.yaml", profile="nope")
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "missing.yaml")
 
@@ -91,12 +152,19 @@ SHIPPED = [None] + sorted(p.stem for p in (ROOT / "profiles").glob("*.yaml"))
 
 @pytest.mark.parametrize("profile", SHIPPED)
 def test_every_shipped_params_profile_parses(profile):
-    params = load_params(ROOT / "params.yaml", profile=profile)
-    stages.paths_of(params)
-    for name, cls in [("prepare", stages.PrepareConfig), ("pretrain", stages.PretrainConfig),
-                      ("finetune_spam", stages.SpamConfig), ("baseline_spam", stages.BaselineConfig),
-                      ("finetune_instruct", stages.InstructConfig)]:
-        cfg, train = stages.stage_config(params, name, cls)
-        assert cfg is not None
-    pre, _ = stages.stage_config(params, "pretrain", stages.PretrainConfig)
-    assert pre.max_length <= model_config(pre.model).context_length
+    params = load_params(PARAMS, profile=profile)
+    assert params.pretrain.max_length <= params.pretrain.model_config().context_length
+
+
+def test_apply_profile_writes_the_same_values_load_params_gives(tmp_path):
+    (tmp_path / "params.yaml").write_text(PARAMS.read_text())
+    (tmp_path / "profiles").symlink_to(ROOT / "profiles")
+    changed = apply_profile(tmp_path / "params.yaml", "fast", ["finetune_spam.soup=2"])
+    assert "pretrain.model" in changed and "finetune_spam.soup" in changed
+    assert load_params(tmp_path / "params.yaml") == load_params(PARAMS, ["finetune_spam.soup=2"], "fast")
+    assert "# every file and folder" in (tmp_path / "params.yaml").read_text()  # comments kept
+    assert apply_profile(tmp_path / "params.yaml", "fast") == []  # nothing left to change
+    before = (tmp_path / "params.yaml").read_text()
+    with pytest.raises(ConfigError, match="finetune_spam.soup"):
+        apply_profile(tmp_path / "params.yaml", None, ["finetune_spam.soup=0"])
+    assert (tmp_path / "params.yaml").read_text() == before  # a bad value writes nothing

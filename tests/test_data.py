@@ -1,12 +1,21 @@
 import json
 
 import pytest
-import torch
 
 from gptpkg.data import (
-    IGNORE_INDEX, ClassificationDataset, DataError, InstructionDataset, TokenWindows,
-    book_spam_splits, classification_collate, format_prompt, full_spam_splits,
-    instruction_collate, read_instructions, read_sms_spam, split_instructions, split_text,
+    ClassificationDataset,
+    DataError,
+    InstructionDataset,
+    TokenWindows,
+    book_spam_splits,
+    classification_collate,
+    format_prompt,
+    full_spam_splits,
+    instruction_collate,
+    read_instructions,
+    read_sms_spam,
+    split_instructions,
+    split_text,
 )
 from gptpkg.tokenizer import EOT_ID
 

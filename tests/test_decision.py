@@ -1,23 +1,22 @@
 """finetune_spam.decision_spam_share: the classifier decides for a given spam share by a
-spam-logit offset set after training (`GPT.set_logit_offset`, `finetune.decision_offset`).
+spam-logit offset set after training (`GPT.set_logit_offset`, `classifier.decision_offset`).
 Real tiny runs of the stage on the `handful` messages of test_cv.py, real checkpoints, the
 real ONNX export. A bad value: in test_cv.py's bad-setting test."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from test_cv import handful, prepared  # noqa: F401  (fixtures)
 
 from gptpkg.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, read_config, save_checkpoint
+from gptpkg.classifier import decision_offset
 from gptpkg.config import model_config
-from gptpkg.finetune import decision_offset
 from gptpkg.model import GPT
-from test_cv import handful, prepared  # noqa: F401  (fixtures)
 
 
 def test_decision_offset_is_the_prior_shift_from_the_weighted_training_mix():
@@ -78,13 +77,13 @@ def test_the_stage_trains_as_without_it_and_then_decides_for_the_share(handful, 
     run_stage("finetune_spam", params("plain", soup=soup, decision_spam_share="null"), progress=False)
     p = params("balanced", soup=soup, decision_spam_share=0.5)
     metrics = run_stage("finetune_spam", p, progress=False)
-    out = Path(p["paths"]["spam_classifier"])
-    plain, _ = load_checkpoint(Path(params("plain")["paths"]["spam_classifier"]))
+    out = Path(p.paths.spam_classifier)
+    plain, _ = load_checkpoint(Path(params("plain").paths.spam_classifier))
     model, config = load_checkpoint(out)
     assert plain.logit_offset is None
     for k, v in model.state_dict().items():
         assert torch.equal(v, plain.state_dict()[k]), k
-    weights = p["finetune_spam"]["class_weights"]
+    weights = p.finetune_spam.class_weights
     expected = decision_offset([y for _, y in parts["train"]], weights, 0.5)
     assert model.logit_offset == (0.0, pytest.approx(expected))
     assert config["meta"]["decision_spam_share"] == 0.5
@@ -110,22 +109,19 @@ def test_cv_folds_decide_by_the_same_rule(handful):
 def test_onnx_export_carries_the_offset(handful, tmp_path):
     """The export of a classifier with an offset matches it (the stage's own parity check)
     and its logits are the offset-free model's plus the offset."""
-    from gptpkg.export import FP32_FILE, run
-    from gptpkg.onnx_classifier import OnnxSpamClassifier
+    from gptpkg.onnx_classifier import FP32_FILE, OnnxSpamClassifier
     from gptpkg.runner import run_stage
 
     params, _ = handful
-    p = params("exported", decision_spam_share=0.5)
+    p = params("exported", f"paths.onnx={tmp_path / 'onnx'}", "export_onnx.int8=false", decision_spam_share=0.5)
     run_stage("finetune_spam", p, progress=False)
-    p = copy.deepcopy(p)
-    p["paths"]["onnx"] = str(tmp_path / "onnx")
-    p["export_onnx"]["int8"] = False
-    m = run(p)
+    m = run_stage("export_onnx", p)
     assert m["parity_label_mismatches"] == 0 and m["parity_max_abs_logit_diff"] <= 1e-4
-    model, _ = load_checkpoint(p["paths"]["spam_classifier"])
+    model, _ = load_checkpoint(p.paths.spam_classifier)
+    assert model.logit_offset is not None and model.logit_offset[1] != 0.0
     offset = torch.tensor(model.logit_offset)
     model.set_logit_offset(None)
-    clf = OnnxSpamClassifier(Path(p["paths"]["onnx"]) / FP32_FILE, device="cpu")
+    clf = OnnxSpamClassifier(Path(p.paths.onnx) / FP32_FILE, device="cpu")
     ids = [clf.encode(t) for t in ["Free entry in 2 a wkly comp to win FA Cup final tkts", "ok see you at 5"]]
     onnx_logits = torch.from_numpy(clf.logits_of_ids(ids)).float()
     with torch.no_grad():

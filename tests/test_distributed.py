@@ -6,6 +6,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,44 +15,74 @@ import torch.multiprocessing as mp
 from gptpkg import distributed
 from gptpkg.config import TrainConfig, model_config
 from gptpkg.data import TokenWindows
-from gptpkg.loggers import JsonlLogger
+from gptpkg.loggers import NullLogger
 from gptpkg.model import GPT
 
-CFG = TrainConfig(lr=1e-3, warmup_steps=1, epochs=1.0, max_steps=3, batch_size=4, grad_accum_steps=2,
-                  eval_every=2, seed=7, device="cpu", compile="false", precision="fp32")
+
+class FileLogger(NullLogger):
+    """Appends each logged row to a file: shows which rank logged."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.write_text("")
+
+    def log(self, metrics, step):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+CFG = TrainConfig(
+    lr=1e-3,
+    warmup_steps=1,
+    epochs=1.0,
+    max_steps=3,
+    batch_size=4,
+    grad_accum_steps=2,
+    eval_every=2,
+    seed=7,
+    device="cpu",
+    compile=False,
+    precision="fp32",
+)
 
 
 def _collate(items):
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
-def _train(out: Path, rank: int, lm_vocab: bool = False):
+def _train(out: Path, rank: int):
     from gptpkg.train import fit
 
     torch.manual_seed(0)
     model = GPT(model_config("tiny", vocab_size=500, context_length=16, drop_rate=0.0))
     ids = torch.randint(0, 500, (400,), generator=torch.Generator().manual_seed(1))
-    if lm_vocab:  # even token ids only, and the softmax over them (pretrain.lm_vocab: corpus)
-        ids = ids // 2 * 2
-        model.set_lm_vocab(torch.unique(ids).tolist())
     data = TokenWindows(ids, 16, 16)
 
     def eval_fn(m):  # each rank reports something different: fit must average it
         return {"rank_value": float(rank)}
 
-    result = fit(model, data, _collate, CFG, eval_fn=eval_fn, checkpoint_dir=out / "ckpt",
-                 logger=JsonlLogger(out / f"log{rank}.jsonl"), progress=False)
+    result = fit(
+        model,
+        data,
+        _collate,
+        CFG,
+        eval_fn=eval_fn,
+        checkpoint_dir=out / "ckpt",
+        ctx=SimpleNamespace(logger=FileLogger(out / f"log{rank}.jsonl"), resume=False, progress=False),
+    )
     torch.save(model.state_dict(), out / f"weights{rank}.pt")
-    (out / f"result{rank}.json").write_text(json.dumps(
-        {"tokens": result.tokens_seen, "examples": result.examples_seen, "history": result.history}))
+    (out / f"result{rank}.json").write_text(
+        json.dumps({"tokens": result.tokens_seen, "examples": result.examples_seen, "history": result.history})
+    )
 
 
-def _worker(rank: int, world: int, port: int, out: str, lm_vocab: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     try:
-        _train(Path(out), rank, lm_vocab)
+        _train(Path(out), rank)
     finally:
         distributed.teardown()
 
@@ -63,15 +94,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("lm_vocab", [False, True])
-def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path, monkeypatch, lm_vocab):
+def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path, monkeypatch):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     ddp.mkdir()
     single.mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), str(ddp), lm_vocab), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(ddp)), nprocs=2, join=True)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    _train(single, 0, lm_vocab)
+    _train(single, 0)
 
     one = torch.load(single / "weights0.pt")
     for rank in (0, 1):  # both ranks end with the one-process weights
@@ -89,8 +119,7 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path, 
     assert (ddp / "log0.jsonl").read_text().strip()
     assert (ddp / "log1.jsonl").read_text() == ""
     assert (ddp / "ckpt" / "model.safetensors").is_file()
-    saved_vocab = json.loads((ddp / "ckpt" / "config.json").read_text())["lm_vocab"]
-    assert (saved_vocab is not None) == lm_vocab and (not lm_vocab or all(t % 2 == 0 for t in saved_vocab))
+    assert json.loads((ddp / "ckpt" / "config.json").read_text())["meta"]["params"] == CFG.training_params()
 
 
 def test_shard_splits_a_global_batch_evenly_and_refuses_uneven_splits():

@@ -1,21 +1,47 @@
-"""dvc.yaml tracks, per stage, every key of that stage's params.yaml section, so a
-change to any hyperparameter reruns the stage (and only the stages that read it)."""
+"""dvc.yaml and the stage registry agree: one DVC stage per registered stage, run by
+`gptpkg <stage>`, tracking every key of its params.yaml section (so a change to any
+hyperparameter reruns the stage, and only the stages that read it)."""
 
+import dataclasses
 from pathlib import Path
 
 import yaml
 
+from gptpkg.config import Params
+from gptpkg.stages import STAGES
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dvc_stages_are_the_registry():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == list(STAGES)
+    sections = {f.name for f in dataclasses.fields(Params)}
+    for name, stage in stages.items():
+        assert stage["cmd"].endswith(f"gptpkg {name}"), stage["cmd"]  # progress bars: tqdm decides
+        assert STAGES[name].params_section in sections
+        assert callable(STAGES[name].function())
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])]
+        if STAGES[name].checkpoint:
+            assert f"${{paths.{STAGES[name].checkpoint}}}" in outs
 
 
 def test_every_stage_section_key_is_a_tracked_param():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
-        if name not in params:
-            continue
+        section = STAGES[name].params_section
         tracked = {p for p in stage.get("params", []) if isinstance(p, str)}
-        expected = {f"{name}.{key}" for key in params[name]}
+        expected = {f"{section}.{key}" for key in params[section]}
+        if name == "fetch":  # where files come from never changes them
+            expected -= {"data.mirror", "data.timeout_s", "data.retries"}
         assert expected <= tracked, f"{name}: params.yaml keys not in dvc.yaml params: {sorted(expected - tracked)}"
-        foreign = {p for p in tracked if p.split(".")[0] == name} - expected
+        foreign = {p for p in tracked if p.split(".")[0] == section} - expected
         assert not foreign, f"{name}: dvc.yaml tracks keys params.yaml lacks: {sorted(foreign)}"
+
+
+def test_stages_without_the_model_do_not_depend_on_it():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name in ("fetch", "prepare", "baseline_spam", "package"):
+        deps = set(stages[name]["deps"])
+        assert not deps & {"gptpkg/model.py", "gptpkg/checkpoint.py", "gptpkg/train.py"}, name

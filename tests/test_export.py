@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,14 +14,27 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import params_in
 
 from gptpkg.checkpoint import load_checkpoint, save_checkpoint
-from gptpkg.config import model_config
-from gptpkg.model import GPT
-from gptpkg.export import ExportConfig, ExportError, quantize_int8, run
+from gptpkg.config import ConfigError, ExportConfig
+from gptpkg.export import ExportError, quantize_int8
 from gptpkg.onnx_classifier import FP32_FILE, INT8_FILE, META_KEYS, ModelUnavailable, OnnxSpamClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _export(params):
+    """The export_onnx stage function itself, on `params` (metrics returned, not written)."""
+    from gptpkg.export import run
+    from gptpkg.stages import StageContext
+
+    return run(params.export_onnx, StageContext(paths=params.paths, data_mirror=params.data.mirror, progress=False))
+
+
+def _with(params, section: str, **keys):
+    """`params` with some keys of one section changed (every rule checked again)."""
+    return dataclasses.replace(params, **{section: dataclasses.replace(getattr(params, section), **keys)})
 
 
 def test_parity_on_the_test_split(tiny_onnx_export):
@@ -34,8 +48,8 @@ def test_parity_on_the_test_split(tiny_onnx_export):
 
 def test_dynamic_batch_and_length_match_torch(tiny_onnx_export):
     params, _ = tiny_onnx_export
-    model, _ = load_checkpoint(params["paths"]["spam_classifier"])
-    clf = OnnxSpamClassifier(Path(params["paths"]["onnx"]) / FP32_FILE, device="cpu")
+    model, _ = load_checkpoint(params.paths.spam_classifier)
+    clf = OnnxSpamClassifier(Path(params.paths.onnx) / FP32_FILE, device="cpu")
     g = torch.Generator().manual_seed(1)
     for B, T in [(1, 1), (7, 50), (3, model.cfg.context_length)]:
         ids = torch.randint(0, 50257, (B, T), generator=g)
@@ -49,13 +63,16 @@ def test_dynamic_batch_and_length_match_torch(tiny_onnx_export):
 
 def test_metadata_and_graph_inputs(tiny_onnx_export):
     params, _ = tiny_onnx_export
-    folder = Path(params["paths"]["onnx"])
+    folder = Path(params.paths.onnx)
     proto = onnx.load(str(folder / FP32_FILE))
     props = {p.key: p.value for p in proto.metadata_props}
-    assert set(META_KEYS) <= set(props)
+    assert {k for k in props if k.startswith("gptpkg.")} == set(META_KEYS)
     assert json.loads(props["gptpkg.labels"]) == ["ham", "spam"]
-    assert (props["gptpkg.max_length"], props["gptpkg.pad_id"], props["gptpkg.pooling"],
-            props["gptpkg.tokenizer"]) == ("32", "50256", "last_real_token", "gpt2")
+    assert (props["gptpkg.max_length"], props["gptpkg.pad_id"], props["gptpkg.context_length"]) == (
+        "32",
+        "50256",
+        "128",
+    )
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert all(isinstance(d, str) for d in dims["input_ids"]) and isinstance(dims["lengths"][0], str)
@@ -65,7 +82,7 @@ def test_metadata_and_graph_inputs(tiny_onnx_export):
 
 def test_padding_does_not_change_a_result(tiny_onnx_export):
     params, _ = tiny_onnx_export
-    clf = OnnxSpamClassifier(Path(params["paths"]["onnx"]) / FP32_FILE, device="cpu")
+    clf = OnnxSpamClassifier(Path(params.paths.onnx) / FP32_FILE, device="cpu")
     texts = ["Free entry in 2 a wkly comp to win FA Cup final tkts", "ok", "", "x " * 500]
     alone = [clf.predict([t])[0] for t in texts]
     together = clf.predict(texts)
@@ -75,31 +92,9 @@ def test_padding_does_not_change_a_result(tiny_onnx_export):
     assert len(clf.encode("x " * 500)) == 32  # cut to max_length, as in training
 
 
-def test_mean_pooled_classifier_exports_with_parity(tiny_onnx_export, tmp_path):
-    params, _ = tiny_onnx_export
-    params = copy.deepcopy(params)
-    for key in ("spam_classifier", "onnx"):
-        params["paths"][key] = str(tmp_path / key)
-    params["export_onnx"]["int8"] = False
-    torch.manual_seed(1)
-    model = GPT(model_config("tiny")).to_classifier(2, "mean")
-    save_checkpoint(params["paths"]["spam_classifier"], model, {
-        "labels": ["ham", "spam"], "max_length": 32, "pad_id": 50256, "pooling": "mean", "tokenizer": "gpt2"})
-    reloaded, _ = load_checkpoint(params["paths"]["spam_classifier"])
-    assert reloaded.pooling == "mean"
-    m = run(params)  # checks parity with PyTorch on the whole test split itself
-    assert m["parity_label_mismatches"] == 0 and m["parity_max_abs_logit_diff"] <= 1e-4
-    clf = OnnxSpamClassifier(Path(params["paths"]["onnx"]) / FP32_FILE, device="cpu")
-    assert clf.meta.pooling == "mean"
-    texts = ["Free entry in 2 a wkly comp to win FA Cup final tkts", "ok", ""]
-    together = clf.predict(texts)
-    for t, b in zip(texts, together):
-        assert abs(clf.predict([t])[0]["spam_probability"] - b["spam_probability"]) < 1e-6
-
-
 def test_int8_gate_keeps_or_drops(tiny_onnx_export, tmp_path):
     params, _ = tiny_onnx_export
-    src = Path(params["paths"]["onnx"])
+    src = Path(params.paths.onnx)
     (tmp_path / FP32_FILE).write_bytes((src / FP32_FILE).read_bytes())
     clf = OnnxSpamClassifier(tmp_path / FP32_FILE, device="cpu")
     ids = [clf.encode(t) for t in ["win cash now", "see you", "call 0800 now", "ok lol"] * 5]
@@ -118,7 +113,7 @@ def test_int8_gate_keeps_or_drops(tiny_onnx_export, tmp_path):
 
 def test_failed_parity_writes_nothing(tiny_onnx_export, monkeypatch):
     params, _ = tiny_onnx_export
-    onnx_file = Path(params["paths"]["onnx"]) / FP32_FILE
+    onnx_file = Path(params.paths.onnx) / FP32_FILE
     before = onnx_file.read_bytes()
     import gptpkg.export as export
 
@@ -131,29 +126,23 @@ def test_failed_parity_writes_nothing(tiny_onnx_export, monkeypatch):
         real(other, meta, out, opset)
 
     monkeypatch.setattr(export, "export_classifier", export_a_different_model)
-    p = copy.deepcopy(params)
-    p["export_onnx"]["int8"] = False
     with pytest.raises(ExportError, match="fails parity"):
-        run(p)
+        _export(_with(params, "export_onnx", int8=False))
     assert onnx_file.read_bytes() == before
     assert not [f for f in onnx_file.parent.parent.iterdir() if f.name.startswith(".onnx.tmp")]
 
 
 def test_bad_inputs_are_named(tiny_onnx_export, tmp_path):
     params, _ = tiny_onnx_export
-    p = copy.deepcopy(params)
-    p["export_onnx"]["opset"] = 13
-    with pytest.raises(ExportError, match="opset"):
-        run(p)
+    with pytest.raises(ConfigError, match=r"params.export_onnx.opset: expected an ONNX opset >= 17, got 13"):
+        params_in(tmp_path, "export_onnx.opset=13")
     from gptpkg.config import model_config
     from gptpkg.model import GPT
 
     lm = tmp_path / "lm"
     save_checkpoint(lm, GPT(model_config("tiny")))
-    p = copy.deepcopy(params)
-    p["paths"]["spam_classifier"] = str(lm)
     with pytest.raises(ExportError, match="not a fine-tuned classifier"):
-        run(p)
+        _export(_with(params, "paths", spam_classifier=str(lm)))
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not onnx")
     with pytest.raises(ModelUnavailable, match="unreadable"):
@@ -164,11 +153,20 @@ def _gptpkg(args, params, tmp_path, home):
     pfile = tmp_path / "params.yaml"
     import yaml
 
-    pfile.write_text(yaml.safe_dump(params))
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "gptpkg.cli", *args, "--params", str(pfile)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    pfile.write_text(yaml.safe_dump(dataclasses.asdict(params)))
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "gptpkg.cli", *args, "--params", str(pfile)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_package_into_bentoml_store(tiny_onnx_export, tmp_path):
@@ -176,17 +174,16 @@ def test_package_into_bentoml_store(tiny_onnx_export, tmp_path):
     home = tmp_path / "bentoml"
     first = _gptpkg(["package"], params, tmp_path, home)
     assert first.returncode == 0, first.stderr
-    out = json.loads(first.stdout[first.stdout.index("{"):])
+    out = json.loads(first.stdout[first.stdout.index("{") :])
     name, version = out["bento_model"].split(":")
     assert name == "gptpkg-spam-classifier" and version.startswith("fp32-") and out["created"] is True
     stored = home / "models" / name / version
-    assert (stored / FP32_FILE).read_bytes() == (Path(params["paths"]["onnx"]) / FP32_FILE).read_bytes()
+    assert (stored / FP32_FILE).read_bytes() == (Path(params.paths.onnx) / FP32_FILE).read_bytes()
     assert (stored / "gpt2" / "vocab.bpe").is_file()
-    again = json.loads((r := _gptpkg(["package"], params, tmp_path, home)).stdout[r.stdout.index("{"):])
+    again = json.loads((r := _gptpkg(["package"], params, tmp_path, home)).stdout[r.stdout.index("{") :])
     assert again["bento_model"] == out["bento_model"] and again["created"] is False
     # int8 only when the gate kept it; a missing file is a named error, not a crash
-    p = copy.deepcopy(params)
-    p["package"]["variant"] = "int8"
-    if not (Path(params["paths"]["onnx"]) / INT8_FILE).exists():
+    p = _with(params, "package", variant="int8")
+    if not (Path(params.paths.onnx) / INT8_FILE).exists():
         r = _gptpkg(["package"], p, tmp_path, home)
         assert r.returncode == 1 and "accuracy gate" in r.stderr

@@ -5,6 +5,7 @@ import torch
 
 from gptpkg import checkpoint as ckpt
 from gptpkg.config import model_config
+from gptpkg.files import atomic_dir
 from gptpkg.generate import generate, generate_text
 from gptpkg.model import GPT
 
@@ -63,10 +64,9 @@ def test_checkpoint_round_trip(tiny, tmp_path):
 def test_failed_write_keeps_the_previous_checkpoint(tiny, tmp_path):
     ckpt.save_checkpoint(tmp_path / "m", tiny)
     before = (tmp_path / "m" / "model.safetensors").read_bytes()
-    with pytest.raises(RuntimeError, match="disk full"):
-        with ckpt.atomic_dir(tmp_path / "m") as tmp:
-            (tmp / "model.safetensors").write_bytes(b"partial")
-            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"), atomic_dir(tmp_path / "m") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"partial")
+        raise RuntimeError("disk full")
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp folder left
 

@@ -105,6 +105,7 @@ def test_set_drop_rate_reaches_every_dropout(tmp_path):
     assert not torch.allclose(model(idx), clean)
     # a checkpoint of the model records the new rate
     from gptpkg.checkpoint import load_checkpoint, save_checkpoint
+
     save_checkpoint(tmp_path / "m", model)
     assert load_checkpoint(tmp_path / "m")[0].cfg.drop_rate == 0.3
     with pytest.raises(ConfigError, match="drop_rate"):
@@ -113,24 +114,46 @@ def test_set_drop_rate_reaches_every_dropout(tmp_path):
 
 
 def test_fine_tuning_drop_rate_overrides_the_checkpoint(tmp_path):
+    import dataclasses
+
+    from helpers import params_in
+
     from gptpkg.checkpoint import save_checkpoint
     from gptpkg.finetune import initial_model
 
     save_checkpoint(tmp_path / "pre", GPT(model_config("tiny", drop_rate=0.1)))
-    kept = initial_model("pretrained", "finetune_instruct", str(tmp_path / "pre"), "")
+    pre = str(tmp_path / "pre")
+    instruct = params_in(
+        tmp_path,
+        "finetune_instruct.init=pretrained",
+        "finetune_instruct.max_length=64",
+        "finetune_instruct.drop_rate=null",
+    ).finetune_instruct
+    kept = initial_model(instruct, "finetune_instruct", pre)
     assert kept.cfg.drop_rate == 0.1 and kept.drop.p == 0.1
-    off = initial_model("pretrained", "finetune_instruct", str(tmp_path / "pre"), "", drop_rate=0)
+    off = initial_model(dataclasses.replace(instruct, drop_rate=0.0), "finetune_instruct", pre)
     assert off.cfg.drop_rate == 0.0 and off.drop.p == 0.0
     torch.testing.assert_close(off.state_dict(), kept.state_dict())  # same weights
-    scratch = initial_model("scratch", "finetune_spam", "", "", "tiny", drop_rate=0.2)
+    spam = params_in(
+        tmp_path,
+        "finetune_spam.init=scratch",
+        "finetune_spam.model=tiny",
+        "finetune_spam.max_length=32",
+        "finetune_spam.drop_rate=0.2",
+    ).finetune_spam
+    scratch = initial_model(spam, "finetune_spam", "")
     assert scratch.cfg.drop_rate == 0.2 and scratch.blocks[0].attn.drop_rate == 0.2
     with pytest.raises(ConfigError, match=r"params.finetune_spam.drop_rate: expected null .* got 1.5"):
-        initial_model("scratch", "finetune_spam", "", "", "tiny", drop_rate=1.5)
+        params_in(tmp_path, "finetune_spam.drop_rate=1.5")
+    # the start model's context must hold max_length
+    with pytest.raises(
+        ConfigError, match="params.finetune_instruct.max_length=200 exceeds the start model's context_length 128"
+    ):
+        initial_model(dataclasses.replace(instruct, max_length=200), "finetune_instruct", pre)
 
 
-@pytest.mark.parametrize("pooling", ["last_real_token", "mean"])
-def test_classifier_pooling_ignores_padding_and_batch_mates(tiny, pooling):
-    tiny.to_classifier(2, pooling)
+def test_classifier_reads_the_last_real_token_ignoring_padding_and_batch_mates(tiny):
+    tiny.to_classifier(2)
     a = torch.randint(0, 50256, (1, 6))
     padded = torch.cat([a, torch.full((1, 4), 50256)], dim=1)
     alone = tiny.classify(a, torch.tensor([6]))
@@ -138,16 +161,10 @@ def test_classifier_pooling_ignores_padding_and_batch_mates(tiny, pooling):
     assert alone.shape == (1, 2)
     torch.testing.assert_close(in_batch[:1], alone, atol=1e-5, rtol=0)
     h = tiny.hidden(a)[0]  # (6, C)
-    expected = tiny.out_head(h[-1] if pooling == "last_real_token" else h.mean(dim=0))
-    torch.testing.assert_close(alone[0], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone[0], tiny.out_head(h[-1]), atol=1e-5, rtol=0)
     # not the last padded position
     last_pos = tiny.out_head(tiny.hidden(padded)[:, -1])
     assert not torch.allclose(last_pos, alone)
-
-
-def test_unknown_pooling_is_refused(tiny):
-    with pytest.raises(ValueError, match="pooling must be one of last_real_token|mean"):
-        tiny.to_classifier(2, "max")
 
 
 def test_trainable_parts(tiny):

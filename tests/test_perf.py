@@ -35,7 +35,7 @@ def test_gpu_peak_table_and_cpu_peak_measurement():
     names = [n for n, _ in GPU_BF16_PEAK]
     # a more specific name precedes any shorter one it contains (first match wins)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert a.lower() not in b.lower(), (a, b)
     assert measure_matmul_flops(256, reps=3) > 1e8
 
@@ -60,8 +60,9 @@ def test_keep_freed_memory_keeps_a_freed_block_resident(env, kept):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE], capture_output=True, text=True, check=True,
-                         env={**os.environ, **env}).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_AFTER_FREE], capture_output=True, text=True, check=True, env={**os.environ, **env}
+    ).stdout.split()
     applied, peak, grown = out[0] == "True", float(out[1]), float(out[2])
     assert applied is kept and peak > 150
     # glibc unmaps a freed 200 MiB block at once by default; kept, it stays for reuse

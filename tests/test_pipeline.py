@@ -17,17 +17,25 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gptpkg.stages import STAGES as REGISTRY
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = ["fetch", "prepare", "pretrain", "finetune_spam", "baseline_spam", "finetune_instruct",
-          "export_onnx", "package"]
+STAGES = list(REGISTRY)
 
 pytestmark = pytest.mark.integration
 
 
 def sh(repo: Path, *args: str, env: dict | None = None, check: bool = True) -> str:
-    proc = subprocess.run(list(args), cwd=repo, env=env or repo_env(repo), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=900)
+    proc = subprocess.run(
+        list(args),
+        cwd=repo,
+        env=env or repo_env(repo),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
+    )
     if check and proc.returncode:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
     return proc.stdout
@@ -35,8 +43,13 @@ def sh(repo: Path, *args: str, env: dict | None = None, check: bool = True) -> s
 
 def repo_env(repo: Path) -> dict:
     env = dict(os.environ)
-    env.update(PYTHONPATH=str(repo), PATH=f"{BIN}{os.pathsep}{env['PATH']}", PYTHONUNBUFFERED="1",
-               WANDB_MODE="offline", DVC_NO_ANALYTICS="1")
+    env.update(
+        PYTHONPATH=str(repo),
+        PATH=f"{BIN}{os.pathsep}{env['PATH']}",
+        PYTHONUNBUFFERED="1",
+        WANDB_MODE="offline",
+        DVC_NO_ANALYTICS="1",
+    )
     return env
 
 
@@ -197,15 +210,16 @@ def _wandb_records(run_file: Path):
         if room < 7:  # a block trailer too short for a header is zero padding
             pos += room
             continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:  # zero fill after the last record
             pos += room
             continue
         assert kind in (1, 2, 3, 4), f"{run_file}: unknown record type {kind} at byte {pos}"
-        payload = data[pos + 7:pos + 7 + length]
+        payload = data[pos + 7 : pos + 7 + length]
         assert len(payload) == length, f"{run_file}: record at byte {pos} is truncated"
-        assert zlib.crc32(payload, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == crc, \
+        assert zlib.crc32(payload, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == crc, (
             f"{run_file}: bad checksum at byte {pos}"
+        )
         pos += 7 + length
         pieces.append(payload)
         if kind in (1, 4):  # FULL, or LAST of a FIRST/MIDDLE.../LAST chain
@@ -226,8 +240,11 @@ def test_wandb_offline_runs_hold_history_config_and_checkpoint(repo):
     run, recs = runs["pretrain"][0]
     config = {c.key: json.loads(c.value_json) for c in run.config.update}
     assert config["pretrain"]["model"] == "tiny"
-    history = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
-               for r in recs if r.WhichOneof("record_type") == "history"]
+    history = [
+        {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+        for r in recs
+        if r.WhichOneof("record_type") == "history"
+    ]
     evals = [h for h in history if "val_loss" in h]
     assert len(evals) >= 2 and all("train_loss" in h and "val_perplexity" in h for h in evals)
     assert any("step_loss" in h for h in history)  # every optimizer step between evals
@@ -240,9 +257,11 @@ def test_forced_rerun_gives_identical_metrics_and_weights(repo):
     path, _, _ = repo
 
     def snapshot():
-        return ((path / "metrics" / "pretrain.json").read_text(),
-                hashlib.sha256((path / "models" / "pretrained" / "model.safetensors").read_bytes()).hexdigest(),
-                (path / "metrics" / "pretrain_samples.json").read_text())
+        return (
+            (path / "metrics" / "pretrain.json").read_text(),
+            hashlib.sha256((path / "models" / "pretrained" / "model.safetensors").read_bytes()).hexdigest(),
+            (path / "metrics" / "pretrain_samples.json").read_text(),
+        )
 
     before = snapshot()
     out = sh(path, str(BIN / "dvc"), "repro", "--force", "--single-item", "pretrain")

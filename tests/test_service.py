@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from helpers import stop_group
 
 from gptpkg.onnx_classifier import FP32_FILE, OnnxSpamClassifier
-from helpers import stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 BENTOML = str(Path(sys.executable).parent / "bentoml")
@@ -34,17 +34,28 @@ def free_port() -> int:
 
 def service_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPTPKG_MODEL_")}
-    env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true", GPTPKG_MAX_TEXTS=str(MAX_TEXTS),
-               GPTPKG_MAX_TEXT_CHARS=str(MAX_CHARS), GPTPKG_ORT_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(
+        BENTOML_HOME=str(home),
+        BENTOML_DO_NOT_TRACK="true",
+        GPTPKG_MAX_TEXTS=str(MAX_TEXTS),
+        GPTPKG_MAX_TEXT_CHARS=str(MAX_CHARS),
+        GPTPKG_ORT_THREADS="1",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.update(extra)
     return env
 
 
 def start(env: dict[str, str], port: int) -> subprocess.Popen:
-    return subprocess.Popen([BENTOML, "serve", "serving.service:SpamClassifier", "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [BENTOML, "serve", "serving.service:SpamClassifier", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def stop(proc: subprocess.Popen) -> str:
@@ -55,16 +66,21 @@ def stop(proc: subprocess.Popen) -> str:
 @pytest.fixture(scope="module")
 def packaged(tiny_onnx_export, tmp_path_factory):
     """The tiny export imported into a fresh BentoML store by `gptpkg package`."""
-    import yaml
+    import dataclasses
 
     params, _ = tiny_onnx_export
     tmp = tmp_path_factory.mktemp("bento")
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp / "params.yaml").write_text(yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
     home = tmp / "home"
-    r = subprocess.run([sys.executable, "-m", "gptpkg.cli", "package", "--params", str(tmp / "params.yaml")],
-                       env=service_env(home), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "gptpkg.cli", "package", "--params", str(tmp / "params.yaml")],
+        env=service_env(home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
-    return home, Path(params["paths"]["onnx"]) / FP32_FILE
+    return home, Path(params.paths.onnx) / FP32_FILE
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +111,13 @@ def post(url: str, route: str, body, **kw) -> httpx.Response:
     return httpx.post(url + route, content=data, headers=headers, timeout=30, **kw)
 
 
-TEXTS = ["WINNER!! You have been selected to receive a £900 prize reward! Call 09061701461",
-         "Ok lar... Joking wif u oni...", "", "Ünïcödé ✓ 東京 🙂 <|endoftext|> \x00 \u202e", "a" * MAX_CHARS]
+TEXTS = [
+    "WINNER!! You have been selected to receive a £900 prize reward! Call 09061701461",
+    "Ok lar... Joking wif u oni...",
+    "",
+    "Ünïcödé ✓ 東京 🙂 <|endoftext|> \x00 \u202e",
+    "a" * MAX_CHARS,
+]
 
 
 def test_classify_answers_in_order(server, packaged):
@@ -118,26 +139,32 @@ def test_same_result_alone_batched_and_concurrent(server):
     one = [post(server, "/classify_text", {"text": t}).json() for t in TEXTS]
     # Concurrent requests, which the adaptive batcher may merge into one model run.
     with ThreadPoolExecutor(8) as pool:
-        conc = list(pool.map(lambda i: post(server, "/classify", {"texts": [TEXTS[i % 5], TEXTS[(i + 1) % 5]]}).json(),
-                             range(16)))
-    for i, t in enumerate(TEXTS):
+        conc = list(
+            pool.map(
+                lambda i: post(server, "/classify", {"texts": [TEXTS[i % 5], TEXTS[(i + 1) % 5]]}).json(), range(16)
+            )
+        )
+    for i in range(len(TEXTS)):
         for other in (alone[i], one[i], conc[i][0], conc[(i - 1) % 5][1]):
             assert other["label"] == batched[i]["label"]
             assert abs(other["spam_probability"] - batched[i]["spam_probability"]) < 1e-6
 
 
-@pytest.mark.parametrize("body, status, words", [
-    ({"texts": []}, 400, "at least 1"),
-    ({"texts": ["ok", 3]}, 400, "valid string"),
-    ({"texts": [None]}, 400, "valid string"),
-    ({"texts": "just a string"}, 400, "valid array"),
-    ({"texts": ["x"] * (MAX_TEXTS + 1)}, 400, f"at most {MAX_TEXTS}"),
-    ({"texts": ["a" * (MAX_CHARS + 1)]}, 400, f"at most {MAX_CHARS} characters"),
-    ({"text": "wrong key"}, 400, "Field required"),
-    (["not", "an", "object"], 400, "object"),
-    ('{"texts": ["unterminated', 400, "Invalid JSON"),
-    ("", 400, "Field required"),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"texts": []}, 400, "at least 1"),
+        ({"texts": ["ok", 3]}, 400, "valid string"),
+        ({"texts": [None]}, 400, "valid string"),
+        ({"texts": "just a string"}, 400, "valid array"),
+        ({"texts": ["x"] * (MAX_TEXTS + 1)}, 400, f"at most {MAX_TEXTS}"),
+        ({"texts": ["a" * (MAX_CHARS + 1)]}, 400, f"at most {MAX_CHARS} characters"),
+        ({"text": "wrong key"}, 400, "Field required"),
+        (["not", "an", "object"], 400, "object"),
+        ('{"texts": ["unterminated', 400, "Invalid JSON"),
+        ("", 400, "Field required"),
+    ],
+)
 def test_bad_input_gets_4xx_with_a_message(server, body, status, words):
     r = post(server, "/classify", body)
     assert r.status_code == status, r.text
@@ -150,7 +177,12 @@ def test_wrong_content_type_and_single_route_errors(server):
     assert r.status_code == 415 and "application/json" in r.json()["error"]
     r = post(server, "/classify", b"texts=hi", headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert r.status_code == 415
-    r = post(server, "/classify", b'{"texts":["hi"]}', headers={"Content-Type": "application/json"},)
+    r = post(
+        server,
+        "/classify",
+        b'{"texts":["hi"]}',
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 200
     assert post(server, "/classify_text", {"text": 5}).status_code == 400
     assert post(server, "/classify_text", {"text": ""}).status_code == 200
@@ -197,27 +229,44 @@ def test_refuses_bad_settings(packaged):
 
 
 def test_serving_path_never_imports_torch(packaged):
-    code = ("import sys; import serving.service as s; c = s.SpamClassifier.inner(); "
-            "print(c.classify(['win a prize', ''])); print(c.classify_text('hi')); "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=service_env(packaged[0]),
-                       capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys; import serving.service as s; c = s.SpamClassifier.inner(); "
+        "print(c.classify(['win a prize', ''])); print(c.classify_text('hi')); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=service_env(packaged[0]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "spam_probability" in r.stdout
 
 
 def test_bentoml_build_makes_a_lean_bento(packaged, tmp_path):
     home, _ = packaged
-    r = subprocess.run([BENTOML, "build", "-f", "serving/bentofile.yaml", "-o", "tag", "."], cwd=ROOT,
-                       env=service_env(home), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [BENTOML, "build", "-f", "serving/bentofile.yaml", "-o", "tag", "."],
+        cwd=ROOT,
+        env=service_env(home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     tag = r.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     name, version = tag.split(":")
     bento = home / "bentos" / name / version
     files = {str(p.relative_to(bento / "src")) for p in (bento / "src").rglob("*") if p.is_file()}
     assert "serving/service.py" in files and "gptpkg/onnx_classifier.py" in files
-    assert not [f for f in files if f.startswith(("tests/", "data/", "models/", "bench/")) or "__pycache__" in f
-                or f.endswith((".pyc", ".onnx"))], files
+    assert not [
+        f
+        for f in files
+        if f.startswith(("tests/", "data/", "models/", "bench/")) or "__pycache__" in f or f.endswith((".pyc", ".onnx"))
+    ], files
     assert "gptpkg/model.py" not in files  # the torch side stays out
     # Every module the bento's code imports is in the bento (gptpkg's) or among its python
     # packages (third-party): a bento missing one fails only when it is served elsewhere.
@@ -233,15 +282,27 @@ def test_bentoml_build_makes_a_lean_bento(packaged, tmp_path):
                 if mod not in files:
                     missing.append(f"{f}: {mod}")
                 continue
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for name in names:
                 top = name.split(".")[0]
                 if top in ("gptpkg", "serving"):
-                    if f"{name.replace('.', '/')}.py" not in files and f"{name.replace('.', '/')}/__init__.py" not in files:
+                    if (
+                        f"{name.replace('.', '/')}.py" not in files
+                        and f"{name.replace('.', '/')}/__init__.py" not in files
+                    ):
                         missing.append(f"{f}: {name}")
-                elif top not in sys.stdlib_module_names and top != "__future__" and top not in off_serving_path \
-                        and distribution.get(top, top) not in packages:
+                elif (
+                    top not in sys.stdlib_module_names
+                    and top != "__future__"
+                    and top not in off_serving_path
+                    and distribution.get(top, top) not in packages
+                ):
                     missing.append(f"{f}: third-party {top}")
     assert not missing, missing
     assert "gptpkg-spam-classifier" in (bento / "bento.yaml").read_text()  # the model is referenced

@@ -1,17 +1,33 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import Interrupted, dying
 
 from gptpkg import checkpoint as ckpt
-from helpers import Interrupted, dying
-from gptpkg.config import TrainConfig, model_config
+from gptpkg.config import ConfigError, TrainConfig, model_config
 from gptpkg.data import TokenWindows
+from gptpkg.loggers import NullLogger
 from gptpkg.model import GPT
+from gptpkg.optim import make_optimizer, param_groups
 from gptpkg.train import (
-    TrainingDiverged, autocast_dtype, batches_of, fit, lm_loss, lr_at, make_optimizer, mean_loss,
-    param_groups, should_compile, shuffled_batches, total_steps,
+    TrainingDiverged,
+    autocast_dtype,
+    batches_of,
+    fit,
+    lm_loss,
+    lr_at,
+    mean_loss,
+    should_compile,
+    shuffled_batches,
+    total_steps,
 )
+
+
+def quiet(resume=False):
+    """What `fit` reads from a StageContext: no logging, no progress bar."""
+    return SimpleNamespace(logger=NullLogger(), resume=resume, progress=False)
 
 
 def collate(items):
@@ -38,7 +54,7 @@ def test_a_few_hundred_steps_lower_the_loss_well_below_its_start(verdict_ids):
     model = tiny_model()
     start = mean_loss(model, batches_of(data, collate, 16), lm_loss, torch.device("cpu"))
     assert abs(start - math.log(50257)) < 0.5  # untrained: about uniform
-    result = fit(model, data, collate, cfg(max_steps=200, batch_size=2, lr=5e-3, eval_every=0), progress=False)
+    result = fit(model, data, collate, cfg(max_steps=200, batch_size=2, lr=5e-3, eval_every=0), ctx=quiet())
     end = mean_loss(model, batches_of(data, collate, 16), lm_loss, torch.device("cpu"))
     assert result.steps == 200
     assert end < start - 3.0, (start, end)
@@ -47,27 +63,53 @@ def test_a_few_hundred_steps_lower_the_loss_well_below_its_start(verdict_ids):
 
 def test_same_seed_same_losses(verdict_ids):
     data = TokenWindows(verdict_ids, 16, 16)
-    runs = [fit(tiny_model(), data, collate, cfg(), progress=False).history for _ in range(2)]
+    runs = [fit(tiny_model(), data, collate, cfg(), ctx=quiet()).history for _ in range(2)]
     assert [r["train_loss"] for r in runs[0]] == [r["train_loss"] for r in runs[1]]
-    other = fit(tiny_model(), data, collate, cfg(seed=8), progress=False).history
+    other = fit(tiny_model(), data, collate, cfg(seed=8), ctx=quiet()).history
     assert [r["train_loss"] for r in other] != [r["train_loss"] for r in runs[0]]
 
 
 def test_resume_continues_from_the_saved_step_with_the_same_optimizer_state(verdict_ids, tmp_path):
     data = TokenWindows(verdict_ids, 16, 16)
     full = tiny_model()
-    ref = fit(full, data, collate, cfg(max_steps=10, eval_every=5), progress=False)
+    ref = fit(full, data, collate, cfg(max_steps=10, eval_every=5), ctx=quiet())
 
     # an interrupted run: same schedule, checkpoint every 5 steps, killed during step 7
     with pytest.raises(Interrupted):
-        fit(tiny_model(), data, collate, cfg(max_steps=10, eval_every=5, checkpoint_every=5),
-            loss_fn=dying(lm_loss, 7), checkpoint_dir=tmp_path / "ck", progress=False)
+        fit(
+            tiny_model(),
+            data,
+            collate,
+            cfg(max_steps=10, eval_every=5, checkpoint_every=5),
+            loss_fn=dying(lm_loss, 7),
+            checkpoint_dir=tmp_path / "ck",
+            ctx=quiet(),
+        )
     state = ckpt.load_trainer_state(tmp_path / "ck")
     assert state["step"] == 5 and state["optimizer"]["state"]
 
+    # fit refuses to continue it under other training params, and leaves it as it was
+    before = (tmp_path / "ck" / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match=r"--resume: .* other values for \['lr', 'max_steps'\]"):
+        fit(
+            tiny_model(),
+            data,
+            collate,
+            cfg(max_steps=12, eval_every=5, checkpoint_every=5, lr=2e-3),
+            checkpoint_dir=tmp_path / "ck",
+            ctx=quiet(resume=True),
+        )
+    assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
+
     resumed = tiny_model(seed=999)  # weights are replaced by the checkpoint's
-    out = fit(resumed, data, collate, cfg(max_steps=10, eval_every=5), checkpoint_dir=tmp_path / "ck",
-              resume=True, progress=False)
+    out = fit(
+        resumed,
+        data,
+        collate,
+        cfg(max_steps=10, eval_every=5, checkpoint_every=5),
+        checkpoint_dir=tmp_path / "ck",
+        ctx=quiet(resume=True),
+    )
     assert out.steps == 10
     assert [r["step"] for r in out.history] == [5, 10]
     assert out.history[-1]["train_loss"] == pytest.approx(ref.history[-1]["train_loss"], abs=1e-6)
@@ -88,16 +130,18 @@ def test_checkpoint_every_n_steps(verdict_ids, tmp_path, monkeypatch):
         return real(target, model, meta, trainer_state)
 
     monkeypatch.setattr(ckpt, "save_checkpoint", spy)
-    fit(tiny_model(), data, collate, cfg(max_steps=7, checkpoint_every=3), checkpoint_dir=tmp_path / "c", progress=False)
+    fit(tiny_model(), data, collate, cfg(max_steps=7, checkpoint_every=3), checkpoint_dir=tmp_path / "c", ctx=quiet())
     assert seen == [3, 6, 7]
     model, config = ckpt.load_checkpoint(tmp_path / "c")
     assert config["meta"]["step"] == 7
+    # the checkpoint records the training params `--resume` compares
+    assert config["meta"]["params"] == cfg(max_steps=7, checkpoint_every=3).training_params()
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(verdict_ids, tmp_path):
     data = TokenWindows(verdict_ids, 16, 16)
     model = tiny_model()
-    fit(model, data, collate, cfg(max_steps=2), checkpoint_dir=tmp_path / "ck", progress=False)
+    fit(model, data, collate, cfg(max_steps=2), checkpoint_dir=tmp_path / "ck", ctx=quiet())
     before = (tmp_path / "ck" / "model.safetensors").read_bytes()
 
     def nan_loss(m, batch):
@@ -105,7 +149,9 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(verdict
         return loss * float("nan"), n
 
     with pytest.raises(TrainingDiverged, match="loss became nan at step 1"):
-        fit(tiny_model(), data, collate, cfg(max_steps=4), loss_fn=nan_loss, checkpoint_dir=tmp_path / "ck", progress=False)
+        fit(
+            tiny_model(), data, collate, cfg(max_steps=4), loss_fn=nan_loss, checkpoint_dir=tmp_path / "ck", ctx=quiet()
+        )
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
 
 
@@ -113,12 +159,19 @@ def test_gradient_accumulation_matches_a_larger_batch(verdict_ids):
     data = TokenWindows(verdict_ids, 16, 16)
     a, b = tiny_model(), tiny_model()
     plan = shuffled_batches(len(data), 8, 7)
-    fit(a, data, collate, cfg(batch_size=8, max_steps=3, grad_clip=0), batch_plan=plan, progress=False)
+    fit(a, data, collate, cfg(batch_size=8, max_steps=3, grad_clip=0), batch_plan=plan, ctx=quiet())
 
     def halves(epoch):  # the same 8-example batches, each split in two micro-batches
         return [half for batch in plan(epoch) for half in (batch[:4], batch[4:])]
 
-    fit(b, data, collate, cfg(batch_size=4, grad_accum_steps=2, max_steps=3, grad_clip=0), batch_plan=halves, progress=False)
+    fit(
+        b,
+        data,
+        collate,
+        cfg(batch_size=4, grad_accum_steps=2, max_steps=3, grad_clip=0),
+        batch_plan=halves,
+        ctx=quiet(),
+    )
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, atol=2e-5, rtol=1e-4)
 
@@ -140,7 +193,8 @@ def test_weight_decay_on_matrices_only():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
     assert n == model.num_params()  # the tied head is counted once
-    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    opt, _ = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW)  # a tied embedding is never row-sparse
     assert opt.defaults.get("fused")  # fused kernel on CPU and CUDA
 
 
@@ -150,12 +204,12 @@ def test_gpu_switches_resolve_by_device():
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
     assert autocast_dtype("fp32", cuda) is None
     assert should_compile("auto", cuda) and not should_compile("auto", cpu)
-    assert should_compile("true", cpu) and not should_compile("false", cuda)
+    assert should_compile(True, cpu) and not should_compile(False, cuda)
 
 
 def test_bf16_autocast_trains_on_cpu(verdict_ids):
     data = TokenWindows(verdict_ids, 16, 16)
-    out = fit(tiny_model(), data, collate, cfg(precision="bf16", max_steps=3), progress=False)
+    out = fit(tiny_model(), data, collate, cfg(precision="bf16", max_steps=3), ctx=quiet())
     assert math.isfinite(out.history[-1]["train_loss"])
 
 
@@ -171,6 +225,6 @@ def test_final_checkpoint_is_byte_identical_for_the_same_seed(verdict_ids, tmp_p
     """Timings stay out of the final checkpoint, so DVC sees the same output hash."""
     data = TokenWindows(verdict_ids, 16, 16)
     for name in ("a", "b"):
-        fit(tiny_model(), data, collate, cfg(max_steps=4, eval_every=2), checkpoint_dir=tmp_path / name, progress=False)
+        fit(tiny_model(), data, collate, cfg(max_steps=4, eval_every=2), checkpoint_dir=tmp_path / name, ctx=quiet())
     for f in ("model.safetensors", "config.json", "trainer.pt"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f

@@ -35,15 +35,18 @@ def make_project(dest: Path) -> Path:
 
 def dvc(root: Path, *args: str) -> str:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(root)}
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, check=True,
-                          capture_output=True, text=True).stdout
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=root, env=env, check=True, capture_output=True, text=True
+    ).stdout
 
 
 @pytest.fixture()
 def stage_env(monkeypatch, tmp_path):
     """Stages run the project copy's gptpkg (the code DVC hashes)."""
+
     def use(root: Path):
         monkeypatch.setenv("PYTHONPATH", str(root))
+
     return use
 
 
@@ -53,22 +56,38 @@ def stage_names(dvc_yaml: Path) -> list[str]:
 
 # ---------------------------------------------------------------- definitions
 
+
 def test_assets_mirror_dvc_yaml():
     from dagster import AssetKey
 
     from workflows import build_definitions
-    from workflows.dvc_project import GROUPS
 
     defs = build_definitions(ROOT)
     graph = defs.resolve_asset_graph()
     names = stage_names(ROOT / "dvc.yaml")
     assert {k.to_user_string() for k in graph.get_all_asset_keys()} == set(names)
-    expected_parents = {"fetch": set(), "prepare": {"fetch"}, "pretrain": {"prepare"},
-                        "finetune_spam": {"pretrain", "prepare"}, "baseline_spam": {"prepare"},
-                        "finetune_instruct": {"pretrain", "prepare"}}
+    expected_parents = {
+        "fetch": set(),
+        "prepare": {"fetch"},
+        "pretrain": {"prepare"},
+        "finetune_spam": {"pretrain", "prepare"},
+        "baseline_spam": {"prepare"},
+        "finetune_instruct": {"pretrain", "prepare"},
+    }
+    # the groups of the stage registry (gptpkg.stages.STAGES)
+    groups = {
+        "fetch": "data",
+        "prepare": "data",
+        "pretrain": "pretraining",
+        "finetune_spam": "classifier",
+        "baseline_spam": "classifier",
+        "finetune_instruct": "instruction",
+        "export_onnx": "serving",
+        "package": "serving",
+    }
     for name in names:
         node = graph.get(AssetKey(name))
-        assert node.group_name == GROUPS.get(name, "pipeline")
+        assert node.group_name == groups.get(name, "pipeline"), name
         if name in expected_parents:
             assert {p.to_user_string() for p in node.parent_keys} == expected_parents[name], name
     checks = {k.name for k in graph.asset_check_keys}
@@ -76,6 +95,12 @@ def test_assets_mirror_dvc_yaml():
     assert ("onnx_matches_pytorch" in checks) == ("export_onnx" in names)
     jobs = {j.name for j in defs.resolve_all_job_defs()}
     assert {"full_pipeline", "classifier_only"} <= jobs
+    job = defs.resolve_job_def("classifier_only")
+    assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == {
+        "finetune_spam",
+        "export_onnx",
+        "package",
+    } & set(names)
 
 
 def test_a_new_dvc_stage_becomes_an_asset(tmp_path):
@@ -88,9 +113,12 @@ def test_a_new_dvc_stage_becomes_an_asset(tmp_path):
 
     root = make_project(tmp_path)
     doc = yaml.safe_load((root / "dvc.yaml").read_text())
-    doc["stages"]["export_onnx"] = {"cmd": "gptpkg export_onnx", "deps": ["${paths.spam_classifier}"],
-                                    "outs": ["${paths.onnx}"],
-                                    "metrics": [{"${paths.metrics}/export_onnx.json": {"cache": False}}]}
+    doc["stages"]["export_onnx"] = {
+        "cmd": "gptpkg export_onnx",
+        "deps": ["${paths.spam_classifier}"],
+        "outs": ["${paths.onnx}"],
+        "metrics": [{"${paths.metrics}/export_onnx.json": {"cache": False}}],
+    }
     doc["stages"]["package"] = {"cmd": "gptpkg package", "deps": ["${paths.onnx}"]}
     doc["stages"]["report"] = {"cmd": "echo", "deps": ["${paths.metrics}/export_onnx.json"]}
     (root / "dvc.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -103,7 +131,11 @@ def test_a_new_dvc_stage_becomes_an_asset(tmp_path):
     assert graph.get(AssetKey("report")).group_name == "pipeline"
     assert "onnx_matches_pytorch" in {k.name for k in graph.asset_check_keys}
     job = defs.resolve_job_def("classifier_only")
-    assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == {"finetune_spam", "export_onnx", "package"}
+    assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == {
+        "finetune_spam",
+        "export_onnx",
+        "package",
+    }
 
 
 def test_onnx_parity_check_reads_export_metrics(tmp_path):
@@ -117,8 +149,17 @@ def test_onnx_parity_check_reads_export_metrics(tmp_path):
     from workflows.dvc_project import Stage
     from workflows.resources import DvcWorkspace
 
-    stage = Stage("export_onnx", "gptpkg export_onnx", ("finetune_spam",), (), ("models/onnx",),
-                  ("metrics/export_onnx.json",), (), "x", "serving")
+    stage = Stage(
+        "export_onnx",
+        "gptpkg export_onnx",
+        ("finetune_spam",),
+        (),
+        ("models/onnx",),
+        ("metrics/export_onnx.json",),
+        (),
+        "x",
+        "serving",
+    )
     (check,) = build_checks([stage])
     (tmp_path / "metrics").mkdir()
     m = tmp_path / "metrics" / "export_onnx.json"
@@ -144,8 +185,11 @@ def test_wandb_resource_reaches_the_stage_logger(monkeypatch):
     assert WandbResource().env() == {"WANDB_MODE": "offline", "WANDB_PROJECT": "gptpkg"}
     for k, v in WandbResource(mode="online", project="p", entity="team").env().items():
         monkeypatch.setenv(k, v)
-    assert wandb_from_env({"mode": "offline", "project": "gptpkg", "entity": ""}) == \
-        {"mode": "online", "project": "p", "entity": "team"}
+    assert wandb_from_env({"mode": "offline", "project": "gptpkg", "entity": ""}) == {
+        "mode": "online",
+        "project": "p",
+        "entity": "team",
+    }
     assert WandbResource(mode="online").run_link("team/p/abc123").value == "https://wandb.ai/team/p/runs/abc123"
 
 
@@ -190,9 +234,8 @@ def test_workspace_lock_serializes_stages(tmp_path):
         with ws.locked(wait=False) as got:
             assert got is False
         t0 = time.perf_counter()
-        with pytest.raises(Failure, match="stayed locked"):
-            with ws.locked():
-                pass
+        with pytest.raises(Failure, match="stayed locked"), ws.locked():
+            pass
         assert time.perf_counter() - t0 >= 1.0
     order = []
 
@@ -212,19 +255,29 @@ def test_workspace_lock_serializes_stages(tmp_path):
 @pytest.mark.integration
 def test_definitions_validate_from_the_root():
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([str(BIN / "dagster"), "definitions", "validate"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [str(BIN / "dagster"), "definitions", "validate"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "Validation successful for code location gptpkg" in p.stdout + p.stderr
 
 
 # ---------------------------------------------------------------- real runs
 
+
 def _resources(root: Path, **dvc_over):
     from workflows.resources import DvcWorkspace, QualityGates, WandbResource
 
-    return {"dvc": DvcWorkspace(root=str(root), **dvc_over), "wandb": WandbResource(mode="offline"),
-            "gates": QualityGates(spam_accuracy_floor=0.0)}
+    return {
+        "dvc": DvcWorkspace(root=str(root), **dvc_over),
+        "wandb": WandbResource(mode="offline"),
+        "gates": QualityGates(spam_accuracy_floor=0.0),
+    }
 
 
 def _all(defs):
@@ -249,8 +302,11 @@ def test_materialize_all_tiny_then_dvc_agrees(tmp_path, stage_env):
 
     result = materialize(_all(defs), instance=instance, resources=_resources(root, profile="tiny"))
     assert result.success
-    assert {m.asset_key.to_user_string() for m in result.get_asset_materialization_events()
-            and [e.event_specific_data.materialization for e in result.get_asset_materialization_events()]} == set(names)
+    assert {
+        m.asset_key.to_user_string()
+        for m in result.get_asset_materialization_events()
+        and [e.event_specific_data.materialization for e in result.get_asset_materialization_events()]
+    } == set(names)
 
     # DVC is the record: nothing to do, and the data versions are dvc.lock's output hashes
     assert "Data and pipelines are up to date" in dvc(root, "status")
@@ -261,10 +317,13 @@ def test_materialize_all_tiny_then_dvc_agrees(tmp_path, stage_env):
         ev = instance.get_latest_materialization_event(AssetKey(name))
         assert ev.asset_materialization.tags["dagster/data_version"] == outs_version(lock[name]), name
 
-    md = {e.event_specific_data.materialization.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
-          for e in result.get_asset_materialization_events()}
+    md = {
+        e.event_specific_data.materialization.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+        for e in result.get_asset_materialization_events()
+    }
     assert md["pretrain"]["val_loss"].value == pytest.approx(
-        __import__("json").loads((root / "metrics/pretrain.json").read_text())["val_loss"])
+        __import__("json").loads((root / "metrics/pretrain.json").read_text())["val_loss"]
+    )
     for key in ("initial_val_loss", "tokens_per_s", "wall_time_s", "wandb_run", "outputs", "plot_pretrain_loss"):
         assert key in md["pretrain"], key
     assert md["pretrain"]["plot_pretrain_loss"].value.startswith("![pretrain_loss](data:image/png;base64,")
@@ -288,10 +347,17 @@ def test_materialize_all_tiny_then_dvc_agrees(tmp_path, stage_env):
     from workflows.resources import QualityGates
 
     t0 = time.perf_counter()
-    sel = [a for a in _all(defs) if AssetKey("finetune_spam") in a.keys or
-           any(k.asset_key == AssetKey("finetune_spam") for k in a.check_keys)]
-    again = materialize(sel, instance=instance, selection=[AssetKey("finetune_spam")],
-                        resources={**_resources(root, profile="tiny"), "gates": QualityGates(spam_accuracy_floor=1.01)})
+    sel = [
+        a
+        for a in _all(defs)
+        if AssetKey("finetune_spam") in a.keys or any(k.asset_key == AssetKey("finetune_spam") for k in a.check_keys)
+    ]
+    again = materialize(
+        sel,
+        instance=instance,
+        selection=[AssetKey("finetune_spam")],
+        resources={**_resources(root, profile="tiny"), "gates": QualityGates(spam_accuracy_floor=1.01)},
+    )
     took = time.perf_counter() - t0
     assert again.success
     (ev,) = again.get_asset_materialization_events()
@@ -320,7 +386,9 @@ def test_materialize_all_tiny_then_dvc_agrees(tmp_path, stage_env):
     assert {n: resolver.get_status(AssetKey(n)) for n in names} == {n: StaleStatus.FRESH for n in names}, causes
 
     # a stage changed by hand but not reproduced: DVC and Dagster both call its dependents stale
-    text = (root / "params.yaml").read_text().replace("seed: 123                 # spam", "seed: 7                 # spam")
+    text = (
+        (root / "params.yaml").read_text().replace("seed: 123                 # spam", "seed: 7                 # spam")
+    )
     (root / "params.yaml").write_text(text)
     dvc(root, "repro", "--single-item", "prepare")
     for e in shell_run_events(instance, res):
@@ -361,6 +429,7 @@ def test_failing_stage_fails_its_asset_with_the_stage_error(tmp_path, stage_env,
 
 # ---------------------------------------------------------------- the UI
 
+
 def _free_port() -> int:
     import socket
 
@@ -387,17 +456,30 @@ def test_dagster_dev_shows_every_asset_in_headless_chromium(tmp_path):
     root = make_project(tmp_path / "proj")
     for name in ("pyproject.toml", "workflows"):
         src = ROOT / name
-        (shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
-         else shutil.copy2(src, root / name))
+        (
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+            if src.is_dir()
+            else shutil.copy2(src, root / name)
+        )
     names = stage_names(root / "dvc.yaml")
     port = _free_port()
     home = tmp_path / "dagster_home"
     home.mkdir()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(root),
-           "DAGSTER_HOME": str(home)}
-    log = open(tmp_path / "dagster_dev.log", "w")
-    server = subprocess.Popen([str(BIN / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port)], cwd=root, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(root),
+        "DAGSTER_HOME": str(home),
+    }
+    log = open(tmp_path / "dagster_dev.log", "w")  # noqa: SIM115 (the server's log while it runs)
+    server = subprocess.Popen(
+        [str(BIN / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     browser = None
     try:
         deadline = time.monotonic() + 300
@@ -412,19 +494,26 @@ def test_dagster_dev_shows_every_asset_in_headless_chromium(tmp_path):
         browser = Browser()
         browser.open(f"http://127.0.0.1:{port}/asset-groups")
         deadline = time.monotonic() + 180
-        while "Global asset lineage" not in browser.text() or not any(g in browser.text() for g in ("data", "classifier")):
+        while "Global asset lineage" not in browser.text() or not any(
+            g in browser.text() for g in ("data", "classifier")
+        ):
             assert time.monotonic() < deadline, browser.text()[:2000]
             time.sleep(1)
+
         def dismiss_prompt():  # the newsletter prompt, which pops up once the app has loaded
-            browser.call("Runtime.evaluate", expression="[...document.querySelectorAll('button')]"
-                         ".filter(b => b.innerText.trim() === 'Skip').forEach(b => b.click())")
+            browser.call(
+                "Runtime.evaluate",
+                expression="[...document.querySelectorAll('button')]"
+                ".filter(b => b.innerText.trim() === 'Skip').forEach(b => b.click())",
+            )
 
         # "Expand all groups" (its keyboard shortcut, Alt+E) shows every asset node
         missing = names
         while missing:  # Alt+E toggles: press once, then give the layout time before pressing again
             for kind in ("rawKeyDown", "keyUp"):
-                browser.call("Input.dispatchKeyEvent", type=kind, modifiers=1, key="e", code="KeyE",
-                             windowsVirtualKeyCode=69)
+                browser.call(
+                    "Input.dispatchKeyEvent", type=kind, modifiers=1, key="e", code="KeyE", windowsVirtualKeyCode=69
+                )
             for _ in range(20):
                 time.sleep(1)
                 missing = [n for n in names if n not in browser.text().split()]

@@ -2,7 +2,6 @@
 workspace, so DVC's cache and dvc.lock stay the one record; the asset's data version is
 the hash of the stage's outputs as dvc.lock records them."""
 
-
 import base64
 import json
 import math
@@ -46,8 +45,9 @@ def _value(v: Any) -> MetadataValue:
     return MetadataValue.text(str(v))
 
 
-def stage_metadata(stage: Stage, root: Path, lock_entry: dict[str, Any] | None,
-                   wandb: WandbResource | None = None) -> dict[str, Any]:
+def stage_metadata(
+    stage: Stage, root: Path, lock_entry: dict[str, Any] | None, wandb: WandbResource | None = None
+) -> dict[str, Any]:
     """Figures from the stage's metrics files, its outputs (path, size, DVC hash) and plots."""
     md: dict[str, Any] = {}
     for rel in stage.metrics:
@@ -59,7 +59,9 @@ def stage_metadata(stage: Stage, root: Path, lock_entry: dict[str, Any] | None,
     if lock_entry:
         rows = ["| output | size | files | DVC md5 |", "| --- | --- | --- | --- |"]
         for o in lock_entry.get("outs", []):
-            rows.append(f"| `{o['path']}` | {human_size(o.get('size'))} | {o.get('nfiles', 1)} | `{o.get('md5', '')}` |")
+            rows.append(
+                f"| `{o['path']}` | {human_size(o.get('size'))} | {o.get('nfiles', 1)} | `{o.get('md5', '')}` |"
+            )
         md["outputs"] = MetadataValue.md("\n".join(rows))
         md["output_bytes"] = MetadataValue.int(sum(int(o.get("size") or 0) for o in lock_entry.get("outs", [])))
         md[LOCK_ENTRY_KEY] = MetadataValue.text(lock_entry_version(lock_entry) or "")
@@ -89,8 +91,10 @@ def stage_asset(stage: Stage) -> AssetsDefinition:
         with dvc.locked(context.log.info):
             changed = dvc.apply_params()
             if changed:
-                context.log.warning(f"params.yaml: run config (profile={dvc.profile!r}, set={list(dvc.set)}) "
-                                    f"wrote {len(changed)} key(s): {', '.join(changed)}")
+                context.log.warning(
+                    f"params.yaml: run config (profile={dvc.profile!r}, set={list(dvc.set)}) "
+                    f"wrote {len(changed)} key(s): {', '.join(changed)}"
+                )
             lines = dvc.run(["repro", "--single-item", stage.name], wandb.env(), context.log.info)
             entry = read_lock(dvc.path).get(stage.name)
         if entry is None:

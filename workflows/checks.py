@@ -1,11 +1,10 @@
 """Asset checks over the metrics files the stages write (read from the DVC workspace).
 A check exists only when its stage is in dvc.yaml."""
 
-
 import math
-from typing import Callable
+from collections.abc import Callable
 
-from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, AssetChecksDefinition, asset_check
+from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetChecksDefinition, AssetCheckSeverity, asset_check
 
 from .assets import read_json
 from .dvc_project import Stage
@@ -18,23 +17,28 @@ def _metrics(dvc: DvcWorkspace, stage: Stage) -> tuple[dict | None, str]:
 
 
 def _missing(rel: str, keys: list[str], severity=AssetCheckSeverity.ERROR) -> AssetCheckResult:
-    return AssetCheckResult(passed=False, severity=severity,
-                            description=f"{rel}: missing or without the key(s) {keys}; expected numbers there")
+    return AssetCheckResult(
+        passed=False,
+        severity=severity,
+        description=f"{rel}: missing or without the key(s) {keys}; expected numbers there",
+    )
 
 
 def _num(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
-def _compare(rel: str, figures: dict[str, float | None], passed: Callable[..., bool], severity,
-             description: str) -> AssetCheckResult:
+def _compare(
+    rel: str, figures: dict[str, float | None], passed: Callable[..., bool], severity, description: str
+) -> AssetCheckResult:
     """A check on two or more named figures (its metadata): fails naming the missing ones,
     else `passed(*values)` decides; `description` is formatted with the values."""
     if any(v is None for v in figures.values()):
         return _missing(rel, [k for k, v in figures.items() if v is None], severity)
     values = list(figures.values())
-    return AssetCheckResult(passed=bool(passed(*values)), severity=severity,
-                            description=description.format(*values), metadata=figures)
+    return AssetCheckResult(
+        passed=bool(passed(*values)), severity=severity, description=description.format(*values), metadata=figures
+    )
 
 
 def build_checks(stages: list[Stage]) -> list[AssetChecksDefinition]:
@@ -42,44 +46,80 @@ def build_checks(stages: list[Stage]) -> list[AssetChecksDefinition]:
     checks: list[AssetChecksDefinition] = []
 
     if "pretrain" in by:
-        @asset_check(asset="pretrain", name="val_loss_below_initial",
-                     description="pretraining reduced the validation loss: final val_loss is finite and below initial_val_loss")
+
+        @asset_check(
+            asset="pretrain",
+            name="val_loss_below_initial",
+            description="pretraining reduced the validation loss: final val_loss is finite and below initial_val_loss",
+        )
         def val_loss_below_initial(context: AssetCheckExecutionContext, dvc: DvcWorkspace) -> AssetCheckResult:
             m, rel = _metrics(dvc, by["pretrain"])
             figures = {k: _num((m or {}).get(k)) for k in ("val_loss", "initial_val_loss")}
-            return _compare(rel, figures, lambda final, init: math.isfinite(final) and final < init,
-                            AssetCheckSeverity.ERROR, "val_loss {:.4f} vs initial {:.4f}")
+            return _compare(
+                rel,
+                figures,
+                lambda final, init: math.isfinite(final) and final < init,
+                AssetCheckSeverity.ERROR,
+                "val_loss {:.4f} vs initial {:.4f}",
+            )
+
         checks.append(val_loss_below_initial)
 
     if "finetune_spam" in by:
-        @asset_check(asset="finetune_spam", name="accuracy_above_floor",
-                     description="test accuracy of the spam classifier is above the configured floor (resource gates)")
-        def accuracy_above_floor(context: AssetCheckExecutionContext, dvc: DvcWorkspace,
-                                 gates: QualityGates) -> AssetCheckResult:
+
+        @asset_check(
+            asset="finetune_spam",
+            name="accuracy_above_floor",
+            description="test accuracy of the spam classifier is above the configured floor (resource gates)",
+        )
+        def accuracy_above_floor(
+            context: AssetCheckExecutionContext, dvc: DvcWorkspace, gates: QualityGates
+        ) -> AssetCheckResult:
             m, rel = _metrics(dvc, by["finetune_spam"])
             acc = _num((m or {}).get("test_accuracy"))
             if acc is None:
                 return _missing(rel, ["test_accuracy"])
-            return AssetCheckResult(passed=acc > gates.spam_accuracy_floor, severity=AssetCheckSeverity.ERROR,
-                                    description=f"test accuracy {acc:.4f} vs floor {gates.spam_accuracy_floor}",
-                                    metadata={"test_accuracy": acc, "floor": gates.spam_accuracy_floor})
+            return AssetCheckResult(
+                passed=acc > gates.spam_accuracy_floor,
+                severity=AssetCheckSeverity.ERROR,
+                description=f"test accuracy {acc:.4f} vs floor {gates.spam_accuracy_floor}",
+                metadata={"test_accuracy": acc, "floor": gates.spam_accuracy_floor},
+            )
+
         checks.append(accuracy_above_floor)
 
         if "baseline_spam" in by:
-            @asset_check(asset="finetune_spam", name="accuracy_at_least_baseline", additional_deps=["baseline_spam"],
-                         description="the GPT classifier is at least as accurate as the TF-IDF baseline on the same test split")
+
+            @asset_check(
+                asset="finetune_spam",
+                name="accuracy_at_least_baseline",
+                additional_deps=["baseline_spam"],
+                description="the GPT classifier is at least as accurate as the TF-IDF baseline on the same test split",
+            )
             def accuracy_at_least_baseline(context: AssetCheckExecutionContext, dvc: DvcWorkspace) -> AssetCheckResult:
                 m, rel = _metrics(dvc, by["finetune_spam"])
                 b, brel = _metrics(dvc, by["baseline_spam"])
-                figures = {"test_accuracy": _num((m or {}).get("test_accuracy")),
-                           "baseline_test_accuracy": _num((b or {}).get("test_accuracy"))}
-                return _compare(f"{rel} / {brel}", figures, lambda acc, base: acc >= base, AssetCheckSeverity.WARN,
-                                "test accuracy {:.4f} vs TF-IDF baseline {:.4f}")
+                figures = {
+                    "test_accuracy": _num((m or {}).get("test_accuracy")),
+                    "baseline_test_accuracy": _num((b or {}).get("test_accuracy")),
+                }
+                return _compare(
+                    f"{rel} / {brel}",
+                    figures,
+                    lambda acc, base: acc >= base,
+                    AssetCheckSeverity.WARN,
+                    "test accuracy {:.4f} vs TF-IDF baseline {:.4f}",
+                )
+
             checks.append(accuracy_at_least_baseline)
 
     if "export_onnx" in by:
-        @asset_check(asset="export_onnx", name="onnx_matches_pytorch",
-                     description="the ONNX model gives the PyTorch logits (within parity_atol) and the same labels on the test split")
+
+        @asset_check(
+            asset="export_onnx",
+            name="onnx_matches_pytorch",
+            description="the ONNX model gives the PyTorch logits (within parity_atol) and the same labels on the test split",
+        )
         def onnx_matches_pytorch(context: AssetCheckExecutionContext, dvc: DvcWorkspace) -> AssetCheckResult:
             m, rel = _metrics(dvc, by["export_onnx"])
             m = m or {}
@@ -91,11 +131,23 @@ def build_checks(stages: list[Stage]) -> list[AssetChecksDefinition]:
                 return _missing(rel, ["parity_max_abs_logit_diff", "parity_label_mismatches"])
             labels_ok = (mism == 0) if mism is not None else (agree == 1.0)
             diff_ok = math.isfinite(diff) and (atol is None or diff <= atol)
-            meta = {k: v for k, v in (("max_abs_logit_diff", diff), ("parity_atol", atol),
-                                      ("label_mismatches", mism), ("label_agreement", agree)) if v is not None}
-            return AssetCheckResult(passed=labels_ok and diff_ok, severity=AssetCheckSeverity.ERROR,
-                                    description=f"max |Δlogit| {diff:.3g} (atol {atol}), "
-                                                f"label mismatches {mism if mism is not None else 1 - agree}",
-                                    metadata=meta)
+            meta = {
+                k: v
+                for k, v in (
+                    ("max_abs_logit_diff", diff),
+                    ("parity_atol", atol),
+                    ("label_mismatches", mism),
+                    ("label_agreement", agree),
+                )
+                if v is not None
+            }
+            return AssetCheckResult(
+                passed=labels_ok and diff_ok,
+                severity=AssetCheckSeverity.ERROR,
+                description=f"max |Δlogit| {diff:.3g} (atol {atol}), "
+                f"label mismatches {mism if mism is not None else 1 - agree}",
+                metadata=meta,
+            )
+
         checks.append(onnx_matches_pytorch)
     return checks

@@ -12,18 +12,9 @@ from typing import Any
 
 import yaml
 
-# Stage name -> asset group; a stage not listed here lands in DEFAULT_GROUP.
-GROUPS = {
-    "fetch": "data",
-    "prepare": "data",
-    "pretrain": "pretraining",
-    "finetune_spam": "classifier",
-    "baseline_spam": "classifier",
-    "finetune_instruct": "instruction",
-    "export_onnx": "serving",
-    "package": "serving",
-}
-DEFAULT_GROUP = "pipeline"
+from gptpkg.stages import STAGES
+
+DEFAULT_GROUP = "pipeline"  # a dvc.yaml stage the registry (gptpkg.stages.STAGES) does not know
 
 ROOT_ENV = "GPTPKG_DVC_ROOT"
 
@@ -63,7 +54,7 @@ def _inside(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
-def _hash_path(h: "hashlib._Hash", p: Path) -> None:
+def _hash_path(h: hashlib._Hash, p: Path) -> None:
     if p.is_file():
         h.update(p.read_bytes())
     elif p.is_dir():
@@ -84,8 +75,9 @@ def load_stages(root: str | Path) -> list[Stage]:
         raise DvcProjectError(f"no dvc.yaml in the DVC workspace {root} (set ${ROOT_ENV} to the project root)")
     repo = Repo(str(root))
     try:
-        stages = [s for s in repo.index.stages if getattr(s, "name", None)
-                  and Path(s.path).resolve() == root / "dvc.yaml"]
+        stages = [
+            s for s in repo.index.stages if getattr(s, "name", None) and Path(s.path).resolve() == root / "dvc.yaml"
+        ]
         graph = repo.index.graph
         raw = []
         for s in stages:
@@ -95,9 +87,17 @@ def load_stages(root: str | Path) -> list[Stage]:
             # params are DVC's business (per key, in dvc.lock): a profile written for one run
             # must not make every asset's code version differ from the one it ran with
             files = [d for d in s.deps if not isinstance(d, ParamsDependency)]
-            raw.append((s.name, s.cmd if isinstance(s.cmd, str) else " && ".join(s.cmd),
-                        upstream, [rel(d) for d in files], [rel(o) for o in outs],
-                        [rel(o) for o in outs if o.metric], [rel(o) for o in outs if o.plot]))
+            raw.append(
+                (
+                    s.name,
+                    s.cmd if isinstance(s.cmd, str) else " && ".join(s.cmd),
+                    upstream,
+                    [rel(d) for d in files],
+                    [rel(o) for o in outs],
+                    [rel(o) for o in outs if o.metric],
+                    [rel(o) for o in outs if o.plot],
+                )
+            )
     finally:
         repo.close()
     order = [r[0] for r in raw]
@@ -110,8 +110,19 @@ def load_stages(root: str | Path) -> list[Stage]:
                 h.update(d.encode())
                 _hash_path(h, root / d)
         plots = sorted(plots, key=lambda p: not p.endswith(".png"))
-        out.append(Stage(name, cmd, tuple(n for n in order if n in upstream), tuple(deps), tuple(outs),
-                         tuple(metrics), tuple(plots), h.hexdigest()[:16], GROUPS.get(name, DEFAULT_GROUP)))
+        out.append(
+            Stage(
+                name,
+                cmd,
+                tuple(n for n in order if n in upstream),
+                tuple(deps),
+                tuple(outs),
+                tuple(metrics),
+                tuple(plots),
+                h.hexdigest()[:16],
+                STAGES[name].group if name in STAGES else DEFAULT_GROUP,
+            )
+        )
     return out
 
 

@@ -1,16 +1,15 @@
 """Resources: the DVC workspace a stage runs in, our own small W&B resource, and the
 quality gates the asset checks compare against."""
 
-
 import collections
 import fcntl
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from dagster import ConfigurableResource, Failure, MetadataValue
 from pydantic import Field
@@ -86,8 +85,10 @@ class DvcWorkspace(ConfigurableResource):
                         yield False
                         return
                     if time.monotonic() > deadline:
-                        raise Failure(f"DVC workspace {self.path} stayed locked for {self.lock_timeout_s:.0f} s "
-                                      f"({lock_dir / LOCK_NAME}); is another stage stuck?")
+                        raise Failure(
+                            f"DVC workspace {self.path} stayed locked for {self.lock_timeout_s:.0f} s "
+                            f"({lock_dir / LOCK_NAME}); is another stage stuck?"
+                        ) from None
                     if log and not told:
                         log(f"waiting for the DVC workspace lock ({lock_dir / LOCK_NAME}): another stage is running")
                         told = True
@@ -101,8 +102,7 @@ class DvcWorkspace(ConfigurableResource):
         """Write this run's profile / overrides into params.yaml; returns the changed keys."""
         if not self.profile and not self.set:
             return []
-        from gptpkg.config import ConfigError
-        from gptpkg.stages import apply_profile
+        from gptpkg.config import ConfigError, apply_profile
 
         try:
             return apply_profile(self.path / "params.yaml", self.profile or None, list(self.set))
@@ -112,14 +112,19 @@ class DvcWorkspace(ConfigurableResource):
     def run(self, args: list[str], env: dict[str, str], log: Callable[[str], None]) -> list[str]:
         """Run `dvc <args>` in the workspace, streaming every output line to `log`.
         Returns the output lines; raises Failure carrying the stage's own error on a non-zero exit."""
-        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1",
-                    "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+        full_env = {
+            **os.environ,
+            **env,
+            "PYTHONUNBUFFERED": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        }
         cmd = [sys.executable, "-m", "dvc", *args]
         log(f"$ dvc {' '.join(args)}    (in {self.path})")
         lines: list[str] = []
         tail: collections.deque[str] = collections.deque(maxlen=60)
-        proc = subprocess.Popen(cmd, cwd=self.path, env=full_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(
+            cmd, cwd=self.path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")
@@ -131,7 +136,11 @@ class DvcWorkspace(ConfigurableResource):
         if rc != 0:
             errors = [ln.strip() for ln in lines if "error:" in ln.lower() or ln.startswith("ERROR")]
             reason = "\n".join(errors) or "\n".join(list(tail)[-5:])
-            raise Failure(description=f"`dvc {' '.join(args)}` failed (exit {rc}):\n{reason}",
-                          metadata={"log tail": MetadataValue.text("\n".join(tail)),
-                                    "workspace": MetadataValue.path(str(self.path))})
+            raise Failure(
+                description=f"`dvc {' '.join(args)}` failed (exit {rc}):\n{reason}",
+                metadata={
+                    "log tail": MetadataValue.text("\n".join(tail)),
+                    "workspace": MetadataValue.path(str(self.path)),
+                },
+            )
         return lines

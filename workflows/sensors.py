@@ -3,7 +3,6 @@ changed since Dagster last recorded it is reported as a (runless) materializatio
 DVC's data version and provenance, so Dagster shows it fresh exactly when `dvc status`
 does (and stale when DVC would rerun it)."""
 
-
 from dagster import (
     AssetKey,
     AssetMaterialization,
@@ -30,7 +29,7 @@ def _recorded(instance: DagsterInstance, name: str) -> tuple[str | None, dict[st
         return None, {}
     val = mat.metadata.get(LOCK_ENTRY_KEY)
     prefix = "dagster/input_data_version/"
-    inputs = {k[len(prefix):]: v for k, v in (mat.tags or {}).items() if k.startswith(prefix)}
+    inputs = {k[len(prefix) :]: v for k, v in (mat.tags or {}).items() if k.startswith(prefix)}
     return getattr(val, "value", None), inputs
 
 
@@ -87,22 +86,37 @@ def shell_run_events(instance: DagsterInstance, dvc: DvcWorkspace) -> list[Asset
         fresh = s.name not in status
         if not reran and not fresh:
             continue  # DVC would rerun it too: Dagster's "stale" is right
-        tags = {"dagster/data_version": current[s.name] or "none",
-                "dagster/data_version_is_user_provided": "true",
-                "dagster/code_version": s.code_version if fresh else CHANGED}
+        tags = {
+            "dagster/data_version": current[s.name] or "none",
+            "dagster/data_version_is_user_provided": "true",
+            "dagster/code_version": s.code_version if fresh else CHANGED,
+        }
         for u in s.upstream:
             tags[f"dagster/input_data_version/{u}"] = current[u] if fresh and current[u] else CHANGED
             tags[f"dagster/input_event_pointer/{u}"] = _latest_storage_id(instance, u)
         md = stage_metadata(s, dvc.path, entry)
-        md["reported_by"] = ("dvc.lock sensor: stage reproduced outside Dagster (dvc repro)" if reran else
-                             "dvc.lock sensor: an upstream stage reran but `dvc status` finds this stage up to date")
-        events.append(AssetMaterialization(asset_key=s.name, metadata=md, tags=tags,
-                                           description="dvc repro outside Dagster" if reran else "up to date per dvc status"))
+        md["reported_by"] = (
+            "dvc.lock sensor: stage reproduced outside Dagster (dvc repro)"
+            if reran
+            else "dvc.lock sensor: an upstream stage reran but `dvc status` finds this stage up to date"
+        )
+        events.append(
+            AssetMaterialization(
+                asset_key=s.name,
+                metadata=md,
+                tags=tags,
+                description="dvc repro outside Dagster" if reran else "up to date per dvc status",
+            )
+        )
     return events
 
 
-@sensor(name="dvc_lock_sensor", minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING,
-        description="records stages that `dvc repro` ran outside Dagster (from dvc.lock), so both agree on what is stale")
+@sensor(
+    name="dvc_lock_sensor",
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="records stages that `dvc repro` ran outside Dagster (from dvc.lock), so both agree on what is stale",
+)
 def dvc_lock_sensor(context: SensorEvaluationContext, dvc: DvcWorkspace):
     events = shell_run_events(context.instance, dvc)
     if events is None:

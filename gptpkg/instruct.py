@@ -1,0 +1,119 @@
+"""The `finetune_instruct` stage: the pretrained GPT fine-tuned on Alpaca-style
+instructions; its responses to the test instructions are written beside its metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import InstructConfig
+from .data import InstructionDataset, format_prompt, instruction_collate
+from .files import atomic_write_text
+from .finetune import batching, initial_model
+from .generate import generate_text
+from .tokenizer import get_tokenizer
+from .train import autocast_dtype, batches_of, fit, lm_loss, mean_loss, resolve_device, set_seed
+
+
+def run(cfg: InstructConfig, ctx) -> dict[str, Any]:
+    paths = ctx.paths
+    set_seed(cfg.seed)
+    model = initial_model(cfg, "finetune_instruct", paths.pretrained)
+    tok = get_tokenizer(ctx.mirror)
+    splits = {
+        p: json.loads((Path(paths.processed) / "instruct" / f"{p}.json").read_text(encoding="utf-8"))
+        for p in ("train", "val", "test")
+    }
+    sets = {p: InstructionDataset(rows, tok) for p, rows in splits.items()}
+    collate = partial(instruction_collate, allowed_max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
+    device = resolve_device(cfg.device)
+    dtype = autocast_dtype(cfg.precision, device)
+    model.to(device)
+    eval_sets = {p: batches_of(sets[p], collate, cfg.batch_size) for p in ("train", "val", "test")}
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        return {"val_loss": mean_loss(m, eval_sets["val"], lm_loss, device, cfg.eval_batches, dtype)}
+
+    plan, train_collate = batching(cfg, [len(it["input_ids"]) for it in sets["train"].items], collate)
+    result = fit(
+        model,
+        sets["train"],
+        train_collate,
+        cfg,
+        loss_fn=lm_loss,
+        eval_fn=evaluate,
+        batch_plan=plan,
+        checkpoint_dir=paths.instruct_model,
+        meta={"stage": "finetune_instruct"},
+        ctx=ctx,
+        desc="finetune_instruct",
+    )
+    # train loss over eval_batches (0 = all) batches: a full pass over the train split costs
+    # more than the training itself on CPU; val and test are always complete.
+    metrics: dict[str, Any] = {
+        f"{p}_loss": mean_loss(model, b, lm_loss, device, cfg.eval_batches if p == "train" else 0, dtype)
+        for p, b in eval_sets.items()
+    }
+    responses = []
+    for entry in splits["test"]:
+        prompt = format_prompt(entry) + "\n\n### Response:\n"
+        text = generate_text(model, tok, prompt, cfg.max_new_tokens).strip()
+        responses.append({**{k: entry.get(k, "") for k in ("instruction", "input", "output")}, "model_response": text})
+    metrics.update(judge_responses(responses, cfg))
+    atomic_write_text(
+        Path(paths.metrics) / "instruct_responses.json", json.dumps(responses, indent=1, ensure_ascii=False) + "\n"
+    )
+    ctx.logger.log_table(
+        "test_responses",
+        ["instruction", "input", "output", "model_response"],
+        [list(r.values()) for r in responses[:50]],
+    )
+    metrics.update(
+        {
+            "steps": result.steps,
+            "wall_time_s": result.wall_time_s,
+            "tokens_per_s": result.tokens_per_s,
+            "history": result.history,
+            "test_perplexity": math.exp(min(metrics["test_loss"], 50.0)),
+        }
+    )
+    return metrics
+
+
+def judge_responses(responses: list[dict], cfg: InstructConfig) -> dict[str, Any]:
+    """Score each response 0-100 through an OpenAI-compatible chat endpoint (e.g. a
+    local Ollama at http://localhost:11434/v1) when `judge_url` is set."""
+    if not cfg.judge_url:
+        print("finetune_instruct: judge_url not set, skipped judging the responses")
+        return {"judge": "skipped"}
+    import urllib.request
+
+    scores = []
+    for r in responses:
+        prompt = (
+            f"Given the input `{format_prompt(r)}` and correct output `{r['output']}`, score the "
+            f"model response `{r['model_response']}` on a scale from 0 to 100, where 100 is the "
+            f"best score. Respond with the integer number only."
+        )
+        body = json.dumps(
+            {"model": cfg.judge_model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "seed": 123}
+        ).encode()
+        req = urllib.request.Request(
+            cfg.judge_url.rstrip("/") + "/chat/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            content = json.loads(resp.read())["choices"][0]["message"]["content"]
+        try:
+            scores.append(max(0, min(100, int(content.strip().split()[0]))))
+        except (ValueError, IndexError):
+            continue
+    return {
+        "judge": cfg.judge_model,
+        "judge_mean_score": sum(scores) / len(scores) if scores else None,
+        "judge_scored": len(scores),
+    }
