@@ -2,7 +2,7 @@
 (HEAD) in a temp folder, `dvc repro`, then per-stage wall and CPU time from
 metrics/runtime/<stage>.json and the headline figures from metrics/<stage>.json.
 
-    python bench/pipeline_time.py [--profile NAME] [--keep DIR] [--png OUT.png]
+    python bench/pipeline_time.py [--rev REV] [--profile NAME] [--keep DIR] [--png OUT.png]
     python bench/pipeline_time.py --report DIR      # the tables of a finished run in DIR
 
 Needs the offline mirror (../shared/data or $GPTPKG_DATA_MIRROR) or the internet. W&B
@@ -55,6 +55,10 @@ def report(work: Path, total: float | None) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--rev",
+        help="check out this commit of the clone first (default: HEAD); run two at once to compare them side by side",
+    )
     ap.add_argument("--profile", help="write profiles/NAME.yaml into params.yaml first")
     ap.add_argument("--keep", help="clone into this folder (kept) instead of a temp folder")
     ap.add_argument("--png", help="copy plots/pretrain_loss.png here afterwards")
@@ -78,6 +82,8 @@ def main() -> int:
         env["GPTPKG_DATA_MIRROR"] = str(mirror)  # the clone lives elsewhere: ../shared/data would miss
     try:
         subprocess.run(["git", "clone", "-q", str(ROOT), str(work)], check=True)
+        if args.rev:
+            subprocess.run(["git", "checkout", "-q", args.rev], cwd=work, check=True)
         if args.profile:
             subprocess.run([str(bin_dir / "gptpkg"), "profile", args.profile], cwd=work, env=env, check=True)
         t0 = time.perf_counter()
