@@ -343,9 +343,13 @@ class ExportConfig:
     batch_size: int  # rows per run for the parity check and the accuracy figures
     int8: bool  # also write a dynamic-quantized int8 copy (kept only if it passes the gate)
     int8_max_drop: float  # accuracy points (0-100) int8 may lose against fp32 on the test split
+    min_test_accuracy: float  # a classifier below this test accuracy is not exported (the quality gate)
 
     def __post_init__(self) -> None:
         require(self.opset >= 17, "opset", "an ONNX opset >= 17", self.opset)
+        require(
+            0.0 <= self.min_test_accuracy <= 1.0, "min_test_accuracy", "a fraction in [0, 1]", self.min_test_accuracy
+        )
         require(self.parity_atol > 0, "parity_atol", "a tolerance > 0", self.parity_atol)
         require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         require(self.int8_max_drop >= 0, "int8_max_drop", "accuracy points >= 0", self.int8_max_drop)

@@ -115,6 +115,17 @@ def torch_logits(model, ids: list[list[int]], pad, batch_size: int):
     return np.concatenate(out)
 
 
+def check_accuracy_floor(accuracy: float, n: int, cfg: ExportConfig, paths) -> None:
+    """The quality gate: a classifier below `min_test_accuracy` is not exported, so neither
+    `dvc repro` nor a Dagster run can package it (the Dagster check reads the same key)."""
+    if accuracy < cfg.min_test_accuracy:
+        raise ExportError(
+            f"{paths.spam_classifier}: test accuracy {accuracy:.4f} on {n} messages is below "
+            f"params.export_onnx.min_test_accuracy {cfg.min_test_accuracy}; not exported, "
+            f"{paths.onnx} left unchanged"
+        )
+
+
 def run(cfg: ExportConfig, ctx) -> dict[str, Any]:
     import numpy as np
 
@@ -139,6 +150,8 @@ def run(cfg: ExportConfig, ctx) -> dict[str, Any]:
         fp32 = OnnxSpamClassifier(tmp / FP32_FILE, device="cpu")
         ids = [fp32.encode(t) for t, _ in test]
         ref = torch_logits(model, ids, fp32.pad, cfg.batch_size)
+        metrics["torch_test_accuracy"] = classification_metrics(y_true, ref.argmax(1).tolist())["accuracy"]
+        check_accuracy_floor(metrics["torch_test_accuracy"], len(test), cfg, paths)
         got = fp32.logits_of_ids(ids, cfg.batch_size)
         diff = float(np.abs(got - ref).max())
         mismatches = int((got.argmax(1) != ref.argmax(1)).sum())
@@ -152,7 +165,6 @@ def run(cfg: ExportConfig, ctx) -> dict[str, Any]:
                 f"{paths.onnx} left unchanged"
             )
         acc = classification_metrics(y_true, got.argmax(1).tolist(), "test_")
-        metrics["torch_test_accuracy"] = classification_metrics(y_true, ref.argmax(1).tolist())["accuracy"]
         metrics.update({"fp32_" + k: v for k, v in acc.items()})
         metrics["fp32_size_mb"] = round((tmp / FP32_FILE).stat().st_size / 2**20, 2)
         if cfg.int8:

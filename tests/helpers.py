@@ -65,11 +65,14 @@ def prepared_tiny_workspace(root: Path) -> Path:
 
 def params_in(root: Path, *overrides: str, profile: str | None = None):
     """This repo's params (optionally a profile), every path moved under `root`, W&B
-    disabled, then `overrides` (section.key=value): the typed `Params` a stage takes."""
+    disabled, the export's accuracy floor at 0 (test classifiers train for a few steps),
+    then `overrides` (section.key=value): the typed `Params` a stage takes."""
     import dataclasses
 
     from gptpkg.config import load_params
 
     base = load_params(ROOT / "params.yaml", profile=profile)
     paths = [f"paths.{k}={Path(root) / v}" for k, v in dataclasses.asdict(base.paths).items()]
-    return load_params(ROOT / "params.yaml", [*paths, "wandb.mode=disabled", *overrides], profile)
+    return load_params(
+        ROOT / "params.yaml", [*paths, "wandb.mode=disabled", "export_onnx.min_test_accuracy=0.0", *overrides], profile
+    )

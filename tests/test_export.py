@@ -99,7 +99,7 @@ def test_int8_gate_keeps_or_drops(tiny_onnx_export, tmp_path):
     clf = OnnxSpamClassifier(tmp_path / FP32_FILE, device="cpu")
     ids = [clf.encode(t) for t in ["win cash now", "see you", "call 0800 now", "ok lol"] * 5]
     y = [1 - int(k) for k in clf.logits_of_ids(ids).argmax(1)]  # truth = the opposite of fp32's answers
-    cfg = ExportConfig(opset=18, parity_atol=1e-4, batch_size=8, int8=True, int8_max_drop=0.5)
+    cfg = ExportConfig(opset=18, parity_atol=1e-4, batch_size=8, int8=True, int8_max_drop=0.5, min_test_accuracy=0.0)
     # Against an fp32 accuracy of 1.0, int8 (close to fp32, so close to 0 here) fails the gate.
     dropped = quantize_int8(tmp_path, ids, y, 1.0, cfg)
     assert dropped["int8_kept"] is False, dropped
@@ -130,6 +130,20 @@ def test_failed_parity_writes_nothing(tiny_onnx_export, monkeypatch):
         _export(_with(params, "export_onnx", int8=False))
     assert onnx_file.read_bytes() == before
     assert not [f for f in onnx_file.parent.parent.iterdir() if f.name.startswith(".onnx.tmp")]
+
+
+def test_a_classifier_below_the_floor_is_not_exported(tiny_onnx_export):
+    """The quality gate: below export_onnx.min_test_accuracy the stage refuses, naming the key,
+    and the previous export stays."""
+    params, metrics = tiny_onnx_export
+    onnx_file = Path(params.paths.onnx) / FP32_FILE
+    before = onnx_file.read_bytes()
+    floor = min(1.0, metrics["torch_test_accuracy"] + 0.01)
+    with pytest.raises(ExportError, match=r"below params.export_onnx.min_test_accuracy .*; not exported"):
+        _export(_with(params, "export_onnx", int8=False, min_test_accuracy=floor))
+    assert onnx_file.read_bytes() == before
+    with pytest.raises(ConfigError, match=r"params.export_onnx.min_test_accuracy: expected a fraction in \[0, 1\]"):
+        params_in(Path(params.paths.onnx).parent, "export_onnx.min_test_accuracy=80")
 
 
 def test_bad_inputs_are_named(tiny_onnx_export, tmp_path):
