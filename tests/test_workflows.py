@@ -2,6 +2,7 @@
 of the whole graph (tiny profile) in a temp DVC repository, checks, failures, the
 dvc.lock sensor, and `dagster definitions validate`."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -220,36 +221,44 @@ def test_run_config_params_go_through_gptpkg_profile(tmp_path):
     assert yaml.safe_load((tmp_path / "params.yaml").read_text())["finetune_spam"]["lr"] == 0.002
 
 
-def test_workspace_lock_serializes_stages(tmp_path):
-    """While one stage holds the workspace lock another waits (and gives up with a clear error
-    after lock_timeout_s); the sensor does not wait at all."""
-    import threading
+RUN_IN_POOL = """
+import sys, time
+from dagster import DagsterInstance, asset, materialize
+from workflows.assets import POOL
 
-    from dagster import Failure
+@asset(name=sys.argv[2], pool=POOL)
+def step():
+    t0 = time.time()
+    time.sleep(2)
+    print("SPAN", t0, time.time())
 
-    from workflows.resources import DvcWorkspace
+assert materialize([step], instance=DagsterInstance.from_config(sys.argv[1])).success
+"""
 
-    ws = DvcWorkspace(root=str(tmp_path), lock_timeout_s=1.0)
-    with ws.locked():
-        with ws.locked(wait=False) as got:
-            assert got is False
-        t0 = time.perf_counter()
-        with pytest.raises(Failure, match="stayed locked"), ws.locked():
-            pass
-        assert time.perf_counter() - t0 >= 1.0
-    order = []
 
-    def second():
-        with DvcWorkspace(root=str(tmp_path)).locked():
-            order.append("second")
+def test_the_pool_runs_one_stage_at_a_time(tmp_path):
+    """The instance settings in dagster.yaml limit the stages' pool to one step at a time
+    across runs: two runs started together (two processes, as the daemon launches them)
+    execute their pool steps one after the other."""
+    from dagster import DagsterInstance
 
-    with ws.locked():
-        t = threading.Thread(target=second)
-        t.start()
-        time.sleep(0.8)
-        order.append("first done")
-    t.join(10)
-    assert order == ["first done", "second"]
+    shutil.copy(ROOT / "dagster.yaml", tmp_path / "dagster.yaml")
+    assert DagsterInstance.from_config(str(tmp_path)).get_concurrency_config().pool_config.default_pool_limit == 1
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DAGSTER_HOME": str(tmp_path)}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RUN_IN_POOL, str(tmp_path), name], env=env, stdout=subprocess.PIPE, text=True
+        )
+        for name in ("a", "b")
+    ]
+    spans = []
+    for p in runs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out
+        (line,) = [ln for ln in out.splitlines() if ln.startswith("SPAN")]
+        spans.append(tuple(map(float, line.split()[1:])))
+    (_, first_end), (second_start, _) = sorted(spans)
+    assert first_end <= second_start, spans
 
 
 @pytest.mark.integration
@@ -271,12 +280,14 @@ def test_definitions_validate_from_the_root():
 
 
 def _resources(root: Path, **dvc_over):
-    from workflows.resources import DvcWorkspace, QualityGates, WandbResource
+    from dagster import PipesSubprocessClient
+
+    from workflows.resources import DvcWorkspace, WandbResource
 
     return {
         "dvc": DvcWorkspace(root=str(root), **dvc_over),
         "wandb": WandbResource(mode="offline"),
-        "gates": QualityGates(spam_accuracy_floor=0.0),
+        "pipes_subprocess_client": PipesSubprocessClient(),
     }
 
 
@@ -286,13 +297,11 @@ def _all(defs):
 
 @pytest.mark.integration
 def test_materialize_all_tiny_then_dvc_agrees(tmp_path, stage_env):
-    from dagster import AssetKey, DagsterInstance, materialize
-    from dagster._core.definitions.data_version import StaleStatus
-    from dagster._utils.test.data_versions import get_stale_status_resolver
+    from dagster import AssetKey, DagsterInstance, build_sensor_context, materialize
 
     from workflows import build_definitions
     from workflows.dvc_project import outs_version, read_lock
-    from workflows.sensors import shell_run_events
+    from workflows.sensors import dvc_lock_sensor, shell_run_stages
 
     root = make_project(tmp_path / "proj")
     stage_env(root)
@@ -322,7 +331,7 @@ def test_materialize_all_tiny_then_dvc_agrees(tmp_path, stage_env):
         for e in result.get_asset_materialization_events()
     }
     assert md["pretrain"]["val_loss"].value == pytest.approx(
-        __import__("json").loads((root / "metrics/pretrain.json").read_text())["val_loss"]
+        json.loads((root / "metrics/pretrain.json").read_text())["val_loss"]
     )
     for key in ("initial_val_loss", "tokens_per_s", "wall_time_s", "wandb_run", "outputs", "plot_pretrain_loss"):
         assert key in md["pretrain"], key
@@ -335,74 +344,93 @@ def test_materialize_all_tiny_then_dvc_agrees(tmp_path, stage_env):
 
     checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
     assert set(checks) >= {"val_loss_below_initial", "accuracy_above_floor", "accuracy_at_least_baseline"}
-    m = __import__("json").loads((root / "metrics/pretrain.json").read_text())
+    m = json.loads((root / "metrics/pretrain.json").read_text())
     assert checks["val_loss_below_initial"].passed == (m["val_loss"] < m["initial_val_loss"])
     assert checks["accuracy_above_floor"].passed  # floor 0.0
-    spam = __import__("json").loads((root / "metrics/finetune_spam.json").read_text())
-    base = __import__("json").loads((root / "metrics/baseline_spam.json").read_text())
+    spam = json.loads((root / "metrics/finetune_spam.json").read_text())
+    base = json.loads((root / "metrics/baseline_spam.json").read_text())
     assert checks["accuracy_at_least_baseline"].passed == (spam["test_accuracy"] >= base["test_accuracy"])
     assert checks["accuracy_at_least_baseline"].severity.value == "WARN"
 
-    # unchanged: the classifier re-materializes in seconds (DVC skips it); a floor above 1 fails loudly
-    from workflows.resources import QualityGates
-
+    # unchanged: the classifier re-materializes in seconds (DVC skips it). A floor above its
+    # accuracy fails the blocking check, so export_onnx and package never run
+    assert spam["test_accuracy"] < 1.0
+    onnx_before = (root / "models/onnx/model.onnx").read_bytes()
     t0 = time.perf_counter()
-    sel = [
-        a
-        for a in _all(defs)
-        if AssetKey("finetune_spam") in a.keys or any(k.asset_key == AssetKey("finetune_spam") for k in a.check_keys)
-    ]
+    serving = [AssetKey(n) for n in ("finetune_spam", "export_onnx", "package")]
     again = materialize(
-        sel,
+        [a for a in _all(defs) if set(a.keys) & set(serving) or {k.asset_key for k in a.check_keys} & set(serving)],
         instance=instance,
-        selection=[AssetKey("finetune_spam")],
-        resources={**_resources(root, profile="tiny"), "gates": QualityGates(spam_accuracy_floor=1.01)},
+        selection=serving,
+        resources=_resources(root, profile="tiny", set=["export_onnx.min_test_accuracy=1.0"]),
+        raise_on_error=False,
     )
     took = time.perf_counter() - t0
-    assert again.success
+    assert not again.success  # the gate fails the run
     (ev,) = again.get_asset_materialization_events()
-    assert ev.event_specific_data.materialization.metadata["dvc_skipped"].value is True
+    mat = ev.event_specific_data.materialization
+    assert mat.asset_key == AssetKey("finetune_spam") and mat.metadata["dvc_skipped"].value is True
     floor = {e.asset_check_key.name: e for e in again.get_asset_check_evaluations()}["accuracy_above_floor"]
-    assert not floor.passed and floor.severity.value == "ERROR"
+    assert not floor.passed and floor.severity.value == "ERROR" and floor.metadata["floor"].value == 1.0
+    (failed,) = [e.step_key for e in again.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failed == "finetune_spam_accuracy_above_floor"
+    started = {e.step_key for e in again.all_events if e.event_type_value == "STEP_START"}
+    assert not {"export_onnx", "package"} & started, started
     print(f"re-materialize unchanged finetune_spam: {took:.1f} s")
     assert took < 60
+    # the same floor stops `dvc repro` from a shell, with the stage's own message
+    p = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "package"],
+        cwd=root,
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode != 0
+    assert "below params.export_onnx.min_test_accuracy 1.0; not exported" in p.stdout + p.stderr
+    dvc(root, "checkout", "export_onnx")  # DVC removes a stage's outputs before it runs it
+    assert (root / "models/onnx/model.onnx").read_bytes() == onnx_before
+    assert _resources(root, set=["export_onnx.min_test_accuracy=0.0"])["dvc"].apply_params()
+    dvc(root, "repro")  # export_onnx again: the failed run removed its (uncached) metrics files
+    assert "Data and pipelines are up to date" in dvc(root, "status")
 
-    # nothing to report while dvc.lock matches what Dagster recorded
+    # the same export again, so the same dvc.lock entry: nothing for the sensor to report
     res = _resources(root)["dvc"]
-    assert shell_run_events(instance, res) == []
+    assert shell_run_stages(instance, res) == {}
 
-    # `dvc repro` from a shell after a params change: DVC reruns baseline_spam; the sensor reports it
-    # with DVC's hash and provenance, so Dagster shows it fresh, as `dvc status` does
+    # `dvc repro` from a shell after a params change: DVC reruns baseline_spam; the sensor asks
+    # for a run of it, which DVC skips and which records DVC's hash as its data version
     text = (root / "params.yaml").read_text().replace("C: 10.0", "C: 1.0")
     (root / "params.yaml").write_text(text)
     dvc(root, "repro")
-    events = shell_run_events(instance, res)
-    assert [e.asset_key.to_user_string() for e in events] == ["baseline_spam"]
-    for e in events:
-        instance.report_runless_asset_event(e)
+    tick = dvc_lock_sensor(build_sensor_context(instance=instance, resources={"dvc": res}))
+    (request,) = tick.run_requests
+    assert request.asset_selection == [AssetKey("baseline_spam")]
+    synced = materialize(_all(defs), instance=instance, selection=request.asset_selection, resources=_resources(root))
+    (ev,) = synced.get_asset_materialization_events()
+    assert ev.event_specific_data.materialization.metadata["dvc_skipped"].value is True
+    lock = read_lock(root)
+    ev = instance.get_latest_materialization_event(AssetKey("baseline_spam"))
+    assert ev.asset_materialization.tags["dagster/data_version"] == outs_version(lock["baseline_spam"])
+    assert shell_run_stages(instance, res) == {}
     assert "Data and pipelines are up to date" in dvc(root, "status")
-    resolver = get_stale_status_resolver(instance, list(defs.assets))
-    causes = {n: [c.reason for c in resolver.get_stale_causes(AssetKey(n))] for n in names}
-    assert {n: resolver.get_status(AssetKey(n)) for n in names} == {n: StaleStatus.FRESH for n in names}, causes
 
-    # a stage changed by hand but not reproduced: DVC and Dagster both call its dependents stale
+    # a stage reproduced alone: the sensor syncs it only; DVC reruns its dependents, and
+    # Dagster sees a new data version upstream of them
     text = (
         (root / "params.yaml").read_text().replace("seed: 123                 # spam", "seed: 7                 # spam")
     )
     (root / "params.yaml").write_text(text)
+    before = outs_version(read_lock(root)["prepare"])
     dvc(root, "repro", "--single-item", "prepare")
-    for e in shell_run_events(instance, res):
-        instance.report_runless_asset_event(e)
-    resolver = get_stale_status_resolver(instance, list(defs.assets))
-    stale = {n for n in names if resolver.get_status(AssetKey(n)) == StaleStatus.STALE}
-    dvc_stale = set(yaml.safe_load(dvc(root, "status", "--json")) or {})
-    print(f"after `dvc repro --single-item prepare`: dvc status {sorted(dvc_stale)}, Dagster stale {sorted(stale)}")
-    assert {"pretrain", "finetune_spam", "baseline_spam"} <= dvc_stale <= stale
-    assert resolver.get_status(AssetKey("prepare")) == resolver.get_status(AssetKey("fetch")) == StaleStatus.FRESH
+    assert set(shell_run_stages(instance, res)) == {"prepare"}
+    dvc_stale = set(json.loads(dvc(root, "status", "--json")) or {})
+    assert {"pretrain", "finetune_spam", "baseline_spam"} <= dvc_stale
+    assert outs_version(read_lock(root)["prepare"]) != before
 
 
 @pytest.mark.integration
-def test_failing_stage_fails_its_asset_with_the_stage_error(tmp_path, stage_env, shared_data, monkeypatch):
+def test_failing_stage_fails_its_asset_with_the_stage_error(tmp_path, stage_env, shared_data, monkeypatch, capfd):
     """A corrupt raw file in the data mirror: fetch fails with gptpkg's own message, nothing
     downstream is materialized, and the good files are untouched."""
     from dagster import materialize
@@ -421,9 +449,10 @@ def test_failing_stage_fails_its_asset_with_the_stage_error(tmp_path, stage_env,
     assert result.get_asset_materialization_events() == []
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert failure.step_key == "fetch"
-    text = str(failure.event_specific_data.error)
-    assert "gptpkg fetch: error:" in text and "SMSSpamCollection" in text and "expected" in text
-    assert "failed to reproduce 'fetch'" in text
+    assert "`dvc repro --single-item fetch` failed" in str(failure.event_specific_data.error)
+    err = capfd.readouterr().err  # the stage's stderr (Pipes forwards it to the step's)
+    assert "gptpkg fetch: error:" in err and "SMSSpamCollection" in err and "expected" in err
+    assert "failed to reproduce 'fetch'" in err
     assert not (root / "dvc.lock").exists()
 
 

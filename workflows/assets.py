@@ -1,6 +1,12 @@
 """One asset per DVC stage. Materializing it runs `dvc repro --single-item <stage>` in the
 workspace, so DVC's cache and dvc.lock stay the one record; the asset's data version is
-the hash of the stage's outputs as dvc.lock records them."""
+the hash of the stage's outputs as dvc.lock records them.
+
+The command runs through Dagster Pipes (`PipesSubprocessClient`: the environment,
+stdout/stderr into the step's logs, termination forwarded to DVC). The stage process does
+not open a Pipes session itself: DVC sits between the two and gptpkg imports no
+orchestrator code, so the metadata (metrics, outputs, plots) is read here, after the run,
+from the files DVC records."""
 
 import base64
 import json
@@ -15,13 +21,14 @@ from dagster import (
     Failure,
     MaterializeResult,
     MetadataValue,
+    PipesSubprocessClient,
     asset,
 )
 
 from .dvc_project import Stage, human_size, lock_entry_version, outs_version, read_lock
-from .resources import DvcWorkspace, WandbResource
+from .resources import DvcBusy, DvcWorkspace, WandbResource
 
-POOL = "dvc_workspace"  # one DVC workspace: stages also take the workspace flock (resources.py)
+POOL = "dvc_workspace"  # one DVC workspace: dagster.yaml limits every pool to 1 (concurrency.pools)
 LOCK_ENTRY_KEY = "dvc_lock_entry"  # metadata key the dvc.lock sensor compares against
 
 
@@ -87,21 +94,39 @@ def stage_asset(stage: Stage) -> AssetsDefinition:
         kinds={"dvc"},
         description=f"DVC stage `{stage.name}`: `{stage.cmd}`\n\nOutputs:\n{outs}",
     )
-    def _materialize(context: AssetExecutionContext, dvc: DvcWorkspace, wandb: WandbResource) -> MaterializeResult:
-        with dvc.locked(context.log.info):
-            changed = dvc.apply_params()
-            if changed:
-                context.log.warning(
-                    f"params.yaml: run config (profile={dvc.profile!r}, set={list(dvc.set)}) "
-                    f"wrote {len(changed)} key(s): {', '.join(changed)}"
-                )
-            lines = dvc.run(["repro", "--single-item", stage.name], wandb.env(), context.log.info)
-            entry = read_lock(dvc.path).get(stage.name)
+    def _materialize(
+        context: AssetExecutionContext,
+        dvc: DvcWorkspace,
+        wandb: WandbResource,
+        pipes_subprocess_client: PipesSubprocessClient,
+    ) -> MaterializeResult:
+        changed = dvc.apply_params()
+        if changed:
+            context.log.warning(
+                f"params.yaml: run config (profile={dvc.profile!r}, set={list(dvc.set)}) "
+                f"wrote {len(changed)} key(s): {', '.join(changed)}"
+            )
+        try:
+            will_run = stage.name in dvc.status(stage.name)
+        except DvcBusy as e:
+            raise Failure(f"the DVC workspace {dvc.path} is busy (a `dvc` command from a shell?): {e}") from None
+        args = ["repro", "--single-item", stage.name]
+        context.log.info(f"$ dvc {' '.join(args)}    (in {dvc.path}; DVC {'runs' if will_run else 'skips'} it)")
+        # The stage's output goes to this step's stdout/stderr (the run's logs) through Pipes.
+        try:
+            pipes_subprocess_client.run(
+                context=context, command=dvc.command(*args), cwd=str(dvc.path), env={**dvc.env(), **wandb.env()}
+            )
+        except Exception as e:  # a non-zero exit (dagster does not export Pipes' error class)
+            raise Failure(
+                f"`dvc {' '.join(args)}` failed ({e}): the stage's own error ends this step's stderr",
+                metadata={"workspace": MetadataValue.path(str(dvc.path))},
+            ) from e
+        entry = read_lock(dvc.path).get(stage.name)
         if entry is None:
             raise Failure(f"`dvc repro --single-item {stage.name}` succeeded but dvc.lock has no entry for it")
-        skipped = any("didn't change, skipping" in ln for ln in lines)
         md = stage_metadata(stage, dvc.path, entry, wandb)
-        md["dvc_skipped"] = MetadataValue.bool(skipped)
+        md["dvc_skipped"] = MetadataValue.bool(not will_run)
         if changed:
             md["params_written"] = MetadataValue.json(changed)
         return MaterializeResult(data_version=DataVersion(outs_version(entry) or "none"), metadata=md)

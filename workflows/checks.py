@@ -8,7 +8,7 @@ from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetChecksDef
 
 from .assets import read_json
 from .dvc_project import Stage
-from .resources import DvcWorkspace, QualityGates
+from .resources import DvcWorkspace
 
 
 def _metrics(dvc: DvcWorkspace, stage: Stage) -> tuple[dict | None, str]:
@@ -70,20 +70,21 @@ def build_checks(stages: list[Stage]) -> list[AssetChecksDefinition]:
         @asset_check(
             asset="finetune_spam",
             name="accuracy_above_floor",
-            description="test accuracy of the spam classifier is above the configured floor (resource gates)",
+            blocking=True,
+            description="test accuracy of the spam classifier is at least params.yaml: export_onnx.min_test_accuracy "
+            "(the floor the export stage enforces); blocking: on failure export_onnx and package do not run",
         )
-        def accuracy_above_floor(
-            context: AssetCheckExecutionContext, dvc: DvcWorkspace, gates: QualityGates
-        ) -> AssetCheckResult:
+        def accuracy_above_floor(context: AssetCheckExecutionContext, dvc: DvcWorkspace) -> AssetCheckResult:
             m, rel = _metrics(dvc, by["finetune_spam"])
             acc = _num((m or {}).get("test_accuracy"))
             if acc is None:
                 return _missing(rel, ["test_accuracy"])
+            floor = dvc.params().export_onnx.min_test_accuracy
             return AssetCheckResult(
-                passed=acc > gates.spam_accuracy_floor,
+                passed=acc >= floor,
                 severity=AssetCheckSeverity.ERROR,
-                description=f"test accuracy {acc:.4f} vs floor {gates.spam_accuracy_floor}",
-                metadata={"test_accuracy": acc, "floor": gates.spam_accuracy_floor},
+                description=f"test accuracy {acc:.4f} vs floor {floor} (params.yaml: export_onnx.min_test_accuracy)",
+                metadata={"test_accuracy": acc, "floor": floor},
             )
 
         checks.append(accuracy_above_floor)

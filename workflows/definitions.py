@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dagster import AssetSelection, Definitions, define_asset_job
+from dagster import AssetSelection, Definitions, PipesSubprocessClient, define_asset_job
 
 from gptpkg.stages import STAGES
 
 from .assets import stage_asset
 from .checks import build_checks
 from .dvc_project import Stage, default_root, load_stages
-from .resources import DvcWorkspace, QualityGates, WandbResource
+from .resources import DvcWorkspace, WandbResource
 from .sensors import dvc_lock_sensor
 
 
@@ -54,5 +54,9 @@ def build_definitions(root: str | Path | None = None) -> Definitions:
         asset_checks=build_checks(stages),
         jobs=jobs,
         sensors=[dvc_lock_sensor],
-        resources={"dvc": DvcWorkspace(root=str(root)), "wandb": WandbResource(), "gates": QualityGates()},
+        resources={
+            "dvc": DvcWorkspace(root=str(root)),
+            "wandb": WandbResource(),
+            "pipes_subprocess_client": PipesSubprocessClient(),
+        },
     )

@@ -1,11 +1,12 @@
-"""What Dagster needs to know about the DVC project, read from DVC itself: the stages of
-`dvc.yaml` (templated paths resolved by DVC), their dependency graph, and the hashes
-`dvc.lock` records. Nothing here runs a stage."""
+"""What Dagster needs to know about the DVC project, read from the files DVC documents:
+the stages of `dvc.yaml` (with `${...}` templates from params.yaml), their dependency
+graph, and the hashes `dvc.lock` records. Nothing here runs a stage."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,60 +66,81 @@ def _hash_path(h: hashlib._Hash, p: Path) -> None:
         h.update(b"<missing>")
 
 
-def load_stages(root: str | Path) -> list[Stage]:
-    """The pipeline stages of `root/dvc.yaml`, in dvc.yaml order, via DVC's own parser."""
-    from dvc.dependency.param import ParamsDependency
-    from dvc.repo import Repo
+TEMPLATE = re.compile(r"\$\{\s*([\w.-]+)\s*\}")  # DVC templating: ${paths.raw}
 
-    root = Path(root).resolve()
-    if not (root / "dvc.yaml").is_file():
-        raise DvcProjectError(f"no dvc.yaml in the DVC workspace {root} (set ${ROOT_ENV} to the project root)")
-    repo = Repo(str(root))
-    try:
-        stages = [
-            s for s in repo.index.stages if getattr(s, "name", None) and Path(s.path).resolve() == root / "dvc.yaml"
-        ]
-        graph = repo.index.graph
-        raw = []
-        for s in stages:
-            rel = lambda o: Path(os.path.relpath(o.fs_path, root)).as_posix()  # noqa: E731
-            outs = [o for o in s.outs]
-            upstream = {d.name for d in graph.successors(s) if getattr(d, "name", None)}
-            # params are DVC's business (per key, in dvc.lock): a profile written for one run
-            # must not make every asset's code version differ from the one it ran with
-            files = [d for d in s.deps if not isinstance(d, ParamsDependency)]
-            raw.append(
-                (
-                    s.name,
-                    s.cmd if isinstance(s.cmd, str) else " && ".join(s.cmd),
-                    upstream,
-                    [rel(d) for d in files],
-                    [rel(o) for o in outs],
-                    [rel(o) for o in outs if o.metric],
-                    [rel(o) for o in outs if o.plot],
-                )
-            )
-    finally:
-        repo.close()
-    order = [r[0] for r in raw]
-    produced = [o for r in raw for o in r[4]]
+
+def _lookup(params: dict, key: str, where: str) -> str:
+    value: Any = params
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise DvcProjectError(f"{where}: ${{{key}}} is not a key of params.yaml")
+        value = value[part]
+    if isinstance(value, (dict, list)):
+        raise DvcProjectError(f"{where}: ${{{key}}} is a {type(value).__name__}, expected a value")
+    return str(value)
+
+
+def _paths(entries: list | None, params: dict, where: str) -> list[str]:
+    """The paths of a dvc.yaml deps/outs/metrics/plots list (a path, or {path: options}),
+    templates resolved from params.yaml as DVC does, posix and relative to the root."""
     out = []
-    for name, cmd, upstream, deps, outs, metrics, plots in raw:
+    for e in entries or []:
+        raw = next(iter(e)) if isinstance(e, dict) else e
+        if not isinstance(raw, str):
+            raise DvcProjectError(f"{where}: expected a path or {{path: options}}, got {e!r}")
+        path = TEMPLATE.sub(lambda m: _lookup(params, m.group(1), where), raw)
+        out.append(Path(os.path.normpath(path)).as_posix())
+    return out
+
+
+def load_stages(root: str | Path) -> list[Stage]:
+    """The pipeline stages of `root/dvc.yaml`, in dvc.yaml order. Read as the YAML file DVC
+    documents (no DVC internals): `${key}` templates come from params.yaml, and a stage is
+    upstream of another when one of its outputs is (or holds, or lies in) one of its deps."""
+    root = Path(root).resolve()
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        raise DvcProjectError(f"no dvc.yaml in the DVC workspace {root} (set ${ROOT_ENV} to the project root)")
+    doc = yaml.safe_load(dvc_yaml.read_text()) or {}
+    params_file = root / "params.yaml"
+    params = (yaml.safe_load(params_file.read_text()) or {}) if params_file.is_file() else {}
+    if "vars" in doc:
+        raise DvcProjectError(f"{dvc_yaml}: top-level `vars` is not supported here; templates read params.yaml")
+    raw = []
+    for name, st in (doc.get("stages") or {}).items():
+        where = f"{dvc_yaml}: stage {name}"
+        unsupported = sorted({"foreach", "matrix", "wdir", "vars"} & set(st))
+        if unsupported:
+            raise DvcProjectError(f"{where}: {unsupported} not supported (one asset per plain stage)")
+        cmd = st.get("cmd", "")
+        metrics = _paths(st.get("metrics"), params, where)
+        plots = _paths(st.get("plots"), params, where)
+        outs = _paths(st.get("outs"), params, where) + metrics + plots
+        deps = _paths(st.get("deps"), params, where)
+        raw.append((name, cmd if isinstance(cmd, str) else " && ".join(cmd), deps, outs, metrics, plots))
+    produced = {name: outs for name, _, _, outs, _, _ in raw}
+    every_out = [o for outs in produced.values() for o in outs]
+    out = []
+    for name, cmd, deps, outs, metrics, plots in raw:
+        upstream = tuple(
+            n for n, o in produced.items() if n != name and any(_inside(d, x) or _inside(x, d) for d in deps for x in o)
+        )
+        # params are DVC's business (per key, in dvc.lock): a profile written for one run
+        # must not make every asset's code version differ from the one it ran with
         h = hashlib.sha256(cmd.encode())
         for d in sorted(deps):
-            if not any(_inside(d, o) or _inside(o, d) for o in produced):
+            if not any(_inside(d, o) or _inside(o, d) for o in every_out):
                 h.update(d.encode())
                 _hash_path(h, root / d)
-        plots = sorted(plots, key=lambda p: not p.endswith(".png"))
         out.append(
             Stage(
                 name,
                 cmd,
-                tuple(n for n in order if n in upstream),
+                upstream,
                 tuple(deps),
                 tuple(outs),
                 tuple(metrics),
-                tuple(plots),
+                tuple(sorted(plots, key=lambda p: not p.endswith(".png"))),
                 h.hexdigest()[:16],
                 STAGES[name].group if name in STAGES else DEFAULT_GROUP,
             )

@@ -1,22 +1,20 @@
-"""Resources: the DVC workspace a stage runs in, our own small W&B resource, and the
-quality gates the asset checks compare against."""
+"""Resources: the DVC workspace a stage runs in and our own small W&B resource."""
 
-import collections
-import fcntl
+import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from dagster import ConfigurableResource, Failure, MetadataValue
 from pydantic import Field
 
 from .dvc_project import default_root
 
-LOCK_NAME = "gptpkg-dagster.lock"  # in <root>/.dvc/tmp, beside DVC's own repo lock
+
+class DvcBusy(RuntimeError):
+    """Another DVC command (a `dvc repro` from a shell) holds the repository lock."""
 
 
 class WandbResource(ConfigurableResource):
@@ -44,12 +42,6 @@ class WandbResource(ConfigurableResource):
         return MetadataValue.path(run_path)
 
 
-class QualityGates(ConfigurableResource):
-    """Thresholds of the ERROR-severity asset checks."""
-
-    spam_accuracy_floor: float = Field(default=0.8, description="finetune_spam test accuracy must be above this")
-
-
 class DvcWorkspace(ConfigurableResource):
     """The DVC workspace the stages run in, and the params selection of this run.
 
@@ -61,42 +53,19 @@ class DvcWorkspace(ConfigurableResource):
     root: str = Field(default="", description="DVC workspace (empty: $GPTPKG_DVC_ROOT or the repository root)")
     profile: str = Field(default="", description="params profile (profiles/NAME.yaml) to apply before the stage")
     set: list[str] = Field(default_factory=list, description="SECTION.KEY=VALUE overrides, applied after the profile")
-    lock_timeout_s: float = Field(default=6 * 3600.0, description="how long a stage waits for the workspace lock")
 
     @property
     def path(self) -> Path:
         return Path(self.root).resolve() if self.root else default_root()
 
-    @contextmanager
-    def locked(self, log: Callable[[str], None] | None = None, wait: bool = True) -> Iterator[bool]:
-        """Hold the workspace lock (an flock, so it works across the run's step processes
-        and across runs): DVC takes a repo lock and fails rather than waits."""
-        lock_dir = self.path / ".dvc" / "tmp"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with open(lock_dir / LOCK_NAME, "a+") as f:
-            deadline = time.monotonic() + self.lock_timeout_s
-            told = False
-            while True:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if not wait:
-                        yield False
-                        return
-                    if time.monotonic() > deadline:
-                        raise Failure(
-                            f"DVC workspace {self.path} stayed locked for {self.lock_timeout_s:.0f} s "
-                            f"({lock_dir / LOCK_NAME}); is another stage stuck?"
-                        ) from None
-                    if log and not told:
-                        log(f"waiting for the DVC workspace lock ({lock_dir / LOCK_NAME}): another stage is running")
-                        told = True
-                    time.sleep(0.5)
-            try:
-                yield True
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def params(self):
+        """The workspace's params.yaml, parsed and checked (gptpkg.config.Params)."""
+        from gptpkg.config import ConfigError, load_params
+
+        try:
+            return load_params(self.path / "params.yaml")
+        except ConfigError as e:
+            raise Failure(f"{self.path / 'params.yaml'}: {e}") from None
 
     def apply_params(self) -> list[str]:
         """Write this run's profile / overrides into params.yaml; returns the changed keys."""
@@ -109,38 +78,28 @@ class DvcWorkspace(ConfigurableResource):
         except ConfigError as e:
             raise Failure(f"run config (profile={self.profile!r}, set={list(self.set)}): {e}") from None
 
-    def run(self, args: list[str], env: dict[str, str], log: Callable[[str], None]) -> list[str]:
-        """Run `dvc <args>` in the workspace, streaming every output line to `log`.
-        Returns the output lines; raises Failure carrying the stage's own error on a non-zero exit."""
-        full_env = {
-            **os.environ,
-            **env,
-            "PYTHONUNBUFFERED": "1",
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        }
-        cmd = [sys.executable, "-m", "dvc", *args]
-        log(f"$ dvc {' '.join(args)}    (in {self.path})")
-        lines: list[str] = []
-        tail: collections.deque[str] = collections.deque(maxlen=60)
-        proc = subprocess.Popen(
-            cmd, cwd=self.path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    def command(self, *args: str) -> list[str]:
+        """`dvc <args>` with this environment's DVC."""
+        return [sys.executable, "-m", "dvc", *args]
+
+    def env(self) -> dict[str, str]:
+        """The stage commands find this environment's `gptpkg` and `dvc` first on PATH."""
+        return {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+    def status(self, *targets: str) -> dict[str, Any]:
+        """`dvc status --json [targets]`: {stage: [changes]} for every stage DVC would rerun.
+        Raises DvcBusy while another DVC command holds the repository lock."""
+        p = subprocess.run(
+            self.command("status", "--json", *targets),
+            cwd=self.path,
+            env={**os.environ, **self.env()},
+            capture_output=True,
+            text=True,
         )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            lines.append(line)
-            tail.append(line)
-            if line.strip():
-                log(line)
-        rc = proc.wait()
-        if rc != 0:
-            errors = [ln.strip() for ln in lines if "error:" in ln.lower() or ln.startswith("ERROR")]
-            reason = "\n".join(errors) or "\n".join(list(tail)[-5:])
-            raise Failure(
-                description=f"`dvc {' '.join(args)}` failed (exit {rc}):\n{reason}",
-                metadata={
-                    "log tail": MetadataValue.text("\n".join(tail)),
-                    "workspace": MetadataValue.path(str(self.path)),
-                },
-            )
-        return lines
+        if p.returncode != 0:
+            text = (p.stderr or p.stdout).strip()
+            if "lock" in text.lower():
+                raise DvcBusy(text)
+            raise Failure(f"`dvc status --json` failed in {self.path} (exit {p.returncode}):\n{text}")
+        # keys can be addressed relative to the cwd ("dvc.yaml:prepare"): keep the stage name
+        return {k.rsplit(":", 1)[-1]: v for k, v in (json.loads(p.stdout or "{}") or {}).items()}
