@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=123)
+    g.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already generated; 1 = off"
+    )
+    g.add_argument(
+        "--no-repeat-ngram", type=int, default=0, metavar="N", help="forbid repeating a generated N-gram; 0 = off"
+    )
     g.set_defaults(stage=None)
 
     pr = sub.add_parser(
@@ -97,6 +103,8 @@ def _generate(args) -> int:
             temperature=args.temperature,
             top_k=args.top_k,
             generator=g,
+            repetition_penalty=args.repetition_penalty,
+            no_repeat_ngram=args.no_repeat_ngram,
         )
     )
     return 0

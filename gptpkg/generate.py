@@ -1,5 +1,7 @@
 """Text generation: greedy, temperature and top-k sampling, stop at the end token,
-with a KV cache (prefill once, then one position per step)."""
+with a KV cache (prefill once, then one position per step). Against repetition loops
+("the formula for the formula for ..."), a repetition penalty and a no-repeat n-gram
+rule act on the generated tokens (not the prompt, which an answer may quote)."""
 
 from __future__ import annotations
 
@@ -18,16 +20,27 @@ def generate(
     eos_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram: int = 0,
 ) -> torch.Tensor:
     """Extend `idx` (B, T) by up to `max_new_tokens`. temperature 0 = greedy. Stops when
     every row has produced `eos_id` (rows that finished early are padded with it).
-    Sampling draws from `generator`, so a seeded generator gives repeatable text."""
+    Sampling draws from `generator`, so a seeded generator gives repeatable text.
+    `repetition_penalty` > 1 divides the positive logits (multiplies the negative ones)
+    of tokens already generated (CTRL's rule); `no_repeat_ngram` n >= 1 forbids a token
+    that would repeat a generated n-gram. 1.0 and 0 leave the logits untouched."""
+    if repetition_penalty <= 0 or no_repeat_ngram < 0:
+        raise ValueError(
+            f"repetition_penalty: expected > 0 (1 = off), got {repetition_penalty}; "
+            f"no_repeat_ngram: expected >= 0 (0 = off), got {no_repeat_ngram}"
+        )
     was_training = model.training
     model.eval()
     ctx = model.cfg.context_length
     cache = KVCache(model.cfg.n_layers) if use_cache else None
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     step_input = idx
+    start = idx.shape[1]
     for _ in range(max_new_tokens):
         if cache is not None and cache.length + step_input.shape[1] > ctx:
             # Window full: re-prefill the last ctx tokens, exactly what the uncached
@@ -37,6 +50,8 @@ def generate(
         if cache is None:
             step_input = idx[:, -ctx:]
         logits = model(step_input, cache)[:, -1, :]  # (B, V)
+        if repetition_penalty != 1.0 or no_repeat_ngram > 0:
+            logits = _discourage_repeats(logits.float(), idx[:, start:], repetition_penalty, no_repeat_ngram)
         next_id = _pick(logits, temperature, top_k, generator)
         if eos_id is not None:
             next_id = torch.where(done[:, None], torch.full_like(next_id, eos_id), next_id)
@@ -47,6 +62,23 @@ def generate(
             break
     model.train(was_training)
     return idx
+
+
+def _discourage_repeats(logits: torch.Tensor, generated: torch.Tensor, penalty: float, ngram: int) -> torch.Tensor:
+    """logits (B, V) after the repetition penalty and the no-repeat n-gram ban, given the
+    tokens generated so far (B, t)."""
+    if penalty != 1.0 and generated.shape[1]:
+        seen = logits.gather(1, generated)
+        logits = logits.scatter(1, generated, torch.where(seen > 0, seen / penalty, seen * penalty))
+    t = generated.shape[1]
+    if ngram > 0 and t >= ngram:
+        rows = generated.tolist()
+        for b, row in enumerate(rows):
+            prefix = row[t - ngram + 1 :]  # the last n-1 tokens: an n-gram is one token away
+            banned = {row[i + ngram - 1] for i in range(t - ngram + 1) if row[i : i + ngram - 1] == prefix}
+            if banned:
+                logits[b, list(banned)] = float("-inf")
+    return logits
 
 
 def _pick(

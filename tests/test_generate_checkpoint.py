@@ -43,6 +43,41 @@ def test_stops_at_end_token(tiny):
     assert out.shape[1] == 5 and out[0, -1].item() == first
 
 
+def test_repetition_options_off_give_todays_greedy_tokens(tiny):
+    """repetition_penalty 1 and no_repeat_ngram 0 change nothing: the tokens are those of a
+    plain argmax loop over the uncached model."""
+    idx = torch.randint(0, 50257, (2, 6))
+    expected = idx
+    with torch.no_grad():
+        for _ in range(12):
+            expected = torch.cat([expected, tiny(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generate(tiny, idx, 12, repetition_penalty=1.0, no_repeat_ngram=0), expected)
+
+
+def _has_repeated_ngram(ids: list[int], n: int) -> bool:
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_no_repeat_ngram_and_repetition_penalty_break_loops(tiny):
+    # a random tiny model falls into a loop under greedy decoding
+    idx = torch.randint(0, 50257, (1, 5))
+    plain = generate(tiny, idx, 40)[0, 5:].tolist()
+    assert _has_repeated_ngram(plain, 2)
+    for n in (1, 2, 3):
+        out = generate(tiny, idx, 40, no_repeat_ngram=n)[0, 5:].tolist()
+        assert len(out) == 40 and not _has_repeated_ngram(out, n), n
+    # a token of the prompt may still be generated: the rules act on the generated text
+    k = next(k for k in range(1, 40) if plain[k] in plain[:k])
+    prompt = torch.cat([idx, torch.tensor([plain[:k]])], dim=1)
+    assert generate(tiny, prompt, 1, no_repeat_ngram=1, repetition_penalty=1e9)[0, -1].item() == plain[k]
+    # a huge penalty works as a ban of every generated token
+    out = generate(tiny, idx, 30, repetition_penalty=1e9)[0, 5:].tolist()
+    assert len(set(out)) == 30
+    with pytest.raises(ValueError, match="repetition_penalty: expected > 0"):
+        generate(tiny, idx, 3, repetition_penalty=0.0)
+
+
 def test_generate_text_strips_prompt(tiny, tok):
     text = generate_text(tiny, tok, "Every effort moves you", 5)
     assert isinstance(text, str) and not text.startswith("Every effort")
