@@ -223,7 +223,7 @@ class PretrainConfig(TrainConfig):
     model: str  # a preset of PRESETS
     drop_rate: float
     vocab_multiple: int  # pad the vocabulary to a multiple of this (64 on GPUs; 1 = none)
-    corpus: list[Literal["the-verdict.txt", "tinyshakespeare.txt", "sms"]]
+    corpus: list[Literal["the-verdict.txt", "tinyshakespeare.txt", "sms", "instructions"]]
     max_length: int
     stride: int
     sample_prompt: str
@@ -308,6 +308,19 @@ class BaselineConfig:
         require(self.C > 0, "C", "a number > 0", self.C)
 
 
+@dataclass(frozen=True)
+class BaselineInstructConfig:
+    """The retrieval baseline: answer with the training output of the nearest training
+    instruction (TF-IDF over instruction + input, cosine)."""
+
+    max_features: int  # 0 = all terms
+    ngram_max: int
+
+    def __post_init__(self) -> None:
+        require(self.max_features >= 0, "max_features", "an integer >= 0 (0 = all terms)", self.max_features)
+        require(self.ngram_max >= 1, "ngram_max", "an integer >= 1", self.ngram_max)
+
+
 @dataclass(frozen=True, kw_only=True)
 class InstructConfig(TrainConfig):
     init: Literal["pretrained", "openai"]
@@ -315,12 +328,14 @@ class InstructConfig(TrainConfig):
     max_length: int
     mask_prompt: bool
     max_new_tokens: int
+    repetition_penalty: float  # decoding: > 1 discourages tokens already generated; 1 = off
+    no_repeat_ngram: int  # decoding: forbid repeating a generated n-gram; 0 = off
     judge_url: str
     judge_model: str
     batching: Batching
     drop_rate: float | None  # dropout while fine-tuning; None = the start model's
     AFTER_TRAINING: ClassVar[frozenset[str]] = frozenset(
-        {"openai_weights", "max_new_tokens", "judge_url", "judge_model"}
+        {"openai_weights", "max_new_tokens", "repetition_penalty", "no_repeat_ngram", "judge_url", "judge_model"}
     )
 
     def __post_init__(self) -> None:
@@ -333,6 +348,8 @@ class InstructConfig(TrainConfig):
         )
         require(self.max_length >= 2, "max_length", "an integer >= 2", self.max_length)
         require(self.max_new_tokens >= 0, "max_new_tokens", "an integer >= 0", self.max_new_tokens)
+        require(self.repetition_penalty > 0, "repetition_penalty", "a number > 0 (1 = off)", self.repetition_penalty)
+        require(self.no_repeat_ngram >= 0, "no_repeat_ngram", "an integer >= 0 (0 = off)", self.no_repeat_ngram)
         _check_drop_rate(self.drop_rate)
 
 
@@ -379,6 +396,7 @@ class Params:
     finetune_spam: SpamConfig
     baseline_spam: BaselineConfig
     finetune_instruct: InstructConfig
+    baseline_instruct: BaselineInstructConfig
     export_onnx: ExportConfig
     package: PackageConfig
     wandb: WandbConfig

@@ -1,5 +1,7 @@
 """The `finetune_instruct` stage: the pretrained GPT fine-tuned on Alpaca-style
-instructions; its responses to the test instructions are written beside its metrics."""
+instructions. Its responses to the validation and test instructions are scored offline
+(ROUGE-L, exact match: `gptpkg.answers`); the test responses are written beside its
+metrics, with their per-item scores as a plot file."""
 
 from __future__ import annotations
 
@@ -11,11 +13,14 @@ from typing import Any
 
 import torch
 
+from .answers import item_scores, mean_scores
 from .config import InstructConfig
 from .data import InstructionDataset, format_prompt, instruction_collate
-from .files import atomic_write_text
+from .files import write_json
 from .finetune import batching, initial_model
 from .generate import generate_text
+from .plots import write_item_scores
+from .prepare import read_instruct_split
 from .tokenizer import get_tokenizer
 from .train import autocast_dtype, batches_of, fit, lm_loss, mean_loss, resolve_device, set_seed
 
@@ -25,10 +30,7 @@ def run(cfg: InstructConfig, ctx) -> dict[str, Any]:
     set_seed(cfg.seed)
     model = initial_model(cfg, "finetune_instruct", paths.pretrained)
     tok = get_tokenizer(ctx.mirror)
-    splits = {
-        p: json.loads((Path(paths.processed) / "instruct" / f"{p}.json").read_text(encoding="utf-8"))
-        for p in ("train", "val", "test")
-    }
+    splits = {p: read_instruct_split(paths, p) for p in ("train", "val", "test")}
     sets = {p: InstructionDataset(rows, tok) for p, rows in splits.items()}
     collate = partial(instruction_collate, allowed_max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
     device = resolve_device(cfg.device)
@@ -59,20 +61,20 @@ def run(cfg: InstructConfig, ctx) -> dict[str, Any]:
         f"{p}_loss": mean_loss(model, b, lm_loss, device, cfg.eval_batches if p == "train" else 0, dtype)
         for p, b in eval_sets.items()
     }
-    responses = []
-    for entry in splits["test"]:
-        prompt = format_prompt(entry) + "\n\n### Response:\n"
-        text = generate_text(model, tok, prompt, cfg.max_new_tokens).strip()
-        responses.append({**{k: entry.get(k, "") for k in ("instruction", "input", "output")}, "model_response": text})
+    for part in ("val", "test"):
+        entries = splits[part]
+        answers = [answer(model, tok, e, cfg) for e in entries]
+        rows = item_scores([e["output"] for e in entries], answers)
+        metrics.update(mean_scores(rows, f"{part}_"))
+    responses = [
+        {**{k: e.get(k, "") for k in ("instruction", "input", "output")}, "model_response": a, **r}
+        for e, a, r in zip(entries, answers, rows)
+    ]
     metrics.update(judge_responses(responses, cfg))
-    atomic_write_text(
-        Path(paths.metrics) / "instruct_responses.json", json.dumps(responses, indent=1, ensure_ascii=False) + "\n"
-    )
-    ctx.logger.log_table(
-        "test_responses",
-        ["instruction", "input", "output", "model_response"],
-        [list(r.values()) for r in responses[:50]],
-    )
+    write_json(Path(paths.metrics) / "instruct_responses.json", responses, indent=1)
+    write_item_scores(paths.plots, "finetune_instruct", rows)
+    columns = ["instruction", "input", "output", "model_response", "rouge_l", "exact_match"]
+    ctx.logger.log_table("test_responses", columns, [[r[c] for c in columns] for r in responses])
     metrics.update(
         {
             "steps": result.steps,
@@ -83,6 +85,19 @@ def run(cfg: InstructConfig, ctx) -> dict[str, Any]:
         }
     )
     return metrics
+
+
+def answer(model, tok, entry: dict, cfg: InstructConfig) -> str:
+    """The model's response to one instruction record, decoded as `cfg` says."""
+    prompt = format_prompt(entry) + "\n\n### Response:\n"
+    return generate_text(
+        model,
+        tok,
+        prompt,
+        cfg.max_new_tokens,
+        repetition_penalty=cfg.repetition_penalty,
+        no_repeat_ngram=cfg.no_repeat_ngram,
+    ).strip()
 
 
 def judge_responses(responses: list[dict], cfg: InstructConfig) -> dict[str, Any]:

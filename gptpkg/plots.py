@@ -36,6 +36,13 @@ def write_confusion(plots_dir: str | Path, stage: str, confusion: list[list[int]
     return out
 
 
+def write_item_scores(plots_dir: str | Path, stage: str, rows: list[dict[str, Any]]) -> Path:
+    """Per-item scores of a stage's test answers ({"item", "rouge_l", ...} rows)."""
+    out = Path(plots_dir) / f"{stage}_scores.json"
+    atomic_write_text(out, json.dumps(rows) + "\n")
+    return out
+
+
 def _save(fig, out: Path, ax=None, title: str | None = None) -> None:
     """Title, tight layout, then an atomic, byte-reproducible PNG write."""
     import io

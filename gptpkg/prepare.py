@@ -15,10 +15,12 @@ from typing import Any
 from .config import Paths, PrepareConfig
 from .data import DataError
 
-# Sources a pretraining corpus can name: raw text files, and the SMS messages outside
-# the spam test split (domain-adaptive pretraining).
+# Sources a pretraining corpus can name: raw text files, the SMS messages outside the
+# spam test split, and the instruction split's training records in the prompt format
+# (domain-adaptive pretraining for the classifier and the instruction model).
 TEXT_SOURCES = ("the-verdict.txt", "tinyshakespeare.txt")
 SMS_SOURCE = "sms"
+INSTRUCTIONS_SOURCE = "instructions"
 
 
 def text_key(text: str) -> str:
@@ -41,6 +43,8 @@ def run(cfg: PrepareConfig, ctx) -> dict[str, Any]:
 
     from .data import (
         book_spam_splits,
+        format_prompt,
+        format_response,
         full_spam_splits,
         read_instructions,
         read_sms_spam,
@@ -61,7 +65,11 @@ def run(cfg: PrepareConfig, ctx) -> dict[str, Any]:
     sms_corpus = [t for t, _ in messages if not contains_any(t, test_keys)]
     texts = {name: verify_file(raw / name, name).read_text(encoding="utf-8") for name in TEXT_SOURCES}
     texts[SMS_SOURCE] = END_OF_TEXT.join(sms_corpus)
-    instructions = read_instructions(verify_file(raw / "instruction-data.json", "instruction-data.json"))
+    instructions = split_instructions(
+        read_instructions(verify_file(raw / "instruction-data.json", "instruction-data.json")), cfg.instruct_seed
+    )
+    # Training records only: the instruction val/test splits never reach pretraining.
+    texts[INSTRUCTIONS_SOURCE] = END_OF_TEXT.join(format_prompt(e) + format_response(e) for e in instructions["train"])
 
     with atomic_dir(ctx.paths.processed) as tmp:
         (tmp / "corpus").mkdir()
@@ -79,7 +87,7 @@ def run(cfg: PrepareConfig, ctx) -> dict[str, Any]:
             metrics[f"spam/{part}"] = len(rows)
             metrics[f"spam/{part}_spam_share"] = round(sum(y for _, y in rows) / len(rows), 4)
         (tmp / "instruct").mkdir()
-        for part, rows in split_instructions(instructions, cfg.instruct_seed).items():
+        for part, rows in instructions.items():
             (tmp / "instruct" / f"{part}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
             metrics[f"instruct/{part}"] = len(rows)
     metrics["sms_corpus_messages"] = len(sms_corpus)
@@ -95,6 +103,13 @@ def read_spam_split(paths: Paths, part: str) -> list[tuple[str, int]]:
     if not f.is_file():
         raise FileNotFoundError(f"{f} missing; run the prepare stage first")
     return [(r["text"], int(r["label"])) for r in map(json.loads, f.read_text(encoding="utf-8").splitlines()) if r]
+
+
+def read_instruct_split(paths: Paths, part: str) -> list[dict]:
+    f = Path(paths.processed) / "instruct" / f"{part}.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} missing; run the prepare stage first")
+    return json.loads(f.read_text(encoding="utf-8"))
 
 
 def spam_train_rows(paths: Paths, train_data: str) -> list[tuple[str, int]]:

@@ -78,6 +78,12 @@ STAGES: dict[str, Stage] = {
             checkpoint="instruct_model",
         ),
         Stage(
+            "baseline_instruct",
+            "answer each instruction with the output of the nearest training instruction (TF-IDF)",
+            "answers:run",
+            "instruction",
+        ),
+        Stage(
             "export_onnx",
             "export the spam classifier to ONNX, checked against PyTorch on the test split",
             "export:run",

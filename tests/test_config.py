@@ -121,6 +121,12 @@ def test_compile_takes_yaml_booleans(value, expected):
         ("finetune_spam.sparse_embedding=auto", r"params.finetune_spam.sparse_embedding: expected true\|false"),
         ("prepare.spam_split=half", r"params.prepare.spam_split: expected book\|full, got 'half'"),
         ("data.files=[nope.txt]", r"params.data.files: expected names from"),
+        (
+            "finetune_instruct.repetition_penalty=0",
+            r"params.finetune_instruct.repetition_penalty: expected a number > 0",
+        ),
+        ("finetune_instruct.no_repeat_ngram=-1", r"params.finetune_instruct.no_repeat_ngram: expected an integer >= 0"),
+        ("baseline_instruct.ngram_max=0", r"params.baseline_instruct.ngram_max: expected an integer >= 1, got 0"),
         ("export_onnx.opset=13", r"params.export_onnx.opset: expected an ONNX opset >= 17, got 13"),
         ("package.variant=fp16", r"params.package.variant: expected fp32\|int8, got 'fp16'"),
         ("wandb.mode=cloud", r"params.wandb.mode: expected offline\|online\|disabled, got 'cloud'"),

@@ -101,7 +101,13 @@ def test_repro_runs_every_stage_and_writes_outputs(repo):
         assert "wall_time_s" not in m[s]  # run-dependent figures kept out of the metrics
     responses = json.loads((path / "metrics" / "instruct_responses.json").read_text())
     assert len(responses) == 110
-    assert set(responses[0]) == {"instruction", "input", "output", "model_response"}
+    assert set(responses[0]) == {"instruction", "input", "output", "model_response", "item", "rouge_l", "exact_match"}
+    scores = json.loads((path / "plots" / "finetune_instruct_scores.json").read_text())
+    assert [r["rouge_l"] for r in scores] == [r["rouge_l"] for r in responses]
+    assert sum(r["rouge_l"] for r in scores) / 110 == pytest.approx(m["finetune_instruct"]["test_rouge_l"])
+    for s in ("finetune_instruct", "baseline_instruct"):
+        assert {"val_rouge_l", "val_exact_match", "test_rouge_l", "test_exact_match"} <= set(m[s]), s
+    assert m["baseline_instruct"]["test_rouge_l"] > 0.3
     history = json.loads((path / "plots" / "finetune_spam.json").read_text())
     assert history[-1]["step"] == m["finetune_spam"]["steps"] and "val_accuracy" in history[-1]
     for png in ("pretrain_loss", "finetune_spam_loss", "finetune_spam_confusion", "finetune_instruct_loss"):
@@ -187,7 +193,13 @@ def test_metrics_show_and_plots_show(repo):
     out = sh(path, str(BIN / "dvc"), "plots", "show")
     html = (path / "dvc_plots" / "index.html").read_text()
     assert "dvc_plots/index.html" in out
-    for plot in ("pretrain_loss", "finetune_spam_accuracy", "finetune_spam_confusion", "finetune_instruct_loss"):
+    for plot in (
+        "pretrain_loss",
+        "finetune_spam_accuracy",
+        "finetune_spam_confusion",
+        "finetune_instruct_loss",
+        "instruct_rouge_l",
+    ):
         assert plot in html
     assert "finetune_spam_confusion.png" in html  # the PNGs are stage plots too
 

@@ -15,6 +15,7 @@ from helpers import params_in
 from gptpkg.config import ConfigError
 from gptpkg.data import book_spam_splits, read_sms_spam
 from gptpkg.prepare import (
+    INSTRUCTIONS_SOURCE,
     SMS_SOURCE,
     TEXT_SOURCES,
     contains_any,
@@ -24,7 +25,7 @@ from gptpkg.prepare import (
     text_key,
 )
 
-CORPUS_SOURCES = (*TEXT_SOURCES, SMS_SOURCE)  # every source a pretraining corpus can name
+CORPUS_SOURCES = (*TEXT_SOURCES, SMS_SOURCE, INSTRUCTIONS_SOURCE)  # every source a pretraining corpus can name
 # The book's balanced split (seed 123): of its 300 test messages, 37 (32 distinct texts)
 # occur verbatim in the book's own 1,045 training messages (the collection holds
 # duplicate messages); 40 (35 distinct) when case, whitespace and quotes are ignored
@@ -102,6 +103,25 @@ def test_no_test_text_in_any_pretraining_corpus(prepared, tok):
     all_rows = read_spam_split(paths, "all")
     left_out = [t for t, _ in all_rows if contains_any(t, test_keys)]
     assert len(left_out) + metrics["sms_corpus_messages"] == len(all_rows)
+
+
+def test_instructions_corpus_is_the_instruction_training_split_only(prepared, tok):
+    from gptpkg.data import format_prompt, format_response
+    from gptpkg.prepare import read_instruct_split
+
+    params, paths, metrics = prepared
+    text = "".join(
+        tok.decode(np.load(Path(paths.processed) / "corpus" / f"{INSTRUCTIONS_SOURCE}.{part}.npy").tolist())
+        for part in ("train", "val")
+    )
+    records = text.split("<|endoftext|>")
+    train = read_instruct_split(paths, "train")
+    assert records == [format_prompt(e) + format_response(e) for e in train]
+    train_texts = {e["instruction"] + e.get("input", "") + e["output"] for e in train}
+    for part in ("val", "test"):
+        for e in read_instruct_split(paths, part):
+            if e["instruction"] + e.get("input", "") + e["output"] not in train_texts:  # no duplicate record
+                assert format_prompt(e) + format_response(e) not in text, (part, e["instruction"])
 
 
 @pytest.mark.parametrize("train_data", ["book", "all"])

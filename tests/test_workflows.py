@@ -74,6 +74,7 @@ def test_assets_mirror_dvc_yaml():
         "finetune_spam": {"pretrain", "prepare"},
         "baseline_spam": {"prepare"},
         "finetune_instruct": {"pretrain", "prepare"},
+        "baseline_instruct": {"prepare"},
     }
     # the groups of the stage registry (gptpkg.stages.STAGES)
     groups = {
@@ -83,6 +84,7 @@ def test_assets_mirror_dvc_yaml():
         "finetune_spam": "classifier",
         "baseline_spam": "classifier",
         "finetune_instruct": "instruction",
+        "baseline_instruct": "instruction",
         "export_onnx": "serving",
         "package": "serving",
     }
@@ -92,7 +94,12 @@ def test_assets_mirror_dvc_yaml():
         if name in expected_parents:
             assert {p.to_user_string() for p in node.parent_keys} == expected_parents[name], name
     checks = {k.name for k in graph.asset_check_keys}
-    assert {"val_loss_below_initial", "accuracy_above_floor", "accuracy_at_least_baseline"} <= checks
+    assert {
+        "val_loss_below_initial",
+        "accuracy_above_floor",
+        "accuracy_at_least_baseline",
+        "rouge_l_at_least_baseline",
+    } <= checks
     assert ("onnx_matches_pytorch" in checks) == ("export_onnx" in names)
     jobs = {j.name for j in defs.resolve_all_job_defs()}
     assert {"full_pipeline", "classifier_only"} <= jobs
@@ -351,6 +358,13 @@ def test_materialize_all_tiny_then_dvc_agrees(tmp_path, stage_env):
     base = json.loads((root / "metrics/baseline_spam.json").read_text())
     assert checks["accuracy_at_least_baseline"].passed == (spam["test_accuracy"] >= base["test_accuracy"])
     assert checks["accuracy_at_least_baseline"].severity.value == "WARN"
+    instruct = __import__("json").loads((root / "metrics/finetune_instruct.json").read_text())
+    retrieval = __import__("json").loads((root / "metrics/baseline_instruct.json").read_text())
+    rouge = checks["rouge_l_at_least_baseline"]
+    assert rouge.passed == (instruct["test_rouge_l"] >= retrieval["test_rouge_l"]) and rouge.severity.value == "WARN"
+    sample = md["finetune_instruct"]["test_sample"].value.splitlines()
+    assert len(sample) == 12 and sample[0].startswith("| instruction | reference | model |")
+    assert not any(line.endswith("| — | — |") for line in sample)  # every item has its baseline answer
 
     # unchanged: the classifier re-materializes in seconds (DVC skips it). A floor above its
     # accuracy fails the blocking check, so export_onnx and package never run

@@ -52,6 +52,24 @@ def _value(v: Any) -> MetadataValue:
     return MetadataValue.text(str(v))
 
 
+def instruct_sample(root: Path, stage: Stage) -> dict[str, Any]:
+    """finetune_instruct's test answers beside the reference and the retrieval baseline's
+    (its responses file in the same folder), 10 items as a markdown table."""
+    from gptpkg.answers import BASELINE_RESPONSES, MODEL_RESPONSES, sample_table
+
+    rel = next((o for o in stage.outs if Path(o).name == MODEL_RESPONSES), None)
+    rows = [_read_list(root / rel), _read_list(root / Path(rel).with_name(BASELINE_RESPONSES))] if rel else [None]
+    return {"test_sample": MetadataValue.md(sample_table(rows[0], rows[1]))} if rows[0] else {}
+
+
+def _read_list(path: Path) -> list | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, list) else None
+
+
 def stage_metadata(
     stage: Stage, root: Path, lock_entry: dict[str, Any] | None, wandb: WandbResource | None = None
 ) -> dict[str, Any]:
@@ -79,6 +97,8 @@ def stage_metadata(
         if p.suffix == ".png" and p.is_file():
             data = base64.b64encode(p.read_bytes()).decode()
             md[f"plot_{p.stem}"] = MetadataValue.md(f"![{p.stem}](data:image/png;base64,{data})\n\n`{rel}`")
+    if stage.name == "finetune_instruct":
+        md.update(instruct_sample(root, stage))
     return md
 
 

@@ -114,6 +114,31 @@ def build_checks(stages: list[Stage]) -> list[AssetChecksDefinition]:
 
             checks.append(accuracy_at_least_baseline)
 
+    if "finetune_instruct" in by and "baseline_instruct" in by:
+
+        @asset_check(
+            asset="finetune_instruct",
+            name="rouge_l_at_least_baseline",
+            additional_deps=["baseline_instruct"],
+            description="the instruction model's test ROUGE-L is at least the retrieval baseline's on the same split",
+        )
+        def rouge_l_at_least_baseline(context: AssetCheckExecutionContext, dvc: DvcWorkspace) -> AssetCheckResult:
+            m, rel = _metrics(dvc, by["finetune_instruct"])
+            b, brel = _metrics(dvc, by["baseline_instruct"])
+            figures = {
+                "test_rouge_l": _num((m or {}).get("test_rouge_l")),
+                "baseline_test_rouge_l": _num((b or {}).get("test_rouge_l")),
+            }
+            return _compare(
+                f"{rel} / {brel}",
+                figures,
+                lambda model, base: model >= base,
+                AssetCheckSeverity.WARN,
+                "test ROUGE-L {:.4f} vs retrieval baseline {:.4f}",
+            )
+
+        checks.append(rouge_l_at_least_baseline)
+
     if "export_onnx" in by:
 
         @asset_check(
