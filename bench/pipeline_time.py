@@ -28,7 +28,8 @@ HEADLINE = {
     "pretrain": ["val_loss", "val_perplexity", "steps", "tokens_seen"],
     "finetune_spam": ["test_accuracy", "test_spam_f1", "val_accuracy", "train_accuracy"],
     "baseline_spam": ["test_accuracy", "test_spam_f1"],
-    "finetune_instruct": ["test_loss", "val_loss", "train_loss"],
+    "finetune_instruct": ["test_rouge_l", "val_rouge_l", "test_exact_match", "test_loss", "val_loss"],
+    "baseline_instruct": ["test_rouge_l", "val_rouge_l", "test_exact_match"],
     "export_onnx": ["parity_max_abs_logit_diff", "parity_label_mismatches", "int8_kept"],
 }
 
@@ -49,8 +50,14 @@ def report(work: Path, total: float | None) -> None:
     if total is not None:
         print(f"{'dvc repro total':18s} {total:8.1f}   (cores: {os.cpu_count()}, load avg: {os.getloadavg()[0]:.1f})")
     for s, keys in HEADLINE.items():
-        m = json.loads((work / "metrics" / f"{s}.json").read_text())
-        print(f"{s}: " + ", ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys))
+        f = work / "metrics" / f"{s}.json"
+        if not f.is_file():  # a stage the run's revision does not have
+            continue
+        m = json.loads(f.read_text())
+        print(
+            f"{s}: "
+            + ", ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys if k in m)
+        )
 
 
 def main() -> int:
