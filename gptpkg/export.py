@@ -172,10 +172,26 @@ def run(cfg: ExportConfig, ctx) -> dict[str, Any]:
     return metrics
 
 
+def without_initializer_shapes(src: Path, out: Path) -> None:
+    """Copy `src` to `out` without the value_info entries that restate an initializer's
+    shape. torch's exporter writes them; onnxruntime before 1.32 turns the classifier head's
+    Gemm into a MatMul by transposing its weight but keeps the stale entry, and its shape
+    inference then fails ("Inferred shape and existing shape differ in dimension 0")."""
+    import onnx
+
+    model = onnx.load(str(src))
+    weights = {t.name for t in model.graph.initializer}
+    kept = [vi for vi in model.graph.value_info if vi.name not in weights]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    onnx.save(model, str(out))
+
+
 def write_int8(src: Path, out: Path) -> None:
     """Dynamic int8 quantization of the MatMul/Gather weights (activations stay float and
     are quantized per batch at run time); the metadata_props are carried over."""
     import logging
+    import tempfile
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -185,7 +201,10 @@ def write_int8(src: Path, out: Path) -> None:
     level = root.level
     root.setLevel(max(level, logging.ERROR))
     try:
-        quantize_dynamic(src, out, weight_type=QuantType.QInt8)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            plain = Path(tmp) / src.name
+            without_initializer_shapes(src, plain)
+            quantize_dynamic(plain, out, weight_type=QuantType.QInt8)
     finally:
         root.setLevel(level)
 
