@@ -144,6 +144,7 @@ def train_classifier(
             finalize=lambda m: m.set_logit_offset(offset),
             ctx=ctx,
             desc=desc,
+            dynamic=True,
         )
     work = soup_workdir(checkpoint_dir) if checkpoint_dir is not None else None
     quiet = None if ctx is None else dataclasses.replace(ctx, logger=NullLogger())
@@ -165,6 +166,7 @@ def train_classifier(
                 meta,
                 ctx=ctx if i == 0 else quiet,
                 desc=f"{desc} soup {i + 1}/{cfg.soup}",
+                dynamic=True,
             )
         )
         members.append(member)

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+import torch.nn.functional as F
+
 from .config import ConfigError, model_config
+from .data import IGNORE_INDEX, PAD_ID
 from .model import GPT
-from .train import batch_plan_for
+from .train import batch_plan_for, resolve_device, should_compile
 
 
 def initial_model(cfg, section: str, pretrained: str) -> GPT:
@@ -43,11 +46,38 @@ def initial_model(cfg, section: str, pretrained: str) -> GPT:
     return model
 
 
+# Compiled fine-tunings pad every batch's length up to a multiple of this: with one
+# graph whose batch and length dimensions are dynamic, no batch is 1 token long (which
+# torch.compile would specialize on), and the matmuls get tile-friendly sizes.
+LENGTH_MULTIPLE = 8
+
+
 def batching(cfg, lengths: list[int], collate: Callable):
     """(batch plan, collate) for the section's `batching`: `bucketed` groups similar
     lengths; `shuffled` draws random batches padded to their longest; `pad_longest` (the
-    book's) pads every example to the longest in the training set."""
+    book's) pads every example to the longest in the training set. Compiled, each batch
+    is padded further to a multiple of LENGTH_MULTIPLE tokens (at most `max_length`):
+    padding after the last real token changes no result (causal attention, last-token
+    pooling, ignored targets)."""
     plan = batch_plan_for(cfg.batching, lengths, cfg.batch_size, cfg.seed)
     if cfg.batching == "pad_longest":
         collate = partial(collate, pad_to=max(lengths))
+    if should_compile(cfg.compile, resolve_device(cfg.device)):
+        collate = partial(padded_to_multiple, collate, LENGTH_MULTIPLE, cfg.max_length)
     return plan, collate
+
+
+def padded_to_multiple(collate: Callable, multiple: int, max_length: int, items: list) -> dict:
+    """`collate(items)` with `input_ids` (B, T) right-padded with the end token, and
+    `targets` (if any) with the ignored index, to T rounded up to `multiple` (capped at
+    max(T, max_length))."""
+    batch = collate(items)
+    T = batch["input_ids"].shape[1]
+    want = min(-(-T // multiple) * multiple, max(T, max_length))
+    if want == T:
+        return batch
+    fill = {"input_ids": PAD_ID, "targets": IGNORE_INDEX}
+    return {
+        k: F.pad(v, (0, want - T), value=fill[k]) if k in fill else v  # (B, T) -> (B, want)
+        for k, v in batch.items()
+    }

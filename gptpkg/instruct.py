@@ -54,6 +54,7 @@ def run(cfg: InstructConfig, ctx) -> dict[str, Any]:
         meta={"stage": "finetune_instruct"},
         ctx=ctx,
         desc="finetune_instruct",
+        dynamic=True,
     )
     # train loss over eval_batches (0 = all) batches: a full pass over the train split costs
     # more than the training itself on CPU; val and test are always complete.

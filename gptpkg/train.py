@@ -407,6 +407,7 @@ def fit(
     finalize: Callable[[nn.Module], None] | None = None,
     ctx=None,
     desc: str = "train",
+    dynamic: bool | None = None,
 ) -> FitResult:
     """Train `model` in place on `train_set` and return its history.
 
@@ -416,6 +417,9 @@ def fit(
     `finalize(model)` runs once training is over, before the final checkpoint is
     written (e.g. a decision rule that training must not see). `ctx` (a StageContext;
     None = no logger, no resume, progress bars) brings the logger, resume and progress.
+
+    `dynamic` is torch.compile's: True compiles one graph for batches whose shapes vary
+    (the fine-tunings); None specializes on the first shape (pretraining's are fixed).
 
     Under `torchrun` (WORLD_SIZE > 1) it trains with DDP: every micro-batch of the plan
     is a global batch, each rank trains on its slice, gradients are averaged; the loss
@@ -436,7 +440,7 @@ def fit(
     if not progress.step:
         set_seed(cfg.seed + dist_ctx.rank)  # distinct dropout masks per rank
     # After resume: DDP broadcasts rank 0's weights to every rank when it wraps.
-    run_model = distributed.wrap(torch.compile(model) if compiled else model, dist_ctx, device)
+    run_model = distributed.wrap(torch.compile(model, dynamic=dynamic) if compiled else model, dist_ctx, device)
     micro = _micro_batches(plan, progress.step * cfg.grad_accum_steps)
 
     def evaluate(window: Window | None) -> None:
