@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .stages import STAGES
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     except (GptpkgError, FileNotFoundError) as e:
         print(f"gptpkg {args.stage}: error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=1, default=str))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary (rank 0's), not one per rank
+        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=1, default=str))
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,8 +78,23 @@ def setup(device: torch.device) -> tuple[DistContext, torch.device]:
 
 
 def teardown() -> None:
+    """Leave the process group (a no-op outside one). Called by the runner once a training
+    stage's outputs are written, and at exit as a fallback."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def stop_compile_workers() -> None:
+    """Stop torch.compile's background compile workers if this process started them.
+
+    Inductor compiles kernels in a pool of worker processes (up to 32, one per core) and
+    otherwise stops it only at interpreter exit, where a pool still warming up after a
+    cold start can hold the exit for a long time; PyTorch's maintainers point users to
+    this call once no more compilation is expected (there is no public API for it)."""
+    module = sys.modules.get("torch._inductor.async_compile")  # imported by the first compile
+    stop = getattr(module, "shutdown_compile_workers", None)
+    if stop is not None:
+        stop()
 
 
 def shard(indices: Sequence[int], ctx: DistContext) -> list[int]:

@@ -96,6 +96,11 @@ def run_stage(name: str, params: Params, resume: bool = False, progress: bool = 
         write_json(Path(paths.metrics) / "runtime" / f"{name}.json", runtime)
     finally:
         logger.finish()
+        if stage.checkpoint:  # done training: stop compile workers, leave the process group
+            from .distributed import stop_compile_workers, teardown
+
+            stop_compile_workers()
+            teardown()
     if wb is not None:
         print(wb.where())
     return metrics

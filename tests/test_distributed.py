@@ -146,3 +146,31 @@ def test_env_context_reads_torchrun_variables(monkeypatch):
         distributed.env_context()
     assert distributed.backend_for(torch.device("cpu")) == "gloo"
     assert distributed.backend_for(torch.device("cuda", 0)) == "nccl"
+
+
+@pytest.mark.integration
+def test_a_torchrun_pretraining_exits_within_seconds_of_its_final_checkpoint(tmp_path):
+    """`torchrun` with two CPU ranks (gloo) through the CLI: the final eval, the final
+    checkpoint, the process group left, then both ranks and torchrun exit within seconds
+    (on a loaded 2-core machine), and one summary is printed, not one per rank."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from helpers import prepared_tiny_workspace
+
+    root = prepared_tiny_workspace(tmp_path)
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun is installed with torch, next to the interpreter"
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "gptpkg.cli", "pretrain", "--no-progress"]
+    run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    exited = time.time()
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    final = root / "models" / "pretrained" / "model.safetensors"
+    after_checkpoint = exited - final.stat().st_mtime
+    assert 0 < after_checkpoint < 10, f"torchrun exited {after_checkpoint:.1f} s after the final checkpoint"
+    assert run.stdout.count('"initial_val_loss"') == 1, run.stdout
+    metrics = json.loads((root / "metrics" / "pretrain.json").read_text())
+    assert metrics["steps"] == 6
