@@ -14,7 +14,8 @@ In one run, on the same preset, batch and sequence length, with the same weights
 - peak RSS of a real `fit` run at an effective batch of `--accum-batch` examples, once
   as one micro-batch and once as micro-batches of `--batch-size` with gradient
   accumulation (each in its own process, so the figures do not mix);
-- generation tokens/s for `--gen-tokens` new tokens with and without the KV cache.
+- generation tokens/s for `--gen-tokens` new tokens: no cache, the dynamic KV cache, the
+  static cache and the static cache with a compiled decode step (`--parts generation`).
 Pass `--json FILE` to keep the figures.
 """
 
@@ -221,6 +222,9 @@ def memory(args) -> dict:
 
 
 def generation(args, device: torch.device) -> dict:
+    """Greedy generation tokens/s: no cache, the growing (dynamic) KV cache, the static
+    cache, and the static cache with a compiled decode step (CUDA graphs on CUDA), in
+    interleaved repetitions after one untimed warm-up each (the compile); medians."""
     from gptpkg.generate import generate
 
     cfg = model_config(args.preset, drop_rate=0.0)
@@ -229,24 +233,51 @@ def generation(args, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = GPT(cfg).to(device).eval()
     idx = torch.randint(0, cfg.vocab_size, (1, args.gen_prompt), generator=torch.Generator().manual_seed(2)).to(device)
-    rates: dict[str, list[float]] = {"kv_cache": [], "no_cache": []}
-    outputs = {}
+    modes = {
+        "no_cache": dict(use_cache=False),
+        "kv_cache": dict(kv_cache="dynamic"),
+        "static_cache": dict(kv_cache="static"),
+        "compiled_static": dict(kv_cache="compiled"),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in modes}
+    outputs, warmup_s = {}, {}
+
+    def run(name: str) -> float:
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        outputs[name] = generate(model, idx, args.gen_tokens, **modes[name])
+        sync()
+        return time.perf_counter() - t
+
+    for name in modes:
+        warmup_s[name] = run(name)
     for _ in range(args.gen_reps):
-        for name, use_cache in (("kv_cache", True), ("no_cache", False)):
-            t = time.perf_counter()
-            outputs[name] = generate(model, idx, args.gen_tokens, use_cache=use_cache)
-            rates[name].append(args.gen_tokens / (time.perf_counter() - t))
-    same = bool(torch.equal(outputs["kv_cache"], outputs["no_cache"]))
+        for name in modes:
+            rates[name].append(args.gen_tokens / run(name))
     med = {k: statistics.median(v) for k, v in rates.items()}
     out = {
+        "preset": args.preset,
+        "device": str(device),
         "new_tokens": args.gen_tokens,
         "prompt_tokens": args.gen_prompt,
-        "same_tokens": same,
+        "same_tokens": all(torch.equal(o, outputs["no_cache"]) for o in outputs.values()),
         **{f"{k}_tokens_per_s": v for k, v in med.items()},
+        "warmup_s": warmup_s,
         "all": rates,
         "speedup": med["kv_cache"] / med["no_cache"],
+        "static_over_dynamic": med["static_cache"] / med["kv_cache"],
+        "compiled_over_dynamic": med["compiled_static"] / med["kv_cache"],
     }
-    print(f"generation of {args.gen_tokens} tokens: {out}", flush=True)
+    print(
+        f"\ngeneration, {args.preset}, batch 1, {args.gen_prompt}-token prompt, {args.gen_tokens} new tokens, "
+        f"{device} (medians of {args.gen_reps}; same tokens: {out['same_tokens']})"
+    )
+    for k in modes:
+        print(
+            f"  {k:16s} {med[k]:8.1f} tokens/s  ({med[k] / med['kv_cache']:.2f}x the dynamic cache; "
+            f"first call {warmup_s[k]:.1f} s)"
+        )
     return out
 
 
@@ -274,7 +305,7 @@ def main() -> None:
     p.add_argument("--accum-batch", type=int, default=16, help="effective batch of the memory comparison (0 = skip)")
     p.add_argument("--gen-tokens", type=int, default=200)
     p.add_argument("--gen-prompt", type=int, default=20)
-    p.add_argument("--gen-reps", type=int, default=2, help="0 = skip the generation comparison")
+    p.add_argument("--gen-reps", type=int, default=3, help="0 = skip the generation comparison")
     p.add_argument(
         "--allocator",
         choices=("keep", "default"),

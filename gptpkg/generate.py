@@ -1,13 +1,25 @@
 """Text generation: greedy, temperature and top-k sampling, stop at the end token,
 with a KV cache (prefill once, then one position per step). Against repetition loops
 ("the formula for the formula for ..."), a repetition penalty and a no-repeat n-gram
-rule act on the generated tokens (not the prompt, which an answer may quote)."""
+rule act on the generated tokens (not the prompt, which an answer may quote).
+
+Three caches (`kv_cache`): `dynamic` grows its tensors every step; `static` writes into
+buffers allocated once (`StaticKVCache`), so every decode step has the same shapes;
+`compiled` is `static` with the decode step compiled by torch.compile, on CUDA with
+CUDA graphs (mode reduce-overhead: one graph replay per token instead of hundreds of
+kernel launches). All three give the same tokens as no cache at temperature 0.
+"""
 
 from __future__ import annotations
 
+import weakref
+from typing import Literal
+
 import torch
 
-from .model import GPT, KVCache
+from .model import GPT, KVCache, StaticKVCache
+
+KV_CACHES = ("dynamic", "static", "compiled")
 
 
 @torch.no_grad()
@@ -22,34 +34,49 @@ def generate(
     generator: torch.Generator | None = None,
     repetition_penalty: float = 1.0,
     no_repeat_ngram: int = 0,
+    kv_cache: Literal["dynamic", "static", "compiled"] = "dynamic",
 ) -> torch.Tensor:
     """Extend `idx` (B, T) by up to `max_new_tokens`. temperature 0 = greedy. Stops when
     every row has produced `eos_id` (rows that finished early are padded with it).
     Sampling draws from `generator`, so a seeded generator gives repeatable text.
     `repetition_penalty` > 1 divides the positive logits (multiplies the negative ones)
     of tokens already generated (CTRL's rule); `no_repeat_ngram` n >= 1 forbids a token
-    that would repeat a generated n-gram. 1.0 and 0 leave the logits untouched."""
+    that would repeat a generated n-gram. 1.0 and 0 leave the logits untouched.
+    `kv_cache` picks the cache when `use_cache` (see the module docstring)."""
     if repetition_penalty <= 0 or no_repeat_ngram < 0:
         raise ValueError(
             f"repetition_penalty: expected > 0 (1 = off), got {repetition_penalty}; "
             f"no_repeat_ngram: expected >= 0 (0 = off), got {no_repeat_ngram}"
         )
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
     was_training = model.training
     model.eval()
     ctx = model.cfg.context_length
-    cache = KVCache(model.cfg.n_layers) if use_cache else None
+    static = use_cache and kv_cache != "dynamic"
+    step = _decode_step(model, idx.device) if use_cache and kv_cache == "compiled" else model
+    cache, length = None, 0  # length: positions in the cache, counted on the host
+    if use_cache:
+        cache = _static_cache(model, idx, ctx) if static else KVCache(model.cfg.n_layers)
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     step_input = idx
     start = idx.shape[1]
     for _ in range(max_new_tokens):
-        if cache is not None and cache.length + step_input.shape[1] > ctx:
+        if cache is not None and length + step_input.shape[1] > ctx:
             # Window full: re-prefill the last ctx tokens, exactly what the uncached
             # path sees (positions restart at 0 once the window slides).
-            cache = KVCache(model.cfg.n_layers)
+            length = 0
+            if static:
+                cache.reset()
+            else:
+                cache = KVCache(model.cfg.n_layers)
             step_input = idx[:, -ctx:]
         if cache is None:
             step_input = idx[:, -ctx:]
-        logits = model(step_input, cache)[:, -1, :]  # (B, V)
+        # The compiled step takes one token per row (fixed shapes); a prefill runs eager.
+        run = step if step_input.shape[1] == 1 else model
+        logits = run(step_input, cache)[:, -1, :]  # (B, V)
+        length += step_input.shape[1]
         if repetition_penalty != 1.0 or no_repeat_ngram > 0:
             logits = _discourage_repeats(logits.float(), idx[:, start:], repetition_penalty, no_repeat_ngram)
         next_id = _pick(logits, temperature, top_k, generator)
@@ -79,6 +106,47 @@ def _discourage_repeats(logits: torch.Tensor, generated: torch.Tensor, penalty: 
             if banned:
                 logits[b, list(banned)] = float("-inf")
     return logits
+
+
+# One static cache per model, reused by later calls of the same batch size: a compiled
+# step with CUDA graphs replays on the same buffers instead of recording new graphs.
+_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DECODE_STEPS: dict[str, object] = {}
+
+
+def _static_cache(model: GPT, idx: torch.Tensor, max_len: int) -> StaticKVCache:
+    dtype = next(model.parameters()).dtype
+    cache = _STATIC_CACHES.get(model)
+    fits = cache is not None and (cache.batch_size, cache.max_len, cache.dtype) == (idx.shape[0], max_len, dtype)
+    if not fits or cache.pos.device != idx.device:
+        cache = StaticKVCache(model.cfg, idx.shape[0], max_len, idx.device, dtype)
+        if idx.device.type == "cuda":
+            for t in cache.tensors():  # fixed addresses: CUDA graphs may write them in place
+                torch._dynamo.mark_static_address(t)
+        _STATIC_CACHES[model] = cache
+    cache.reset()
+    return cache
+
+
+def _decode(model: GPT, token: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    return model(token, cache)
+
+
+def _decode_step(model: GPT, device: torch.device):
+    """(token, cache) -> model(token, cache), compiled: CUDA graphs on CUDA (mode
+    reduce-overhead), the default inductor compile elsewhere. One compiled function per
+    device type (its graphs are keyed by the model and the cache's shapes)."""
+    if device.type not in _DECODE_STEPS:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _DECODE_STEPS[device.type] = torch.compile(_decode, mode=mode, fullgraph=True)
+    compiled = _DECODE_STEPS[device.type]
+
+    def step(token: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        if device.type == "cuda":  # the previous step's logits are consumed: its graph may rerun
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(model, token, cache)
+
+    return step
 
 
 def _pick(

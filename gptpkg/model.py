@@ -22,7 +22,8 @@ IGNORE_INDEX = -100  # targets equal to this are not scored (padding, masked pro
 class KVCache:
     """Keys and values of the tokens seen so far, one (k, v) pair per layer.
 
-    Each tensor is (B, H, T_seen, D); decoding appends one position per step.
+    Each tensor is (B, H, T_seen, D); decoding appends one position per step (the
+    tensors grow, so every step has new shapes).
     """
 
     def __init__(self, n_layers: int) -> None:
@@ -45,6 +46,80 @@ class KVCache:
         self.layers[i] = (k, v)
         return k, v
 
+    def positions(self, T: int, device: torch.device, limit: int) -> torch.Tensor:
+        """The positions (T,) of the next T tokens; at most `limit` positions in all."""
+        past = self.length
+        if past + T > limit:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the model's context_length {limit}")
+        return torch.arange(past, past + T, device=device)
+
+    def attend(self, i: int, k: torch.Tensor, v: torch.Tensor):
+        """Layer i's new keys and values (B, H, T, D) in; (keys, values, attn_mask,
+        is_causal) for SDPA over every position seen out."""
+        past = self.seen(i)
+        T = k.shape[2]
+        k, v = self.update(i, k, v)
+        # Without history a plain causal mask is right for any T (T=1 sees itself). Not
+        # `and T > 1`: that makes a symbolic bool under torch.export (ONNX dynamic T).
+        if past > 0 and T > 1:
+            # Queries at positions past..past+T-1 see keys 0..their own position.
+            q_pos = torch.arange(past, past + T, device=k.device)[:, None]
+            return k, v, torch.arange(past + T, device=k.device)[None, :] <= q_pos, False
+        return k, v, None, past == 0
+
+    def advance(self, T: int) -> None:
+        """After a forward pass over T tokens (the cached tensors already say so)."""
+
+
+class StaticKVCache:
+    """Keys and values in buffers allocated once, (B, H, max_len, D) per layer, written in
+    place at the positions `pos` (a device tensor) names; attention runs over the whole
+    buffer with the positions not yet written masked out. Every decode step then has the
+    same shapes and reads and writes the same memory, which is what a compiled decode step
+    and CUDA graphs need. `model(idx, cache)` advances `pos` by T, as it grows a KVCache.
+    Outputs equal KVCache's up to float rounding (masked keys weigh exactly 0)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        max_len = max_len or cfg.context_length
+        if not 0 < max_len <= cfg.context_length:
+            raise ValueError(f"max_len must be in 1..context_length={cfg.context_length}, got {max_len}")
+        D = cfg.emb_dim // cfg.n_heads
+        shape = (batch_size, cfg.n_heads, max_len, D)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # the next position to write
+        self.slots = torch.arange(max_len, device=device)
+        self.batch_size, self.max_len, self.dtype = batch_size, max_len, dtype
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every buffer (for torch._dynamo.mark_static_address)."""
+        return [*self.keys, *self.values, self.pos, self.slots]
+
+    def reset(self) -> None:
+        """Start over at position 0 (older keys stay in memory, masked)."""
+        self.pos.zero_()
+
+    def positions(self, T: int, device: torch.device, limit: int) -> torch.Tensor:
+        # No host check here (it would read the device): `generate` keeps the count.
+        return self.pos + torch.arange(T, device=device)
+
+    def attend(self, i: int, k: torch.Tensor, v: torch.Tensor):
+        at = self.pos + torch.arange(k.shape[2], device=k.device)  # (T,)
+        self.keys[i].index_copy_(2, at, k.to(self.dtype))
+        self.values[i].index_copy_(2, at, v.to(self.dtype))
+        mask = self.slots[None, :] <= at[:, None]  # (T, max_len): each query sees up to itself
+        return self.keys[i].to(k.dtype), self.values[i].to(v.dtype), mask, False
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -56,23 +131,14 @@ class CausalSelfAttention(nn.Module):
         self.drop_rate = cfg.drop_rate
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | StaticKVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, H, T, D)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        past = 0
+        mask, is_causal = None, True
         if cache is not None:
-            past = cache.seen(layer)
-            k, v = cache.update(layer, k, v)
-        mask = None
-        # Without a cache a plain causal mask is right for any T (T=1 sees itself). Not
-        # `and T > 1`: that makes a symbolic bool under torch.export (ONNX dynamic T).
-        is_causal = past == 0
-        if past > 0 and T > 1:
-            # Queries at positions past..past+T-1 see keys 0..their own position.
-            q_pos = torch.arange(past, past + T, device=x.device)[:, None]
-            mask = torch.arange(past + T, device=x.device)[None, :] <= q_pos
+            k, v, mask, is_causal = cache.attend(layer, k, v)
         # SDPA picks the flash / memory-efficient kernel where it can; no stored mask.
         y = F.scaled_dot_product_attention(
             q,
@@ -108,7 +174,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | StaticKVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cache, layer)
         return x + self.mlp(self.norm2(x))
 
@@ -231,24 +297,26 @@ class GPT(nn.Module):
         seen = {id(p): p for p in self.parameters() if p.requires_grad or not trainable_only}
         return sum(p.numel() for p in seen.values())
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, cache: KVCache | StaticKVCache | None = None) -> torch.Tensor:
         """Token ids (B, T) -> final-normed hidden states (B, T, C)."""
         B, T = idx.shape
-        past = cache.length if cache is not None else 0
-        if past + T > self.cfg.context_length:
-            raise ValueError(
-                f"sequence of {past + T} tokens exceeds the model's context_length {self.cfg.context_length}"
-            )
-        pos = torch.arange(past, past + T, device=idx.device)
+        if cache is None:
+            if idx.shape[1] > self.cfg.context_length:
+                raise ValueError(f"sequence of {T} tokens exceeds the model's context_length {self.cfg.context_length}")
+            pos = torch.arange(T, device=idx.device)
+        else:
+            pos = cache.positions(T, idx.device, self.cfg.context_length)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
+        if cache is not None:
+            cache.advance(T)
         return self.final_norm(x)
 
     def forward(
         self,
         idx: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
         targets: torch.Tensor | None = None,
         lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:

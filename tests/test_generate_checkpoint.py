@@ -7,7 +7,7 @@ from gptpkg import checkpoint as ckpt
 from gptpkg.config import model_config
 from gptpkg.files import atomic_dir
 from gptpkg.generate import generate, generate_text
-from gptpkg.model import GPT
+from gptpkg.model import GPT, StaticKVCache
 
 
 @pytest.fixture
@@ -24,6 +24,44 @@ def test_cached_and_uncached_decoding_give_the_same_tokens(tiny):
     # past the context window (128): the window slides the same way with and without cache
     long = torch.randint(0, 50257, (1, 120))
     assert torch.equal(generate(tiny, long, 20), generate(tiny, long, 20, use_cache=False))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cpu-mini"])
+def test_a_static_cache_decodes_the_same_tokens_as_no_cache(preset):
+    """Greedy decoding with the preallocated cache (buffers written in place, masked
+    attention over the whole buffer) gives today's tokens, through the context window's
+    slide (a re-prefill into the same buffers) and an end token that stops a row."""
+    torch.manual_seed(0)
+    model = GPT(model_config(preset)).eval()
+    ctx = model.cfg.context_length
+    for idx, n in ((torch.randint(0, 50257, (2, 7)), 16), (torch.randint(0, 50257, (1, ctx - 4)), 7)):
+        plain = generate(model, idx, n, use_cache=False)
+        assert torch.equal(generate(model, idx, n, kv_cache="static"), plain)
+        assert torch.equal(generate(model, idx, n, kv_cache="dynamic"), plain)
+    eos = plain[0, -3].item()
+    assert torch.equal(generate(model, idx, n, eos_id=eos, kv_cache="static"), generate(model, idx, n, eos_id=eos))
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        generate(model, idx, 1, kv_cache="paged")
+
+
+def test_a_compiled_decode_step_gives_the_same_tokens(tiny):
+    """The compiled decode step (CUDA graphs on CUDA; inductor here) over the static
+    cache: the same tokens as eager decoding without a cache, past the window's slide."""
+    idx = torch.randint(0, 50257, (2, tiny.cfg.context_length - 5))
+    assert torch.equal(generate(tiny, idx, 10, kv_cache="compiled"), generate(tiny, idx, 10, use_cache=False))
+
+
+def test_static_cache_logits_match_the_growing_cache(tiny):
+    idx = torch.randint(0, 50257, (2, 12))
+    full = tiny(idx)
+    cache = StaticKVCache(tiny.cfg, batch_size=2, max_len=16)
+    parts = [tiny(idx[:, :5], cache)] + [tiny(idx[:, t : t + 1], cache) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+    assert cache.pos.item() == 12
+    cache.reset()
+    torch.testing.assert_close(tiny(idx[:, :9], cache), full[:, :9], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="max_len must be in 1..context_length=128"):
+        StaticKVCache(tiny.cfg, batch_size=1, max_len=129)
 
 
 def test_sampling_is_seeded_and_top_k_restricts(tiny):
