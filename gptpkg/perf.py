@@ -48,13 +48,36 @@ def mfu(cfg: ModelConfig, seq_len: int, tokens_per_s: float, peak_flops: float) 
     return flops_per_token(cfg, seq_len) * tokens_per_s / peak_flops
 
 
+def published_peak(name: str) -> float | None:
+    """The published dense bf16 peak of the GPU called `name`; None when not in the table."""
+    for fragment, peak in GPU_BF16_PEAK:
+        if fragment.lower() in name.lower():
+            return peak
+    return None
+
+
 def gpu_peak_flops(device: torch.device | int = 0) -> tuple[str, float | None]:
     """(device name, its published dense bf16 peak or None when not in the table)."""
     name = torch.cuda.get_device_name(device)
-    for fragment, peak in GPU_BF16_PEAK:
-        if fragment.lower() in name.lower():
-            return name, peak
-    return name, None
+    return name, published_peak(name)
+
+
+def training_mfu(
+    cfg: ModelConfig, seq_len: int, history: list[dict], tokens_per_s: float, device_name: str
+) -> dict[str, float | str]:
+    """A training run's MFU against its GPU's published dense bf16 peak: `mfu` from the
+    last eval window's tokens/s (past the compile and warm-up), `mfu_overall` from the
+    whole run's; with the peak and the GPU. Empty when the GPU's peak is unknown."""
+    peak = published_peak(device_name)
+    if peak is None:
+        return {}
+    steady = next((r["tokens_per_s"] for r in reversed(history) if "tokens_per_s" in r), tokens_per_s)
+    return {
+        "mfu": mfu(cfg, seq_len, steady, peak),
+        "mfu_overall": mfu(cfg, seq_len, tokens_per_s, peak),
+        "peak_flops": peak,
+        "gpu": device_name,
+    }
 
 
 def measure_matmul_flops(

@@ -12,6 +12,7 @@ from .config import PretrainConfig
 from .data import TokenWindows
 from .generate import generate_text
 from .model import GPT
+from .perf import training_mfu
 from .prepare import read_corpus
 from .train import autocast_dtype, batches_of, fit, lm_loss, mean_loss, resolve_device, set_seed
 
@@ -56,7 +57,13 @@ def run(cfg: PretrainConfig, ctx) -> dict[str, Any]:
     )
     ctx.logger.log_table("samples", ["eval", "prompt", "generation"], [list(s.values()) for s in samples])
     final = result.final
+    speed = {}
+    if device.type == "cuda":  # MFU against the GPU's published bf16 peak (metrics/runtime)
+        speed = training_mfu(
+            model.cfg, cfg.max_length, result.history, result.tokens_per_s, torch.cuda.get_device_name(device)
+        )
     return {
+        **speed,
         "initial_val_loss": initial_val,
         "train_loss": final.get("train_loss"),
         "val_loss": final.get("val_loss"),

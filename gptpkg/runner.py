@@ -26,6 +26,10 @@ RUNTIME_KEYS = (
     "stage_wall_time_s",
     "stage_cpu_time_s",
     "cv_wall_time_s",
+    "mfu",
+    "mfu_overall",
+    "peak_flops",
+    "gpu",
 )
 
 

@@ -394,6 +394,16 @@ def train_step(
     return step_loss, tokens, examples
 
 
+# Optimizer steps between reads of the loss on the host. Reading it waits for the GPU to
+# finish the step (a host sync that leaves it idle while the next step is queued), so on
+# CUDA the losses of several steps are read at once; on CPU a read costs nothing.
+LOSS_READ_EVERY = {"cuda": 16}
+
+
+def loss_read_every(device: torch.device) -> int:
+    return LOSS_READ_EVERY.get(device.type, 1)
+
+
 def fit(
     model: nn.Module,
     train_set,
@@ -424,6 +434,10 @@ def fit(
     Under `torchrun` (WORLD_SIZE > 1) it trains with DDP: every micro-batch of the plan
     is a global batch, each rank trains on its slice, gradients are averaged; the loss
     and eval metrics are averaged over ranks; only rank 0 logs and writes checkpoints.
+
+    The step losses are read on the host every `loss_read_every(device)` steps (and
+    before every eval and checkpoint): a non-finite loss stops the run with
+    TrainingDiverged up to that many steps late, before anything is written.
     """
     from tqdm.auto import tqdm
 
@@ -461,6 +475,37 @@ def fit(
 
     show = dist_ctx.is_main and (ctx is None or ctx.progress)
     window = Window()
+    read_every = loss_read_every(device)
+    pending: list[tuple[torch.Tensor, float, int]] = []  # (loss on the device, lr, tokens), not yet read
+
+    def read_losses() -> None:
+        """Bring the pending step losses to the host in one sync: check them, log them."""
+        if not pending:
+            return
+        losses = distributed.mean_across_ranks(torch.stack([p[0] for p in pending]), dist_ctx).tolist()
+        first = progress.step - len(pending) + 1
+        for i, (value, (_, lr, tokens)) in enumerate(zip(losses, pending)):
+            step = first + i
+            if not math.isfinite(value):
+                late = (
+                    f" (losses are read every {read_every} steps: steps {step + 1}-{progress.step} ran after it)"
+                    if progress.step > step
+                    else ""
+                )
+                raise TrainingDiverged(
+                    f"loss became {value} at step {step} (lr {lr:.3g}){late}; lower lr, "
+                    f"raise warmup_steps or keep grad_clip > 0. The last checkpoint "
+                    f"({checkpoint_dir or 'none'}) was left as it was."
+                )
+            window.add(value, tokens)
+            if step != progress.step or not is_eval_step(step):  # every step (W&B); eval rows say the rest
+                logger.log({"step_loss": value, "lr": lr}, step=step)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{window.tokens_per_s:.0f}")
+        pending.clear()
+
+    def is_eval_step(step: int) -> bool:
+        return bool(cfg.eval_every and step % cfg.eval_every == 0) or step == steps
+
     with (
         sparse,
         tqdm(total=steps, initial=progress.step, desc=desc, disable=None if show else True, dynamic_ncols=True) as bar,
@@ -472,27 +517,22 @@ def fit(
             loss, tokens, examples = train_step(
                 run_model, micro, train_set, collate, loss_fn, cfg, dist_ctx, device, dtype
             )
-            value = distributed.mean_across_ranks(loss, dist_ctx).item()
-            if not math.isfinite(value):
-                raise TrainingDiverged(
-                    f"loss became {value} at step {progress.step + 1} (lr {lr:.3g}); lower lr, "
-                    f"raise warmup_steps or keep grad_clip > 0. The last checkpoint "
-                    f"({checkpoint_dir or 'none'}) was left as it was."
-                )
             if cfg.grad_clip > 0:
                 optim.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             progress.advance(tokens, examples)
-            window.add(value, tokens)
+            pending.append((loss, lr, tokens))
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{window.tokens_per_s:.0f}")
-            if (cfg.eval_every and progress.step % cfg.eval_every == 0) or progress.step == steps:
+            checkpoint_now = cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0
+            # Read the losses (a host sync) before any eval, checkpoint or end, so a
+            # diverged run stops before writing anything, and every `read_every` steps.
+            if is_eval_step(progress.step) or checkpoint_now or len(pending) >= read_every:
+                read_losses()
+            if is_eval_step(progress.step):
                 evaluate(window)
                 window = Window()
-            else:  # every optimizer step (W&B); the console logger prints eval rows only
-                logger.log({"step_loss": value, "lr": lr}, step=progress.step)
-            if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and progress.step != steps:
+            if checkpoint_now and progress.step != steps:
                 save(checkpoint_dir, model, optimizer, progress, cfg, meta, dist_ctx, final=False)
     if not progress.history:  # resumed a finished run
         evaluate(None)

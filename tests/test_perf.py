@@ -67,3 +67,21 @@ def test_keep_freed_memory_keeps_a_freed_block_resident(env, kept):
     assert applied is kept and peak > 150
     # glibc unmaps a freed 200 MiB block at once by default; kept, it stays for reuse
     assert (grown > 150) if kept else (grown < 50)
+
+
+def test_training_mfu_uses_the_last_window_and_the_gpus_published_peak():
+    """What the pretrain stage reports on CUDA (runtime metrics): MFU of the last eval
+    window (past the compile) and of the whole run, against the named GPU's peak."""
+    from gptpkg.perf import published_peak, training_mfu
+    from gptpkg.runner import RUNTIME_KEYS
+
+    cfg = model_config("gpt2-small")
+    history = [{"step": 200, "tokens_per_s": 300_000.0}, {"step": 300}, {"step": 400, "tokens_per_s": 500_000.0}]
+    got = training_mfu(cfg, 1024, history, 400_000.0, "NVIDIA H200")
+    assert got["peak_flops"] == published_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert got["mfu"] == pytest.approx(flops_per_token(cfg, 1024) * 500_000 / 989e12)
+    assert got["mfu_overall"] == pytest.approx(flops_per_token(cfg, 1024) * 400_000 / 989e12)
+    assert 0.4 < got["mfu"] < 0.5 and got["gpu"] == "NVIDIA H200"
+    assert published_peak("NVIDIA H100 PCIe") == 756e12  # the more specific name first
+    assert training_mfu(cfg, 1024, history, 1.0, "Some Future GPU") == {}
+    assert set(got) <= set(RUNTIME_KEYS)  # run-dependent: metrics/runtime, not metrics/

@@ -155,6 +155,65 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(verdict
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
 
 
+class StepLog(NullLogger):
+    def __init__(self):
+        self.rows = []
+
+    def log(self, metrics, step):
+        self.rows.append((step, metrics))
+
+
+def test_reading_the_loss_every_few_steps_trains_the_same_weights(verdict_ids, monkeypatch):
+    """Losses read on the host every 4 steps (as on CUDA) instead of every step: the same
+    weights bit for bit, the same eval rows, and every step's loss still logged in order."""
+    from gptpkg import train
+
+    data = TokenWindows(verdict_ids, 16, 16)
+    runs = {}
+    for every in (1, 4):
+        monkeypatch.setitem(train.LOSS_READ_EVERY, "cpu", every)
+        model, log = tiny_model(), StepLog()
+        result = fit(
+            model,
+            data,
+            collate,
+            cfg(max_steps=11, eval_every=5),
+            ctx=SimpleNamespace(logger=log, resume=False, progress=False),
+        )
+        runs[every] = (model.state_dict(), result.history, log.rows)
+    (w1, h1, rows1), (w4, h4, rows4) = runs[1], runs[4]
+    assert all(torch.equal(w1[k], w4[k]) for k in w1)
+    drop = lambda h: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in h]  # noqa: E731
+    assert drop(h1) == drop(h4) and [r["step"] for r in h4] == [5, 10, 11]
+    assert [step for step, _ in rows4] == [step for step, _ in rows1] == list(range(1, 12))
+    assert [r for r in rows1 if "step_loss" in r[1]] == [r for r in rows4 if "step_loss" in r[1]]
+
+
+def test_a_nan_loss_read_late_names_the_step_it_came_at(verdict_ids, tmp_path, monkeypatch):
+    from gptpkg import train
+
+    monkeypatch.setitem(train.LOSS_READ_EVERY, "cpu", 4)
+    data = TokenWindows(verdict_ids, 16, 16)
+    calls = {"n": 0}
+
+    def nan_from_step_2(m, batch):
+        calls["n"] += 1
+        loss, n = lm_loss(m, batch)
+        return (loss * float("nan") if calls["n"] >= 2 else loss), n
+
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 2 .*steps 3-4 ran after it"):
+        fit(
+            tiny_model(),
+            data,
+            collate,
+            cfg(max_steps=8, eval_every=0, checkpoint_every=6),
+            loss_fn=nan_from_step_2,
+            checkpoint_dir=tmp_path / "ck",
+            ctx=quiet(),
+        )
+    assert not (tmp_path / "ck").exists()  # stopped at the first read, before any checkpoint
+
+
 def test_gradient_accumulation_matches_a_larger_batch(verdict_ids):
     data = TokenWindows(verdict_ids, 16, 16)
     a, b = tiny_model(), tiny_model()
