@@ -30,6 +30,7 @@ RUNTIME_KEYS = (
     "mfu_overall",
     "peak_flops",
     "gpu",
+    "export_s",
 )
 
 
