@@ -113,6 +113,7 @@ class Paths:
     metrics: str
     plots: str
     onnx: str
+    bento_model: str  # the record of the packaged model's BentoML store entry
     wandb: str
 
 

@@ -24,6 +24,8 @@ from .config import ExportConfig, PackageConfig
 from .errors import GptpkgError
 from .onnx_classifier import FP32_FILE, INT8_FILE, TOKENIZER_DIR, ModelMeta, OnnxSpamClassifier
 
+ONNX_ARTIFACT = "spam-classifier-onnx"  # its W&B artifact name (dvc.yaml `artifacts:` uses the same)
+
 
 class ExportError(GptpkgError, RuntimeError):
     """The exported model failed a check; nothing was written over the previous export."""
@@ -130,6 +132,7 @@ def run(cfg: ExportConfig, ctx) -> dict[str, Any]:
     import numpy as np
 
     from .checkpoint import load_checkpoint
+    from .fetch import sha256_of
     from .files import atomic_dir
     from .metrics import classification_metrics
     from .prepare import read_spam_split
@@ -169,6 +172,16 @@ def run(cfg: ExportConfig, ctx) -> dict[str, Any]:
         metrics["fp32_size_mb"] = round((tmp / FP32_FILE).stat().st_size / 2**20, 2)
         if cfg.int8:
             metrics.update(quantize_int8(tmp, ids, y_true, acc["test_accuracy"], cfg))
+    metrics["fp32_sha256"] = sha256_of(Path(paths.onnx) / FP32_FILE)
+    # W&B (when the runner opened a run): the folder the service runs, as a model artifact
+    # whose alias is the BentoML tag version `package` gives the fp32 file
+    ctx.logger.log_artifact(
+        paths.onnx,
+        ONNX_ARTIFACT,
+        "model",
+        aliases=[f"fp32-{metrics['fp32_sha256'][:12]}"],
+        metadata={k: v for k, v in metrics.items() if k != "export_s"},
+    )
     return metrics
 
 
@@ -244,13 +257,18 @@ def quantize_int8(
 
 
 def package(cfg: PackageConfig, ctx) -> dict[str, Any]:
-    """Import the exported folder into the BentoML model store; returns its tag."""
+    """Import the exported folder into the BentoML model store, or check the entry that
+    is there; write its record (tag, sha256, metadata) to `paths.bento_model`. The record
+    is the stage's DVC output: DVC sees the workspace, not the store, so this stage is
+    where a wiped store is noticed (the entry is imported again) and a store entry with
+    other bytes under the same tag is refused."""
     try:
         import bentoml  # only here: the core library does not depend on bentoml
     except ImportError:
         raise ExportError("the package stage needs BentoML: pip install 'gptpkg[serving]'") from None
 
     from .fetch import sha256_of
+    from .files import write_json
 
     folder = Path(ctx.paths.onnx)
     onnx_file = folder / (FP32_FILE if cfg.variant == "fp32" else INT8_FILE)
@@ -275,4 +293,11 @@ def package(cfg: PackageConfig, ctx) -> dict[str, Any]:
             shutil.copytree(folder / TOKENIZER_DIR, Path(m.path) / TOKENIZER_DIR)
         stored = bentoml.models.get(tag)
         created = True
+    in_store = Path(stored.path) / onnx_file.name
+    if not in_store.is_file() or sha256_of(in_store) != digest:
+        raise ExportError(
+            f"BentoML model {tag}: {in_store} is missing or differs from {onnx_file} (sha256 {digest[:12]}…); "
+            f"remove the entry with `bentoml models delete {tag}` and run package again"
+        )
+    write_json(Path(ctx.paths.bento_model), {"bento_model": str(stored.tag), **info})
     return {"bento_model": str(stored.tag), "created": created, **info}

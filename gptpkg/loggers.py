@@ -19,7 +19,14 @@ class MetricLogger(Protocol):
     def log_table(
         self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int | None = None
     ) -> None: ...
-    def log_artifact(self, path: str | Path, name: str, type: str) -> None: ...
+    def log_artifact(
+        self,
+        path: str | Path,
+        name: str,
+        type: str,
+        aliases: Sequence[str] = (),
+        metadata: dict[str, Any] | None = None,
+    ) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -30,7 +37,7 @@ class NullLogger:
     def log_table(self, name, columns, rows, step=None):
         pass
 
-    def log_artifact(self, path, name, type):
+    def log_artifact(self, path, name, type, aliases=(), metadata=None):
         pass
 
     def finish(self):
@@ -73,9 +80,9 @@ class MultiLogger(NullLogger):
         for lg in self.loggers:
             lg.log_table(name, columns, rows, step)
 
-    def log_artifact(self, path, name, type):
+    def log_artifact(self, path, name, type, aliases=(), metadata=None):
         for lg in self.loggers:
-            lg.log_artifact(path, name, type)
+            lg.log_artifact(path, name, type, aliases, metadata)
 
     def finish(self):
         for lg in self.loggers:
@@ -138,14 +145,15 @@ class WandbLogger(NullLogger):
         table = self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])
         self.run.log({name: table}, step=step)
 
-    def log_artifact(self, path, name, type):
-        art = self._wandb.Artifact(name=name, type=type)
+    def log_artifact(self, path, name, type, aliases=(), metadata=None):
+        """`path` (file or folder) as a new version of artifact `name`; W&B adds `latest`."""
+        art = self._wandb.Artifact(name=name, type=type, metadata=metadata)
         path = Path(path)
         if path.is_dir():
             art.add_dir(str(path))
         else:
             art.add_file(str(path))
-        self.run.log_artifact(art)
+        self.run.log_artifact(art, aliases=["latest", *aliases])
 
     def finish(self):
         self.run.finish()

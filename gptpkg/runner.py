@@ -1,6 +1,6 @@
-"""Run one pipeline stage by name: open its logger (W&B for training stages), call the
-stage function with its typed params section, then write its metrics JSON, its runtime
-figures and its plot files."""
+"""Run one pipeline stage by name: open its logger (W&B for training stages and for
+export_onnx, which logs the model it exports), call the stage function with its typed
+params section, then write its metrics JSON, its runtime figures and its plot files."""
 
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def run_stage(name: str, params: Params, resume: bool = False, progress: bool = 
         main = is_main_process()  # only rank 0 logs and writes files
         keep_freed_memory()
     t0, cpu0 = time.perf_counter(), time.process_time()
-    logger, wb = open_logger(params, stage) if (stage.checkpoint and main) else (NullLogger(), None)
+    logs = (stage.checkpoint or stage.wandb) and main
+    logger, wb = open_logger(params, stage) if logs else (NullLogger(), None)
     ctx = StageContext(
         paths=paths,
         data_mirror=params.data.mirror,
@@ -93,7 +94,8 @@ def run_stage(name: str, params: Params, resume: bool = False, progress: bool = 
         if wb is not None:
             metrics["wandb_run"] = wb.run_path
             wb.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            wb.log_artifact(getattr(paths, stage.checkpoint), name=f"{name}-checkpoint", type="model")
+            if stage.checkpoint:
+                wb.log_artifact(getattr(paths, stage.checkpoint), name=f"{name}-checkpoint", type="model")
         metrics["stage_wall_time_s"] = time.perf_counter() - t0
         metrics["stage_cpu_time_s"] = time.process_time() - cpu0  # all threads; on a busy machine
         stable, runtime = split_runtime(metrics)

@@ -27,6 +27,7 @@ class Stage:
     group: str  # Dagster asset group
     section: str = ""  # the params.yaml section it reads; "" = the stage's name
     checkpoint: str | None = None  # the `paths` key of the checkpoint it trains
+    wandb: bool = False  # opens a W&B run although it trains nothing (it logs the model it exports)
 
     @property
     def params_section(self) -> str:
@@ -88,6 +89,7 @@ STAGES: dict[str, Stage] = {
             "export the spam classifier to ONNX, checked against PyTorch on the test split",
             "export:run",
             "serving",
+            wandb=True,
         ),
         Stage(
             "package",

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +197,22 @@ def test_package_into_bentoml_store(tiny_onnx_export, tmp_path):
     assert (stored / "gpt2" / "vocab.bpe").is_file()
     again = json.loads((r := _gptpkg(["package"], params, tmp_path, home)).stdout[r.stdout.index("{") :])
     assert again["bento_model"] == out["bento_model"] and again["created"] is False
+    # the stage's DVC output: a record of the store entry, the same bytes on every run
+    record_file = Path(params.paths.bento_model)
+    record = json.loads(record_file.read_text())
+    assert record["bento_model"] == out["bento_model"] and record["sha256"] == out["sha256"]
+    before = record_file.read_bytes()
+    # a wiped store is noticed when the stage runs: the entry is imported again
+    shutil.rmtree(home / "models")
+    r = _gptpkg(["package"], params, tmp_path, home)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout[r.stdout.index("{") :])["created"] is True and (stored / FP32_FILE).is_file()
+    assert record_file.read_bytes() == before
+    # a store entry whose bytes differ under the same tag is refused, named, and kept
+    (stored / FP32_FILE).write_bytes(b"not the exported model")
+    r = _gptpkg(["package"], params, tmp_path, home)
+    assert r.returncode == 1 and f"bentoml models delete {out['bento_model']}" in r.stderr
+    assert (stored / FP32_FILE).read_bytes() == b"not the exported model"
     # int8 only when the gate kept it; a missing file is a named error, not a crash
     p = _with(params, "package", variant="int8")
     if not (Path(params.paths.onnx) / INT8_FILE).exists():

@@ -263,6 +263,31 @@ def test_wandb_offline_runs_hold_history_config_and_checkpoint(repo):
     artifacts = {(r.artifact.name, r.artifact.type) for r in recs if r.WhichOneof("record_type") == "artifact"}
     assert ("pretrain-checkpoint", "model") in artifacts
     assert any(t == "run_table" for _, t in artifacts)  # the samples table
+    # export_onnx logs the ONNX model, aliased with the BentoML tag version package gives it
+    versions = set()
+    for _, recs in runs["export_onnx"]:
+        (onnx,) = [r.artifact for r in recs if r.WhichOneof("record_type") == "artifact"]
+        assert (onnx.name, onnx.type) == ("spam-classifier-onnx", "model")
+        meta = json.loads(onnx.metadata)
+        assert set(onnx.aliases) == {"latest", f"fp32-{meta['fp32_sha256'][:12]}"} and "fp32_test_accuracy" in meta
+        versions.add(f"fp32-{meta['fp32_sha256'][:12]}")
+    package = json.loads((path / "metrics" / "package.json").read_text())
+    assert package["bento_model"].split(":")[1] in versions
+
+
+def test_model_registry_artifacts(repo):
+    """dvc.yaml `artifacts:` names the classifier and the ONNX model; a version tag (as
+    `gto register` writes it) makes them resolvable through dvc.api."""
+    import dvc.api
+
+    path, _, _ = repo
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    for name, key in (("spam-classifier", "spam_classifier"), ("spam-classifier-onnx", "onnx")):
+        sh(path, "git", "tag", "-a", f"{name}@v0.0.1", "-m", f"register {name}")
+        shown = dvc.api.artifacts_show(name, repo=str(path))
+        assert shown["path"] == params["paths"][key] and (path / shown["path"]).is_dir()
+    record = json.loads((path / params["paths"]["bento_model"]).read_text())
+    assert record["bento_model"] == json.loads((path / "metrics" / "package.json").read_text())["bento_model"]
 
 
 def test_forced_rerun_gives_identical_metrics_and_weights(repo):
