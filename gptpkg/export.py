@@ -90,19 +90,12 @@ def export_classifier(model, meta: ModelMeta, out: Path, opset: int) -> None:
 
 
 def bundle_tokenizer(dest: Path, mirror: str | None) -> None:
-    """Copy tiktoken's GPT-2 BPE files to dest/gpt2/ so the export serves offline."""
-    import hashlib
+    """Write GPT-2's BPE files to dest/gpt2/ (sha256-checked) so the export serves offline."""
+    from .files import atomic_write_bytes
+    from .tokenizer import BPE_FILES, bpe_file
 
-    from .fetch import SOURCES
-    from .tokenizer import get_tokenizer, tiktoken_cache_dir
-
-    get_tokenizer(mirror)  # seeds/fills tiktoken's cache (and checks the hashes)
-    (dest / TOKENIZER_DIR).mkdir()
-    for name in ("gpt2/vocab.bpe", "gpt2/encoder.json"):
-        cached = tiktoken_cache_dir() / hashlib.sha1(SOURCES[name].url.encode()).hexdigest()
-        if not cached.is_file():
-            raise ExportError(f"tiktoken's cache {cached} lacks {name}; cannot bundle the tokenizer")
-        shutil.copyfile(cached, dest / name)
+    for name in BPE_FILES:
+        atomic_write_bytes(dest / name, bpe_file(name, mirror))
 
 
 def torch_logits(model, ids: list[list[int]], pad, batch_size: int):

@@ -20,10 +20,63 @@ def test_tokenizer_offline_from_mirror(tmp_path, monkeypatch, shared_data):
     try:
         enc = tok_mod.get_tokenizer(shared_data)
         assert enc.encode("Hello, world") == [15496, 11, 995]
-        assert tok_mod.encode("a<|endoftext|>") == [64, 50256]
-        assert len(list((tmp_path / "cache").iterdir())) == 2
+        assert enc.encode("a<|endoftext|>", allowed_special={tok_mod.END_OF_TEXT}) == [64, 50256]
+        assert enc.n_vocab == 50257 and enc.eot_token == tok_mod.EOT_ID
     finally:
         tok_mod._encoding.cache_clear()
+
+
+def test_tokenizer_matches_tiktokens_own_gpt2_pattern(shared_data):
+    """The GPT-2 release's regex splits text as tiktoken's (faster) gpt2 pattern does."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        str(shared_data / "gpt2" / "vocab.bpe"), str(shared_data / "gpt2" / "encoder.json")
+    )
+    ref = tiktoken.Encoding("ref", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={})
+    text = (shared_data / "SMSSpamCollection").read_text(encoding="utf-8") + " it's  \n\n don't 1,234 ÄÖü 😀 \t"
+    assert tok_mod.get_tokenizer(shared_data).encode_ordinary(text) == ref.encode_ordinary(text)
+
+
+def test_no_cache_writes_nothing_and_bundles_the_pinned_files(tmp_path, shared_data):
+    """TIKTOKEN_CACHE_DIR="" is tiktoken's "no cache": the tokenizer and the export's
+    bundle are built from the mirror without a file written anywhere else (the working
+    directory stays empty); the bundle holds the pinned bytes."""
+    work, bundle = tmp_path / "cwd", tmp_path / "bundle"
+    work.mkdir()
+    bundle.mkdir()
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from gptpkg.export import bundle_tokenizer\n"
+        "from gptpkg.tokenizer import get_tokenizer\n"
+        "print(get_tokenizer(sys.argv[1]).encode('Hello, world'))\n"
+        "bundle_tokenizer(Path(sys.argv[2]), sys.argv[1])\n"
+    )
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": ""}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(shared_data), str(bundle)],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[15496, 11, 995]"
+    assert list(work.iterdir()) == []
+    for name in tok_mod.BPE_FILES:
+        assert hashlib.sha256((bundle / name).read_bytes()).hexdigest() == fetch_mod.SOURCES[name].sha256
+
+
+def test_tokenizer_refuses_a_mirror_file_off_its_pin(tmp_path, shared_data):
+    mirror = tmp_path / "mirror"
+    (mirror / "gpt2").mkdir(parents=True)
+    (mirror / "gpt2" / "vocab.bpe").write_bytes((shared_data / "gpt2" / "vocab.bpe").read_bytes() + b"x")
+    with pytest.raises(tok_mod.TokenizerUnavailable, match=r"vocab.bpe: sha256 .*, expected 1ce16647"):
+        tok_mod.bpe_file("gpt2/vocab.bpe", mirror)
 
 
 def test_tokenizer_without_mirror_or_network_says_how_to_fix(tmp_path):
