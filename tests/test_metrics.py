@@ -41,7 +41,7 @@ def test_classification_metrics_by_hand():
     assert all(type(v) is float for k, v in m.items() if k != "test_confusion")
 
 
-@pytest.mark.filterwarnings("error")  # zero_division is set: no UndefinedMetricWarning either
+@pytest.mark.filterwarnings("error::sklearn.exceptions.UndefinedMetricWarning")  # zero_division is set
 @pytest.mark.parametrize(
     "y_true, y_pred, confusion",
     [([0, 0, 0], [0, 0, 0], [[3, 0], [0, 0]]), ([1, 1], [0, 0], [[0, 0], [2, 0]]), ([0], [1], [[0, 1], [0, 0]])],
