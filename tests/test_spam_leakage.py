@@ -29,7 +29,8 @@ CORPUS_SOURCES = (*TEXT_SOURCES, SMS_SOURCE, INSTRUCTIONS_SOURCE)  # every sourc
 # The book's balanced split (seed 123): of its 300 test messages, 37 (32 distinct texts)
 # occur verbatim in the book's own 1,045 training messages (the collection holds
 # duplicate messages); 40 (35 distinct) when case, whitespace and quotes are ignored
-# (text_key); 47 are held by a training message. The README states these figures.
+# (text_key); 47 are held by a training message. docs/experiments/spam-classifier.md states
+# these figures.
 BOOK_TEST_ROWS_VERBATIM_IN_BOOK_TRAIN = (37, 32)
 BOOK_TEST_ROWS_ALSO_IN_BOOK_TRAIN = (40, 35)
 BOOK_TEST_ROWS_HELD_BY_BOOK_TRAIN = 47
