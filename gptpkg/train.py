@@ -404,6 +404,44 @@ def loss_read_every(device: torch.device) -> int:
     return LOSS_READ_EVERY.get(device.type, 1)
 
 
+class LossLog:
+    """Step losses stay on the device until read: every `every` steps and before any
+    eval, checkpoint or the end, in one host sync. A non-finite loss then stops the run
+    (TrainingDiverged), up to `every` steps late but before anything is written; every
+    step's loss is logged (W&B), in order."""
+
+    def __init__(self, every: int, dist_ctx, logger: MetricLogger, checkpoint_dir) -> None:
+        self.every, self.dist_ctx, self.logger, self.checkpoint_dir = every, dist_ctx, logger, checkpoint_dir
+        self.pending: list[tuple[torch.Tensor, float, int]] = []  # (loss on the device, lr, tokens)
+
+    def add(self, loss: torch.Tensor, lr: float, tokens: int) -> None:
+        self.pending.append((loss, lr, tokens))
+
+    def due(self) -> bool:
+        return len(self.pending) >= self.every
+
+    def read(self, step: int, window: Window, bar, last_is_eval: bool) -> None:
+        """Check and log the pending losses of the steps up to `step` into `window`; the
+        last one is not logged when its step is an eval step (the eval row says it)."""
+        if not self.pending:
+            return
+        values = distributed.mean_across_ranks(torch.stack([p[0] for p in self.pending]), self.dist_ctx).tolist()
+        first = step - len(self.pending) + 1
+        for i, (value, (_, lr, tokens)) in enumerate(zip(values, self.pending)):
+            if not math.isfinite(value):
+                late = f" (losses are read every {self.every} steps: steps {first + i + 1}-{step} ran after it)"
+                raise TrainingDiverged(
+                    f"loss became {value} at step {first + i} (lr {lr:.3g}){late if first + i < step else ''}; "
+                    f"lower lr, raise warmup_steps or keep grad_clip > 0. The last checkpoint "
+                    f"({self.checkpoint_dir or 'none'}) was left as it was."
+                )
+            window.add(value, tokens)
+            if first + i != step or not last_is_eval:
+                self.logger.log({"step_loss": value, "lr": lr}, step=first + i)
+        bar.set_postfix(loss=f"{values[-1]:.3f}", tok_s=f"{window.tokens_per_s:.0f}")
+        self.pending.clear()
+
+
 def fit(
     model: nn.Module,
     train_set,
@@ -435,9 +473,7 @@ def fit(
     is a global batch, each rank trains on its slice, gradients are averaged; the loss
     and eval metrics are averaged over ranks; only rank 0 logs and writes checkpoints.
 
-    The step losses are read on the host every `loss_read_every(device)` steps (and
-    before every eval and checkpoint): a non-finite loss stops the run with
-    TrainingDiverged up to that many steps late, before anything is written.
+    Step losses are read on the host in batches (`LossLog`).
     """
     from tqdm.auto import tqdm
 
@@ -475,33 +511,7 @@ def fit(
 
     show = dist_ctx.is_main and (ctx is None or ctx.progress)
     window = Window()
-    read_every = loss_read_every(device)
-    pending: list[tuple[torch.Tensor, float, int]] = []  # (loss on the device, lr, tokens), not yet read
-
-    def read_losses() -> None:
-        """Bring the pending step losses to the host in one sync: check them, log them."""
-        if not pending:
-            return
-        losses = distributed.mean_across_ranks(torch.stack([p[0] for p in pending]), dist_ctx).tolist()
-        first = progress.step - len(pending) + 1
-        for i, (value, (_, lr, tokens)) in enumerate(zip(losses, pending)):
-            step = first + i
-            if not math.isfinite(value):
-                late = (
-                    f" (losses are read every {read_every} steps: steps {step + 1}-{progress.step} ran after it)"
-                    if progress.step > step
-                    else ""
-                )
-                raise TrainingDiverged(
-                    f"loss became {value} at step {step} (lr {lr:.3g}){late}; lower lr, "
-                    f"raise warmup_steps or keep grad_clip > 0. The last checkpoint "
-                    f"({checkpoint_dir or 'none'}) was left as it was."
-                )
-            window.add(value, tokens)
-            if step != progress.step or not is_eval_step(step):  # every step (W&B); eval rows say the rest
-                logger.log({"step_loss": value, "lr": lr}, step=step)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{window.tokens_per_s:.0f}")
-        pending.clear()
+    losses = LossLog(loss_read_every(device), dist_ctx, logger, checkpoint_dir)
 
     def is_eval_step(step: int) -> bool:
         return bool(cfg.eval_every and step % cfg.eval_every == 0) or step == steps
@@ -522,14 +532,15 @@ def fit(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             progress.advance(tokens, examples)
-            pending.append((loss, lr, tokens))
+            losses.add(loss, lr, tokens)
             bar.update(1)
+            eval_now = is_eval_step(progress.step)
             checkpoint_now = cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0
             # Read the losses (a host sync) before any eval, checkpoint or end, so a
-            # diverged run stops before writing anything, and every `read_every` steps.
-            if is_eval_step(progress.step) or checkpoint_now or len(pending) >= read_every:
-                read_losses()
-            if is_eval_step(progress.step):
+            # diverged run stops before writing anything, and every `losses.every` steps.
+            if eval_now or checkpoint_now or losses.due():
+                losses.read(progress.step, window, bar, last_is_eval=eval_now)
+            if eval_now:
                 evaluate(window)
                 window = Window()
             if checkpoint_now and progress.step != steps:
