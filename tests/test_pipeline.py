@@ -278,13 +278,14 @@ def test_wandb_offline_runs_hold_history_config_and_checkpoint(repo):
 def test_model_registry_artifacts(repo):
     """dvc.yaml `artifacts:` names the classifier and the ONNX model; a version tag (as
     `gto register` writes it) makes them resolvable through dvc.api."""
-    import dvc.api
-
     path, _, _ = repo
     params = yaml.safe_load((path / "params.yaml").read_text())
     for name, key in (("spam-classifier", "spam_classifier"), ("spam-classifier-onnx", "onnx")):
         sh(path, "git", "tag", "-a", f"{name}@v0.0.1", "-m", f"register {name}")
-        shown = dvc.api.artifacts_show(name, repo=str(path))
+        # In its own process, as a user's script would call it (DVC's in-process state
+        # and daemons stay out of the test process).
+        code = f"import json, dvc.api; print(json.dumps(dvc.api.artifacts_show({name!r}, repo='.')))"
+        shown = json.loads(sh(path, sys.executable, "-c", code).strip().splitlines()[-1])
         assert shown["path"] == params["paths"][key] and (path / shown["path"]).is_dir()
     record = json.loads((path / params["paths"]["bento_model"]).read_text())
     assert record["bento_model"] == json.loads((path / "metrics" / "package.json").read_text())["bento_model"]
