@@ -213,9 +213,19 @@ class TrainConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.AFTER_TRAINING}
 
 
-def _check_drop_rate(value: float | None) -> None:
+def _check_start(cfg) -> None:
+    """The rules of a fine-tuning's start model (`init`, `openai_weights`, `drop_rate`)."""
     require(
-        value is None or 0.0 <= value < 1.0, "drop_rate", "null (the start model's) or a probability in [0, 1)", value
+        cfg.init != "openai" or bool(cfg.openai_weights),
+        "openai_weights",
+        "a local folder of GPT-2 weights with init: openai",
+        cfg.openai_weights,
+    )
+    require(
+        cfg.drop_rate is None or 0.0 <= cfg.drop_rate < 1.0,
+        "drop_rate",
+        "null (the start model's) or a probability in [0, 1)",
+        cfg.drop_rate,
     )
 
 
@@ -267,12 +277,7 @@ class SpamConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(
-            self.init != "openai" or bool(self.openai_weights),
-            "openai_weights",
-            "a local folder of GPT-2 weights with init: openai",
-            self.openai_weights,
-        )
+        _check_start(self)
         require(self.init != "scratch" or self.model in PRESETS, "model", f"a preset of {sorted(PRESETS)}", self.model)
         require(self.max_length >= 1, "max_length", "an integer >= 1", self.max_length)
         require(self.n_blocks >= 1, "n_blocks", "an integer >= 1", self.n_blocks)
@@ -282,7 +287,6 @@ class SpamConfig(TrainConfig):
             "null or two positive weights [ham, spam]",
             self.class_weights,
         )
-        _check_drop_rate(self.drop_rate)
         require(
             self.cv_folds == 0 or self.cv_folds >= 2, "cv_folds", "0 (off) or a number of folds >= 2", self.cv_folds
         )
@@ -341,17 +345,11 @@ class InstructConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(
-            self.init != "openai" or bool(self.openai_weights),
-            "openai_weights",
-            "a local folder of GPT-2 weights with init: openai",
-            self.openai_weights,
-        )
+        _check_start(self)
         require(self.max_length >= 2, "max_length", "an integer >= 2", self.max_length)
         require(self.max_new_tokens >= 0, "max_new_tokens", "an integer >= 0", self.max_new_tokens)
         require(self.repetition_penalty > 0, "repetition_penalty", "a number > 0 (1 = off)", self.repetition_penalty)
         require(self.no_repeat_ngram >= 0, "no_repeat_ngram", "an integer >= 0 (0 = off)", self.no_repeat_ngram)
-        _check_drop_rate(self.drop_rate)
 
 
 @dataclass(frozen=True)

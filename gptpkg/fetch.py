@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
-import tempfile
 import time
 import urllib.request
 import zipfile
@@ -133,20 +131,13 @@ def fetch_file(
     mdir = mirror_dir(mirror)
     if mdir is not None and (mdir / name).is_file():
         candidate = mdir / name
-        got = sha256_of(candidate)
+        data = candidate.read_bytes()
+        got = hashlib.sha256(data).hexdigest()
         if got != src.sha256:
             raise FetchError(
                 f"mirror file {candidate} has sha256 {got}, expected {src.sha256}; nothing was overwritten"
             )
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-        os.close(fd)
-        try:
-            shutil.copyfile(candidate, tmp)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(dest, data)
         return dest, "mirror"
 
     data = _download(src.url, timeout, retries)

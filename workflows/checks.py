@@ -41,6 +41,21 @@ def _compare(
     )
 
 
+def _at_least_baseline(
+    by: dict[str, Stage], asset: str, baseline: str, key: str, name: str, description: str, text: str
+) -> AssetChecksDefinition:
+    """A WARN check: `asset`'s metric `key` is at least `baseline`'s (same split)."""
+
+    @asset_check(asset=asset, name=name, additional_deps=[baseline], description=description)
+    def _check(context: AssetCheckExecutionContext, dvc: DvcWorkspace) -> AssetCheckResult:
+        m, rel = _metrics(dvc, by[asset])
+        b, brel = _metrics(dvc, by[baseline])
+        figures = {key: _num((m or {}).get(key)), f"baseline_{key}": _num((b or {}).get(key))}
+        return _compare(f"{rel} / {brel}", figures, lambda model, base: model >= base, AssetCheckSeverity.WARN, text)
+
+    return _check
+
+
 def build_checks(stages: list[Stage]) -> list[AssetChecksDefinition]:
     by = {s.name: s for s in stages}
     checks: list[AssetChecksDefinition] = []
@@ -90,54 +105,30 @@ def build_checks(stages: list[Stage]) -> list[AssetChecksDefinition]:
         checks.append(accuracy_above_floor)
 
         if "baseline_spam" in by:
-
-            @asset_check(
-                asset="finetune_spam",
-                name="accuracy_at_least_baseline",
-                additional_deps=["baseline_spam"],
-                description="the GPT classifier is at least as accurate as the TF-IDF baseline on the same test split",
-            )
-            def accuracy_at_least_baseline(context: AssetCheckExecutionContext, dvc: DvcWorkspace) -> AssetCheckResult:
-                m, rel = _metrics(dvc, by["finetune_spam"])
-                b, brel = _metrics(dvc, by["baseline_spam"])
-                figures = {
-                    "test_accuracy": _num((m or {}).get("test_accuracy")),
-                    "baseline_test_accuracy": _num((b or {}).get("test_accuracy")),
-                }
-                return _compare(
-                    f"{rel} / {brel}",
-                    figures,
-                    lambda acc, base: acc >= base,
-                    AssetCheckSeverity.WARN,
+            checks.append(
+                _at_least_baseline(
+                    by,
+                    "finetune_spam",
+                    "baseline_spam",
+                    "test_accuracy",
+                    "accuracy_at_least_baseline",
+                    "the GPT classifier is at least as accurate as the TF-IDF baseline on the same test split",
                     "test accuracy {:.4f} vs TF-IDF baseline {:.4f}",
                 )
-
-            checks.append(accuracy_at_least_baseline)
-
-    if "finetune_instruct" in by and "baseline_instruct" in by:
-
-        @asset_check(
-            asset="finetune_instruct",
-            name="rouge_l_at_least_baseline",
-            additional_deps=["baseline_instruct"],
-            description="the instruction model's test ROUGE-L is at least the retrieval baseline's on the same split",
-        )
-        def rouge_l_at_least_baseline(context: AssetCheckExecutionContext, dvc: DvcWorkspace) -> AssetCheckResult:
-            m, rel = _metrics(dvc, by["finetune_instruct"])
-            b, brel = _metrics(dvc, by["baseline_instruct"])
-            figures = {
-                "test_rouge_l": _num((m or {}).get("test_rouge_l")),
-                "baseline_test_rouge_l": _num((b or {}).get("test_rouge_l")),
-            }
-            return _compare(
-                f"{rel} / {brel}",
-                figures,
-                lambda model, base: model >= base,
-                AssetCheckSeverity.WARN,
-                "test ROUGE-L {:.4f} vs retrieval baseline {:.4f}",
             )
 
-        checks.append(rouge_l_at_least_baseline)
+    if "finetune_instruct" in by and "baseline_instruct" in by:
+        checks.append(
+            _at_least_baseline(
+                by,
+                "finetune_instruct",
+                "baseline_instruct",
+                "test_rouge_l",
+                "rouge_l_at_least_baseline",
+                "the instruction model's test ROUGE-L is at least the retrieval baseline's on the same split",
+                "test ROUGE-L {:.4f} vs retrieval baseline {:.4f}",
+            )
+        )
 
     if "export_onnx" in by:
 
