@@ -34,6 +34,7 @@ class Browser:
         exe = find_chromium()
         if exe is None:
             raise RuntimeError("no chromium on PATH (apt-get install chromium)")
+        self.width, self.height = width, height
         self.profile = tempfile.mkdtemp(prefix="chromium-profile-")
         self.proc = subprocess.Popen(
             [
@@ -57,14 +58,28 @@ class Browser:
             time.sleep(0.2)
         self.port = int(port_file.read_text().split()[0])
         self.ws = None
+        self.target = None
         self._id = 0
 
     def open(self, url: str) -> None:
+        """`url` in a new tab (the one before it closed), which the other methods then drive."""
         from websockets.sync.client import connect
 
+        if self.ws is not None:
+            self.ws.close()
+            urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json/close/{self.target}", timeout=30).read()
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/new?{url}", method="PUT")
         target = json.loads(urllib.request.urlopen(req, timeout=30).read())
+        self.target = target["id"]
         self.ws = connect(target["webSocketDebuggerUrl"], max_size=2**26, open_timeout=30)
+        # the page's viewport is exactly width x height CSS pixels at scale 1 (so are screenshots)
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            width=self.width,
+            height=self.height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
 
     def call(self, method: str, **params):
         self._id += 1
@@ -76,14 +91,35 @@ class Browser:
                     raise RuntimeError(f"{method}: {msg['error']}")
                 return msg.get("result", {})
 
-    def text(self) -> str:
-        r = self.call("Runtime.evaluate", expression="document.body ? document.body.innerText : ''", returnByValue=True)
-        return r.get("result", {}).get("value", "") or ""
+    def evaluate(self, expression: str):
+        """The value of a JavaScript expression in the page (JSON-serializable values)."""
+        r = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"{expression[:200]}: {r['exceptionDetails'].get('text')}")
+        return r.get("result", {}).get("value")
 
-    def screenshot(self, path: Path) -> None:
-        data = self.call("Page.captureScreenshot", format="png")["data"]
+    def wait_for(self, expression: str, timeout: float = 60, what: str = ""):
+        """Poll a JavaScript expression until it is truthy; its value, or AssertionError naming
+        `what` and the start of the page's text after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"not on the page after {timeout:.0f} s: {what or expression}\n{self.text()[:2000]}"
+                )
+            time.sleep(0.5)
+
+    def text(self) -> str:
+        return self.evaluate("document.body ? document.body.innerText : ''") or ""
+
+    def screenshot(self, path: Path) -> bytes:
+        data = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(data))
+        path.write_bytes(data)
+        return data
 
     def close(self) -> None:
         if self.ws is not None:

@@ -1,14 +1,18 @@
 """Dagster over the DVC pipeline: definitions derived from dvc.yaml, a real materialization
 of the whole graph (tiny profile) in a temp DVC repository, checks, failures, the
-dvc.lock sensor, and `dagster definitions validate`."""
+dvc.lock sensor, `dagster definitions validate`, and the UI in headless Chromium (the asset
+graph, and the asset pages of that materialization)."""
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -16,11 +20,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PROJECT_FILES = ["params.yaml", "profiles", "dvc.yaml", ".dvcignore", ".dvc/config", "gptpkg", ".gitignore"]
+UI_FILES = ["pyproject.toml", "workflows"]  # what `dagster dev` / `dagster-webserver` load the definitions from
 
 
-def make_project(dest: Path) -> Path:
-    """A fresh git + DVC repository holding this project's pipeline files."""
-    for name in PROJECT_FILES:
+def make_project(dest: Path, *extra: str) -> Path:
+    """A fresh git + DVC repository holding this project's pipeline files (and `extra` ones)."""
+    for name in (*PROJECT_FILES, *extra):
         src = ROOT / name
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
@@ -302,21 +307,41 @@ def _all(defs):
     return list(defs.assets) + list(defs.asset_checks)
 
 
-@pytest.mark.integration
-def test_materialize_all_tiny_then_dvc_agrees(tmp_path, stage_env):
-    from dagster import AssetKey, DagsterInstance, build_sensor_context, materialize
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The whole pipeline on the tiny profile, materialized once by Dagster in a temp DVC
+    project that a webserver can load (workflows/ and pyproject.toml beside dvc.yaml), on a
+    persistent instance in a temp DAGSTER_HOME. Shared by the DVC-agreement test and the
+    asset-page test (which reads the latest materializations, whatever ran before it)."""
+    from dagster import DagsterInstance, materialize
 
     from workflows import build_definitions
+
+    base = tmp_path_factory.mktemp("tiny-run")
+    root = make_project(base / "proj", *UI_FILES)
+    home = base / "dagster_home"
+    home.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(home))
+        instance = DagsterInstance.get()  # the instance `dagster dev` / `dagster-webserver` open there
+    with instance:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PYTHONPATH", str(root))  # stages run the project copy's gptpkg (the code DVC hashes)
+            defs = build_definitions(root)
+            result = materialize(_all(defs), instance=instance, resources=_resources(root, profile="tiny"))
+        yield SimpleNamespace(root=root, home=home, instance=instance, defs=defs, result=result)
+
+
+@pytest.mark.integration
+def test_materialize_all_tiny_then_dvc_agrees(tiny_run, stage_env):
+    from dagster import AssetKey, build_sensor_context, materialize
+
     from workflows.dvc_project import outs_version, read_lock
     from workflows.sensors import dvc_lock_sensor, shell_run_stages
 
-    root = make_project(tmp_path / "proj")
+    root, defs, instance, result = tiny_run.root, tiny_run.defs, tiny_run.instance, tiny_run.result
     stage_env(root)
-    defs = build_definitions(root)
     names = stage_names(root / "dvc.yaml")
-    instance = DagsterInstance.ephemeral()
-
-    result = materialize(_all(defs), instance=instance, resources=_resources(root, profile="tiny"))
     assert result.success
     assert {
         m.asset_key.to_user_string()
@@ -481,96 +506,258 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.integration
-def test_dagster_dev_shows_every_asset_in_headless_chromium(tmp_path):
-    """`dagster dev` from a project root serves the asset graph; headless Chromium (driven over
-    the DevTools protocol) sees every DVC stage as an asset; the screenshot is kept in
-    test-artifacts/dagster_asset_graph.png."""
-    import signal
-    import urllib.request
-
-    from cdp import Browser, find_chromium
-    from helpers import stop_group
+def _need_chromium() -> None:
+    from cdp import find_chromium
 
     if find_chromium() is None:
         if os.environ.get("CI"):
             pytest.fail("CI must have chromium (.ci/run installs Debian's package)")
         pytest.skip("chromium is not installed here (CI installs it: apt-get install chromium)")
-    root = make_project(tmp_path / "proj")
-    for name in ("pyproject.toml", "workflows"):
-        src = ROOT / name
-        (
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-            if src.is_dir()
-            else shutil.copy2(src, root / name)
-        )
-    names = stage_names(root / "dvc.yaml")
+
+
+@contextlib.contextmanager
+def _dagster_ui(command: list[str], root: Path, home: Path, log_path: Path):
+    """A Dagster UI server (`dagster dev` or `dagster-webserver`) on a free loopback port,
+    started in `root` on the instance in `home`; yields its base URL once it answers, and
+    stops it (its whole process group) on the way out."""
+    import signal
+    import urllib.request
+
+    from helpers import stop_group
+
     port = _free_port()
-    home = tmp_path / "dagster_home"
-    home.mkdir()
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": str(root),
         "DAGSTER_HOME": str(home),
     }
-    log = open(tmp_path / "dagster_dev.log", "w")  # noqa: SIM115 (the server's log while it runs)
-    server = subprocess.Popen(
-        [str(BIN / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=root,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    browser = None
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5)
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "dagster_dev.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "dagster dev did not serve within 300 s"
-                time.sleep(1)
-        browser = Browser()
-        browser.open(f"http://127.0.0.1:{port}/asset-groups")
-        deadline = time.monotonic() + 180
-        while "Global asset lineage" not in browser.text() or not any(
-            g in browser.text() for g in ("data", "classifier")
-        ):
-            assert time.monotonic() < deadline, browser.text()[:2000]
-            time.sleep(1)
-
-        def dismiss_prompt():  # the newsletter prompt, which pops up once the app has loaded
-            browser.call(
-                "Runtime.evaluate",
-                expression="[...document.querySelectorAll('button')]"
-                ".filter(b => b.innerText.trim() === 'Skip').forEach(b => b.click())",
-            )
-
-        # "Expand all groups" (its keyboard shortcut, Alt+E) shows every asset node
-        missing = names
-        while missing:  # Alt+E toggles: press once, then give the layout time before pressing again
-            for kind in ("rawKeyDown", "keyUp"):
-                browser.call(
-                    "Input.dispatchKeyEvent", type=kind, modifiers=1, key="e", code="KeyE", windowsVirtualKeyCode=69
-                )
-            for _ in range(20):
-                time.sleep(1)
-                missing = [n for n in names if n not in browser.text().split()]
-                if not missing:
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [str(BIN / command[0]), *command[1:], "-h", "127.0.0.1", "-p", str(port)],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5)
                     break
-            assert time.monotonic() < deadline, f"assets not shown in the graph: {missing}"
-        for _ in range(5):
-            dismiss_prompt()
-            time.sleep(1)
-        shot = ROOT / "test-artifacts" / "dagster_asset_graph.png"
-        browser.screenshot(shot)
-        assert shot.stat().st_size > 10_000
-    finally:
-        if browser is not None:
-            browser.close()
-        stop_group(server, signal.SIGINT, timeout=60)
-        log.close()
+                except OSError:
+                    assert server.poll() is None, log_path.read_text()[-3000:]
+                    assert time.monotonic() < deadline, f"{command[0]} did not serve within 300 s"
+                    time.sleep(0.5)
+            # the community prompt ("Join the Dagster community") would pop up over the pages:
+            # tell the server it has been seen, as its Skip button does
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/graphql",
+                data=json.dumps({"query": "mutation { setNuxSeen }"}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            assert json.loads(urllib.request.urlopen(req, timeout=30).read())["data"]["setNuxSeen"] is True
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop_group(server, signal.SIGINT, timeout=60)
+
+
+def _keep(shot: Path) -> None:
+    """A copy of a screenshot in $GPTPKG_TEST_ARTIFACTS (default: test-artifacts/ here), for CI to keep."""
+    dest = Path(os.environ.get("GPTPKG_TEST_ARTIFACTS") or ROOT / "test-artifacts")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(shot, dest / shot.name)
+
+
+@pytest.mark.integration
+def test_dagster_dev_shows_every_asset_in_headless_chromium(tmp_path):
+    """`dagster dev` from a project root serves the asset graph; headless Chromium (driven over
+    the DevTools protocol) sees every DVC stage as an asset; the screenshot is kept in
+    test-artifacts/dagster_asset_graph.png."""
+    from cdp import Browser
+
+    _need_chromium()
+    root = make_project(tmp_path / "proj", *UI_FILES)
+    names = stage_names(root / "dvc.yaml")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    browser = None
+    with _dagster_ui(["dagster", "dev"], root, home, tmp_path / "dagster_dev.log") as url:
+        try:
+            browser = Browser()
+            browser.open(f"{url}/asset-groups")
+            deadline = time.monotonic() + 180
+            while "Global asset lineage" not in browser.text() or not any(
+                g in browser.text() for g in ("data", "classifier")
+            ):
+                assert time.monotonic() < deadline, browser.text()[:2000]
+                time.sleep(1)
+
+            # "Expand all groups" (its keyboard shortcut, Alt+E) shows every asset node
+            missing = names
+            while missing:  # Alt+E toggles: press once, then give the layout time before pressing again
+                for kind in ("rawKeyDown", "keyUp"):
+                    browser.call(
+                        "Input.dispatchKeyEvent",
+                        type=kind,
+                        modifiers=1,
+                        key="e",
+                        code="KeyE",
+                        windowsVirtualKeyCode=69,
+                    )
+                for _ in range(20):
+                    time.sleep(1)
+                    missing = [n for n in names if n not in browser.text().split()]
+                    if not missing:
+                        break
+                assert time.monotonic() < deadline, f"assets not shown in the graph: {missing}"
+            shot = tmp_path / "dagster_asset_graph.png"
+            browser.screenshot(shot)
+            assert shot.stat().st_size > 10_000
+            _keep(shot)
+        finally:
+            if browser is not None:
+                browser.close()
+
+
+# the Value cell of the metadata row `key` on an asset page (columns Key, Timestamp, Value)
+METADATA_CELL = """(() => {
+  for (const tr of document.querySelectorAll('tr')) {
+    const cells = [...tr.cells];
+    if (cells.length > 1 && cells[0].innerText.trim() === %s) return cells[cells.length - 1].innerText.trim();
+  }
+  return null;
+})()"""
+# click "[Show Markdown]" in the metadata row `key` (markdown metadata opens in a dialog)
+SHOW_MARKDOWN = """(() => {
+  for (const tr of document.querySelectorAll('tr')) {
+    const cells = [...tr.cells];
+    if (cells.length > 1 && cells[0].innerText.trim() === %s) {
+      const link = [...tr.querySelectorAll('*')].find(e => e.children.length === 0
+        && e.innerText && e.innerText.trim() === '[Show Markdown]');
+      if (link) { link.click(); return true; }
+    }
+  }
+  return false;
+})()"""
+# the open dialog titled `key`: its loaded images and tables
+DIALOG = """(() => {
+  const d = [...document.querySelectorAll('[role=dialog], .bp5-dialog, .bp4-dialog')]
+    .find(e => e.innerText.includes(%s));
+  if (!d) return null;
+  const imgs = [...d.querySelectorAll('img')].filter(i => i.complete && i.naturalWidth > 0).map(i => {
+    const r = i.getBoundingClientRect();
+    return {src: i.src, w: i.naturalWidth, h: i.naturalHeight, x: r.x, y: r.y, rw: r.width, rh: r.height};
+  });
+  const tables = [...d.querySelectorAll('table')].map(t => [...t.rows].map(r => [...r.cells].map(c => c.innerText.trim())));
+  return (imgs.length || tables.length) ? {imgs, tables} : null;
+})()"""
+
+
+def _png(data: bytes):
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+@pytest.mark.integration
+def test_asset_pages_show_the_materialization_in_headless_chromium(tiny_run, tmp_path):
+    """The real webserver on the instance of a tiny materialization (tiny_run): the asset pages
+    /assets/<key>, opened in headless Chromium, show that materialization's figures (the
+    classifier's test accuracy and confusion matrix, pretraining's val_loss), its loss curves
+    and confusion-matrix picture (pixel for pixel the PNG the stage wrote) and the instruction
+    model's 10-item sample table. Screenshots under tmp_path, copies kept in test-artifacts/."""
+    import base64
+
+    import numpy as np
+    from cdp import Browser
+    from dagster import AssetKey
+
+    _need_chromium()
+    width, height = 1400, 900
+    latest = {
+        name: tiny_run.instance.get_latest_materialization_event(AssetKey(name)).asset_materialization.metadata
+        for name in ("pretrain", "finetune_spam", "finetune_instruct")
+    }
+    pages = {  # asset: (figures shown in the metadata table, pictures behind "[Show Markdown]")
+        "finetune_spam": (
+            ["test_accuracy", "test_confusion"],
+            ["plot_finetune_spam_confusion", "plot_finetune_spam_loss"],
+        ),
+        "pretrain": (["val_loss", "initial_val_loss"], ["plot_pretrain_loss"]),
+    }
+    browser = None
+    with _dagster_ui(
+        ["dagster-webserver", "-m", "workflows"], tiny_run.root, tiny_run.home, tmp_path / "ui.log"
+    ) as url:
+        try:
+            browser = Browser(width, height)
+            for asset, (figures, plots) in pages.items():
+                md = latest[asset]
+                browser.open(f"{url}/assets/{asset}")
+                for key in figures:
+                    shown = browser.wait_for(METADATA_CELL % json.dumps(key), 120, f"{asset}: metadata {key}")
+                    want = md[key].value
+                    if isinstance(want, float):
+                        assert float(shown) == pytest.approx(want, rel=1e-12), (asset, key, shown)
+                    else:
+                        assert json.loads(shown) == want, (asset, key, shown)
+                for key in plots:
+                    assert browser.evaluate(SHOW_MARKDOWN % json.dumps(key)), f"{asset}: no [Show Markdown] for {key}"
+                    # once the dialog's opening transition is over, the picture is drawn at its own size
+                    dialog = browser.wait_for(
+                        f"(d => d && d.imgs.length === 1 && d.imgs[0].rw === d.imgs[0].w && d.imgs[0].rh === d.imgs[0].h"
+                        f" && d)({DIALOG % json.dumps(key)})",
+                        30,
+                        f"{asset}: the {key} picture, drawn at its own size",
+                    )
+                    (img,) = dialog["imgs"]
+                    # the picture is the stage's PNG, carried in the materialization's metadata
+                    uri = md[key].value.split("](", 1)[1].split(")", 1)[0]
+                    assert img["src"] == uri and uri.startswith("data:image/png;base64,")
+                    stage_png = _png(base64.b64decode(uri.split(",", 1)[1]))
+                    assert (img["w"], img["h"]) == stage_png.size
+                    shot = tmp_path / f"{key}.png"
+                    page = _png(browser.screenshot(shot))
+                    _keep(shot)
+                    assert page.size == (width, height)
+                    pixels = np.asarray(page, dtype=float)
+                    assert pixels.std() > 10, f"{shot}: a blank page"
+                    x, y = round(img["x"]), round(img["y"])
+                    region = pixels[y : y + stage_png.size[1], x : x + stage_png.size[0]]
+                    assert region.shape[:2] == (stage_png.size[1], stage_png.size[0]), f"{key} drawn off screen"
+                    diff = np.abs(region - np.asarray(stage_png, dtype=float)).mean()
+                    assert diff < 8, f"{key}: the screenshot differs from the stage's PNG by {diff:.1f} per channel"
+                    browser.call(
+                        "Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27
+                    )
+                    browser.call(
+                        "Input.dispatchKeyEvent", type="keyUp", key="Escape", code="Escape", windowsVirtualKeyCode=27
+                    )
+                    browser.wait_for(f"!({DIALOG % json.dumps(key)})", 30, f"{asset}: the {key} dialog closes")
+
+            # the instruction model's sample: a 10-row table (instruction, reference, model, ROUGE-L, ...)
+            browser.open(f"{url}/assets/finetune_instruct")
+            browser.wait_for(METADATA_CELL % json.dumps("test_rouge_l"), 120, "finetune_instruct: test_rouge_l")
+            assert browser.evaluate(SHOW_MARKDOWN % json.dumps("test_sample")), "no [Show Markdown] for test_sample"
+            dialog = browser.wait_for(DIALOG % json.dumps("test_sample"), 30, "the test_sample table")
+            (table,) = dialog["tables"]
+            assert table[0] == ["instruction", "reference", "model", "ROUGE-L", "baseline", "ROUGE-L"]
+            rows = [
+                [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+                for line in latest["finetune_instruct"]["test_sample"].value.splitlines()[2:]
+            ]
+            assert len(table) - 1 == len(rows) == 10
+            assert [(r[3], r[5]) for r in table[1:]] == [(r[3], r[5]) for r in rows]  # the ROUGE-L columns
+            time.sleep(0.5)
+            shot = tmp_path / "finetune_instruct_test_sample.png"
+            page = _png(browser.screenshot(shot))
+            _keep(shot)
+            assert page.size == (width, height) and np.asarray(page, dtype=float).std() > 10
+        finally:
+            if browser is not None:
+                browser.close()
