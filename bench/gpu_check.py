@@ -9,9 +9,11 @@ Parts, each timed on its own and reported even when another fails:
 2. pipeline: every stage of the default pipeline except `package` (BentoML) through
    `python -m gptpkg.cli` on CUDA (device auto), W&B disabled: stage wall times, test
    accuracy against the baseline, export parity and the int8 gate.
-3. gpt2_small: the gpt2-small profile's pretrain and finetune_spam, capped to a few
+3. compile: the default pretrain and finetune_spam (one member) compiled and eager, the
+   figures behind `compile: auto`'s choice.
+4. gpt2_small: the gpt2-small profile's pretrain and finetune_spam, capped to a few
    hundred steps: wall time against pure step time (compile cost), tokens/s.
-4. generation: tokens/s with no cache, the dynamic and static caches and the compiled
+5. generation: tokens/s with no cache, the dynamic and static caches and the compiled
    decode step (CUDA graphs), gpt2-small, batch 1, 200 new tokens.
 
 Needs torch, onnx, onnxruntime, tiktoken and the offline data mirror ($GPTPKG_DATA_MIRROR
@@ -118,6 +120,26 @@ def gpt2_small(out: Path, log: Path, smoke: bool, env: dict) -> dict:
     return res
 
 
+def compile_choice(out: Path, log: Path, smoke: bool, env: dict) -> dict:
+    """The default pretrain and finetune_spam (one soup member) with compile true and
+    false on the pipeline part's prepared data: stage wall times, against which
+    `compile: auto`'s choice (eager for these) is checked."""
+    data, res = out / "pipeline", {}
+    sets = ["finetune_spam.soup=1", "export_onnx.min_test_accuracy=0.0"]
+    sets += ["pretrain.max_steps=4", "finetune_spam.max_steps=4"] if smoke else []
+    for stage in ("pretrain", "finetune_spam"):
+        for setting in ("false", "true"):
+            work = out / f"compile_{setting}"
+            cmd = [sys.executable, "-m", "gptpkg.cli", stage, "--no-progress"]
+            cmd += stage_args(work, "tiny" if smoke else None, [*sets, f"{stage}.compile={setting}"], data)
+            rc, wall = run(cmd, log, 900, env)
+            res[f"{stage}_compile_{setting}"] = {"rc": rc, **read(work, stage, runtime=True), "wall_s": round(wall, 1)}
+            if rc:
+                res["failed"] = stage
+                return res
+    return res
+
+
 def bench(out: Path, log: Path, smoke: bool, parts: str, env: dict) -> dict:
     dest = out / f"{parts}.json"
     size = (
@@ -170,6 +192,9 @@ def table(results: dict) -> str:
             rows.append(
                 ("gpt2_small", f"{stage} stage / train wall", f"{s['stage_wall_s']:.0f} s / {s['train_wall_s']:.0f} s")
             )
+    for name, s in results.get("compile", {}).items():
+        if isinstance(s, dict) and s.get("stage_wall_time_s"):
+            rows.append(("compile", f"{name} stage wall s", f"{s['stage_wall_time_s']:.1f}"))
     gen = results.get("generation", {}).get("generation") or {}
     for name in ("no_cache", "kv_cache", "static_cache", "compiled_static"):
         if f"{name}_tokens_per_s" in gen:
@@ -184,7 +209,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="folder for the JSON and logs")
     ap.add_argument("--cpu-smoke", action="store_true", help="no GPU needed: tiny sizes, to check this script")
-    ap.add_argument("--parts", default="mfu,pipeline,gpt2_small,generation")
+    ap.add_argument("--parts", default="mfu,pipeline,compile,gpt2_small,generation")
     args = ap.parse_args()
     import torch
 
@@ -216,6 +241,8 @@ def main() -> int:
             results[part] = bench(out, log, args.cpu_smoke, "generation", env)
         elif part == "pipeline":
             results[part] = pipeline(out, log, args.cpu_smoke, env)
+        elif part == "compile":
+            results[part] = compile_choice(out, log, args.cpu_smoke, env)
         elif part == "gpt2_small":
             results[part] = gpt2_small(out, log, args.cpu_smoke, env)
         else:

@@ -196,6 +196,7 @@ def train_classifier(
         wall_time_s=wall,
         tokens_per_s=tokens / max(wall, 1e-9),
         history=results[0].history,
+        compiled=results[0].compiled,
     )
 
 
@@ -291,6 +292,7 @@ def run(cfg: SpamConfig, ctx) -> dict[str, Any]:
         "steps": result.steps,
         "wall_time_s": result.wall_time_s,
         "examples_per_s": result.examples_seen / max(result.wall_time_s, 1e-9),
+        "compiled": result.compiled,
         "n_trainable_params": model.num_params(trainable_only=True),
         "train_messages": len(rows["train"]),
         "heldout_full_messages": len(rows["heldout_full"]),

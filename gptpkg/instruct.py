@@ -81,6 +81,7 @@ def run(cfg: InstructConfig, ctx) -> dict[str, Any]:
             "steps": result.steps,
             "wall_time_s": result.wall_time_s,
             "tokens_per_s": result.tokens_per_s,
+            "compiled": result.compiled,
             "history": result.history,
             "test_perplexity": math.exp(min(metrics["test_loss"], 50.0)),
         }

@@ -73,6 +73,7 @@ def run(cfg: PretrainConfig, ctx) -> dict[str, Any]:
         "tokens_seen": result.tokens_seen,
         "tokens_per_s": result.tokens_per_s,
         "wall_time_s": result.wall_time_s,
+        "compiled": result.compiled,
         "n_params": model.num_params(),
         "history": result.history,
         "samples": samples,

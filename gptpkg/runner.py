@@ -31,6 +31,7 @@ RUNTIME_KEYS = (
     "peak_flops",
     "gpu",
     "export_s",
+    "compiled",
 )
 
 

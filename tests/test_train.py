@@ -3,10 +3,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import Interrupted, dying
+from helpers import ROOT, Interrupted, dying
 
 from gptpkg import checkpoint as ckpt
-from gptpkg.config import ConfigError, TrainConfig, model_config
+from gptpkg.config import ConfigError, TrainConfig, load_params, model_config
 from gptpkg.data import TokenWindows
 from gptpkg.loggers import NullLogger
 from gptpkg.model import GPT
@@ -19,6 +19,7 @@ from gptpkg.train import (
     lm_loss,
     lr_at,
     mean_loss,
+    planned_flops,
     should_compile,
     shuffled_batches,
     total_steps,
@@ -262,8 +263,24 @@ def test_gpu_switches_resolve_by_device():
     assert autocast_dtype("auto", cpu) is None
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
     assert autocast_dtype("fp32", cuda) is None
-    assert should_compile("auto", cuda) and not should_compile("auto", cpu)
     assert should_compile(True, cpu) and not should_compile(False, cuda)
+    assert not should_compile("auto", cpu, math.inf)
+
+
+def test_compile_auto_compiles_only_the_long_cuda_trainings():
+    """`compile: auto` on CUDA: the default stages and the gpt2-small fine-tunings train
+    eager (compiling costs more than it saves there), the gpt2-small pretraining compiled.
+    Step counts: the default pretraining's 824 (8 epochs of 103 windows), the gpt2-small
+    profile's ~1,000 pretraining steps and 612 spam fine-tuning steps."""
+    cuda = torch.device("cuda")
+    default, small = load_params(ROOT / "params.yaml"), load_params(ROOT / "params.yaml", profile="gpt2-small")
+    with torch.device("meta"):
+        mini_model, small_model = GPT(default.pretrain.model_config()), GPT(small.pretrain.model_config())
+    assert not should_compile("auto", cuda, planned_flops(mini_model, 824, default.pretrain))
+    assert not should_compile("auto", cuda, planned_flops(mini_model, 1000, default.finetune_spam))
+    assert not should_compile("auto", cuda, planned_flops(small_model, 612, small.finetune_spam))
+    assert not should_compile("auto", cuda, planned_flops(small_model, 234, small.finetune_instruct))
+    assert should_compile("auto", cuda, planned_flops(small_model, 1000, small.pretrain))
 
 
 def test_bf16_autocast_trains_on_cpu(verdict_ids):
