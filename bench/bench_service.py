@@ -1,23 +1,32 @@
-"""The spam service under a bounded local load, adaptive batching on vs off.
+"""The spam service against a minimal peer and the in-process limit, side by side.
 
-For each mode: start `bentoml serve` on 127.0.0.1 (a free port) with the same exported
-model, wait for /readyz, warm up, then run CLIENTS concurrent clients (one asyncio
-process, httpx) for DURATION seconds, each sending POST /classify with one SMS text per
-request, back to back. Reports requests/s, p50/p99 latency and errors (non-200 or
-transport errors); then stops the server. Traffic goes to 127.0.0.1 only and every loop
-ends by itself.
+One run, one exported model file, three contenders:
+- service: `bentoml serve serving.service:SpamClassifier` with its shipped defaults (only
+  GPTPKG_MODEL_PATH is set; `--env KEY=VALUE` adds settings for lever studies);
+- peer: bench/peer_server.py, a Starlette app under uvicorn (2 workers, ONNX Runtime 1
+  thread, predict inline in the async handler), the same /classify contract;
+- in-process: `OnnxSpamClassifier.predict` without HTTP in 2 processes, 1 text per call
+  and 32 length-sorted texts per call: the throughput this machine allows.
 
-    GPTPKG_DATA_MIRROR=../shared/data PYTHONPATH=. python bench/bench_service.py [--variant int8]
+Load comes from `wrk` (1 thread, closed loop, keep-alive) running a Lua script that POSTs
+/classify bodies of real SMS texts: 1, 8 and 32 connections with one text per request,
+and 8 connections with 16 texts per request. Each server starts on 127.0.0.1 (a free
+port), is warmed up, measured under each load, and stopped; the contenders take turns
+within each repeat (the order flips every repeat) and the table shows medians over
+repeats. Server CPU is utime+stime of the server's process tree during a load, in cores.
+
+    GPTPKG_DATA_MIRROR=../shared/data PYTHONPATH=. python bench/bench_service.py [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import multiprocessing as mp
 import os
-import signal
-import socket
+import random
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,156 +34,253 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+BENCH = ROOT / "bench"
+sys.path[:0] = [str(BENCH), str(ROOT / "tests")]
 from bench_model import build, sms_texts  # noqa: E402
+from helpers import free_port, stop_group, wait_ready  # noqa: E402
 
-from gptpkg.onnx_classifier import FP32_FILE, INT8_FILE  # noqa: E402
+from gptpkg.onnx_classifier import FP32_FILE, INT8_FILE, OnnxSpamClassifier  # noqa: E402
+
+LOADS = ((1, 1), (8, 1), (32, 1), (8, 16))  # (connections, texts per request)
+SERVERS = ("service", "peer")
+LIMITS = {"batch 1": 1, "batch 32, length-sorted": 32}  # in-process: texts per call
+LUA = r"""
+local reqs, n, i = {}, 0, 0
+function init(args)
+  for body in io.lines(args[1]) do
+    n = n + 1
+    reqs[n] = wrk.format("POST", "/classify", {["Content-Type"] = "application/json"}, body)
+  end
+end
+function request()
+  i = i % n + 1
+  return reqs[i]
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('RESULT {"responses": %d, "duration_s": %.6f, "non_2xx": %d, "socket_errors": %d, '
+    .. '"p50_ms": %.3f, "p99_ms": %.3f, "max_ms": %.3f}\n', summary.requests, summary.duration / 1e6, e.status,
+    e.connect + e.read + e.write + e.timeout, latency:percentile(50) / 1e3, latency:percentile(99) / 1e3,
+    latency.max / 1e3))
+end
+"""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_file: Path, batching: bool, args) -> tuple[subprocess.Popen, str]:
+def start_server(kind: str, model_file: Path, extra_env: dict[str, str], log: Path):
+    """(process, base url) of a ready server; SystemExit with its log when it fails to start."""
     port = free_port()
-    env = {
-        **os.environ,
-        "GPTPKG_MODEL_PATH": str(model_file),
-        "GPTPKG_BATCHING": "on" if batching else "off",
-        "GPTPKG_MAX_BATCH_SIZE": str(args.max_batch_size),
-        "GPTPKG_MAX_LATENCY_MS": str(args.max_latency_ms),
-        "GPTPKG_ORT_THREADS": str(args.ort_threads),
-        "BENTOML_DO_NOT_TRACK": "true",
-        "PYTHONPATH": str(ROOT),
-    }
-    bentoml = str(Path(sys.executable).parent / "bentoml")
-    proc = subprocess.Popen(
-        [bentoml, "serve", "serving.service:SpamClassifier", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPTPKG_") or k == "GPTPKG_DATA_MIRROR"}
+    env.update(
+        GPTPKG_MODEL_PATH=str(model_file),
+        BENTOML_DO_NOT_TRACK="true",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
+    if kind == "service":
+        env.update(extra_env)
+        bentoml = str(Path(sys.executable).parent / "bentoml")
+        argv = [bentoml, "serve", "serving.service:SpamClassifier", "--host", "127.0.0.1", "--port", str(port)]
+    else:
+        argv = [sys.executable, str(BENCH / "peer_server.py"), "--port", str(port)]
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"bentoml serve exited with {proc.returncode}")
+    try:
+        wait_ready(proc, url + "/readyz")
+    except RuntimeError as e:
+        stop_group(proc)
+        raise SystemExit(f"{kind}: {e}; its output ({log}):\n{log.read_text()[-4000:]}") from None
+    return proc, url
+
+
+def tree_cpu_s(pid: int) -> dict[int, float]:
+    """{pid: user+system CPU seconds} of `pid` and all its descendants."""
+    import psutil
+
+    root = psutil.Process(pid)
+    out = {}
+    for p in [root, *root.children(recursive=True)]:
         try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
+            t = p.cpu_times()
+            out[p.pid] = t.user + t.system
+        except psutil.NoSuchProcess:
             pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise SystemExit("server not ready in 120 s")
+    return out
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+def children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
-async def load(url: str, texts: list[str], clients: int, duration: float) -> dict:
-    latencies: list[float] = []
-    errors = 0
-    end = time.perf_counter() + duration
+def wrk(url: str, bodies: Path, connections: int, duration: int, script: Path) -> dict:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-s", str(script), url]
+    r = subprocess.run([*argv, "--", str(bodies)], capture_output=True, text=True, timeout=duration + 60)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if r.returncode or line is None:
+        raise SystemExit(f"{' '.join(argv)} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+    return json.loads(line.removeprefix("RESULT "))
 
-    async def client(i: int, http: httpx.AsyncClient) -> None:
-        nonlocal errors
-        k = i
-        while time.perf_counter() < end:
-            t0 = time.perf_counter()
-            try:
-                r = await http.post(url + "/classify", json={"texts": [texts[k % len(texts)]]})
-                ok = r.status_code == 200 and len(r.json()) == 1
-            except httpx.HTTPError:
-                ok = False
-            if ok:
-                latencies.append(time.perf_counter() - t0)
-            else:
-                errors += 1
-            k += clients
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as http:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(i, http) for i in range(clients)))
-        wall = time.perf_counter() - t0
-    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
+def load_run(proc, url: str, bodies: Path, connections: int, per_request: int, duration: int, script: Path) -> dict:
+    """One wrk load on a running server, with the server's and the client's CPU."""
+    cpu0, client0, t0 = tree_cpu_s(proc.pid), children_cpu_s(), time.monotonic()
+    r = wrk(url, bodies, connections, duration, script)
+    cpu1, client1, wall = tree_cpu_s(proc.pid), children_cpu_s(), time.monotonic() - t0
+    ok = r["responses"] - r["non_2xx"]
     return {
-        "requests": len(latencies),
-        "errors": errors,
-        "wall_s": round(wall, 2),
-        "req_per_s": round(len(latencies) / wall, 1),
-        "p50_ms": round(q[49] * 1e3, 1),
-        "p99_ms": round(q[98] * 1e3, 1),
+        **r,
+        "req_per_s": round(ok / r["duration_s"], 1),
+        "texts_per_s": round(ok * per_request / r["duration_s"], 1),
+        "errors": r["non_2xx"] + r["socket_errors"],
+        "server_cpu_cores": round(sum(s - cpu0.get(pid, 0.0) for pid, s in cpu1.items()) / wall, 2),
+        "client_cpu_cores": round((client1 - client0) / wall, 2),
     }
+
+
+def _limit_worker(model_file: str, texts: list[str], per_call: int, duration: float, barrier, results) -> None:
+    clf = OnnxSpamClassifier(model_file, device="cpu", threads=1)
+    ordered = sorted(texts, key=lambda t: len(clf.encode(t))) if per_call > 1 else texts
+    calls = [ordered[i : i + per_call] for i in range(0, len(ordered), per_call)]
+    for c in calls[:20]:  # warm-up
+        clf.predict(c, batch_size=per_call)
+    barrier.wait()
+    done, k, t0 = 0, 0, time.perf_counter()
+    while time.perf_counter() - t0 < duration:
+        clf.predict(calls[k % len(calls)], batch_size=per_call)
+        done, k = done + len(calls[k % len(calls)]), k + 1
+    results.put(done / (time.perf_counter() - t0))
+
+
+def in_process_limit(model_file: Path, texts: list[str], per_call: int, duration: float, processes: int = 2) -> dict:
+    """texts/s of `processes` processes, each classifying `per_call` texts per call, no HTTP."""
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [
+        ctx.Process(target=_limit_worker, args=(str(model_file), texts, per_call, duration, barrier, results))
+        for _ in range(processes)
+    ]
+    for p in procs:
+        p.start()
+    rates = [results.get(timeout=duration + 300) for _ in procs]
+    for p in procs:
+        p.join()
+    return {"texts_per_s": round(sum(rates), 1), "processes": processes, "texts_per_call": per_call}
+
+
+def medians(runs: list[dict]) -> dict:
+    return {
+        k: round(statistics.median(r[k] for r in runs), 2) for k, v in runs[0].items() if isinstance(v, int | float)
+    }
+
+
+def table(res: dict) -> str:
+    rows = [
+        "| server | connections | texts/request | req/s | texts/s | p50 ms | p99 ms | max ms | errors | server CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for server in res["servers"]:
+        for key, m in res["median"][server].items():
+            c, k = key.split("x")
+            rows.append(
+                f"| {server} | {c} | {k} | {m['req_per_s']:.0f} | {m['texts_per_s']:.0f} | {m['p50_ms']:.1f} | "
+                f"{m['p99_ms']:.1f} | {m['max_ms']:.1f} | {m['errors']:.0f} | {m['server_cpu_cores']:.2f} |"
+            )
+    for name, m in res["median"].get("in-process", {}).items():
+        rows.append(f"| in-process, 2 processes, {name} | — | — | — | {m['texts_per_s']:.0f} | | | | | |")
+    med = res["median"]
+    notes = []
+    if {"service", "peer"} <= med.keys():
+        s, p = med["service"]["32x1"], med["peer"]["32x1"]
+        notes.append(f"service / peer at 32 connections: {s['req_per_s'] / p['req_per_s']:.2f}x req/s")
+    if "in-process" in med:
+        limit = med["in-process"]["batch 32, length-sorted"]["texts_per_s"]
+        for server in res["servers"]:
+            share = med[server]["8x16"]["texts_per_s"] / limit
+            notes.append(f"{server}, 8 x 16 texts: {share:.0%} of the in-process length-sorted limit")
+    return "\n".join(rows + [""] + [f"- {n}" for n in notes])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", help="a trained classifier checkpoint (default: fresh cpu-mini)")
-    ap.add_argument("--model-dir", help="exported model folder to use or create (default: a temp folder)")
-    ap.add_argument("--variant", choices=["fp32", "int8"], default="fp32")
-    ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--duration", type=float, default=30.0)
-    ap.add_argument("--max-batch-size", type=int, default=64)
-    ap.add_argument(
-        "--max-latency-ms",
-        type=int,
-        default=5000,
-        help="batcher queue bound; a request that would wait longer gets a 503",
-    )
-    ap.add_argument("--ort-threads", type=int, default=1, help="ONNX Runtime intra-op threads in the server")
-    ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--model-dir", help="an exported model folder (default: models/onnx, else a fresh cpu-mini "
+                    "exported to $TMPDIR/gptpkg-bench-model)")  # fmt: skip
+    ap.add_argument("--checkpoint", help="the classifier to export when --model-dir has no model (default: fresh)")
+    ap.add_argument("--variant", choices=["fp32", "int8"], default="fp32", help="the ONNX file all contenders serve")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="service setting (repeatable)")
+    ap.add_argument("--servers", nargs="+", choices=[*SERVERS, "in-process"], default=[*SERVERS, "in-process"])
+    ap.add_argument("--duration", type=int, default=20, help="seconds per load")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="smoke test: 3 s per load, 1 repeat")
+    ap.add_argument("--out", default=str(BENCH / "results" / "service.json"))
     args = ap.parse_args()
-    if not (1 <= args.clients <= 256 and 0 < args.duration <= 600):
-        raise SystemExit("--clients 1..256 and --duration up to 600 s: a bounded load")
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk not found on PATH: this bench drives the load with it (apt-get install wrk)")
+    extra_env = dict(e.split("=", 1) for e in args.env if "=" in e)
+    if len(extra_env) != len(args.env):
+        raise SystemExit(f"--env: expected KEY=VALUE, got {args.env}")
+    if args.quick:
+        args.duration, args.repeats = 3, 1
+    if not (1 <= args.duration <= 600 and 1 <= args.repeats <= 20):
+        raise SystemExit("--duration 1..600 s and --repeats 1..20: a bounded load")
 
-    _, folder = build(Path(args.model_dir or tempfile.mkdtemp(prefix="gptpkg-bench-")), args.checkpoint)
+    default = ROOT / "models" / "onnx"
+    folder = Path(args.model_dir) if args.model_dir else default
+    if not args.model_dir and not (default / FP32_FILE).is_file():
+        folder = Path(tempfile.gettempdir()) / "gptpkg-bench-model"
     model_file = folder / (FP32_FILE if args.variant == "fp32" else INT8_FILE)
+    if not model_file.is_file():
+        build(folder, args.checkpoint)
     texts = sms_texts(1000)
-    results = {}
-    for batching in (True, False):
-        proc, url = start_server(model_file, batching, args)
-        try:
-            asyncio.run(load(url, texts, args.clients, 3.0))  # warm-up
-            results["on" if batching else "off"] = asyncio.run(load(url, texts, args.clients, args.duration))
-            results["on" if batching else "off"]["load_average_1m"] = round(os.getloadavg()[0], 2)
-        finally:
-            stop_server(proc)
+    servers = [s for s in SERVERS if s in args.servers]
+    runs: dict = {s: {f"{c}x{k}": [] for c, k in LOADS} for s in servers}
+    limits: dict = {name: [] for name in LIMITS} if "in-process" in args.servers else {}
+    load_avg = [round(os.getloadavg()[0], 2)]
+    with tempfile.TemporaryDirectory(prefix="gptpkg-bench-service-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "load.lua").write_text(LUA)
+        rng = random.Random(0)
+        bodies = {1: tmp / "single.jsonl", 16: tmp / "multi.jsonl"}
+        bodies[1].write_text("".join(json.dumps({"texts": [t]}) + "\n" for t in texts))
+        bodies[16].write_text("".join(json.dumps({"texts": rng.sample(texts, 16)}) + "\n" for _ in texts))
+        for rep in range(args.repeats):
+            for server in servers if rep % 2 == 0 else servers[::-1]:
+                proc, url = start_server(server, model_file, extra_env, tmp / f"{server}.log")
+                try:
+                    wrk(url, bodies[1], 8, 1 if args.quick else 3, tmp / "load.lua")  # warm-up
+                    for c, k in LOADS:
+                        r = load_run(proc, url, bodies[k], c, k, args.duration, tmp / "load.lua")
+                        runs[server][f"{c}x{k}"].append(r)
+                        print(f"repeat {rep + 1} {server} {c}x{k}: {r}", flush=True)
+                finally:
+                    stop_group(proc)
+            for name, per_call in LIMITS.items() if limits else ():
+                limits[name].append(in_process_limit(model_file, texts, per_call, args.duration))
+                print(f"repeat {rep + 1} in-process {name}: {limits[name][-1]}", flush=True)
+    load_avg.append(round(os.getloadavg()[0], 2))
+    median = {s: {key: medians(rs) for key, rs in loads.items()} for s, loads in runs.items()}
+    if limits:
+        median["in-process"] = {name: medians(rs) for name, rs in limits.items()}
+    res = {
+        "model_file": str(model_file),
+        "service_env": extra_env,
+        "duration_s": args.duration,
+        "repeats": args.repeats,
+        "cpus": os.cpu_count(),
+        "load_average_1m_start_end": load_avg,
+        "wrk": "1 thread, closed loop, keep-alive, 10 s timeout",
+        "servers": servers,
+        "median": median,
+        "runs": {**runs, "in-process": limits},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    env = " ".join(f"{k}={v}" for k, v in extra_env.items()) or "shipped defaults"
     print(
-        f"{args.variant} model, {args.clients} concurrent clients x {args.duration:.0f} s, one text per request, "
-        f"max_batch_size {args.max_batch_size}, max_latency_ms {args.max_latency_ms}, {args.ort_threads} ORT thread(s), "
-        f"client and server on the same {os.cpu_count()} CPUs"
+        f"\n{model_file}; service: {env}; {args.duration} s per load, median of {args.repeats}; load average "
+        f"{load_avg[0]} -> {load_avg[1]} on {os.cpu_count()} CPUs shared by server and wrk; JSON: {args.out}\n"
     )
-    print("| adaptive batching | requests/s | p50 (ms) | p99 (ms) | errors | load average (1 min) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for mode, r in results.items():
-        print(
-            f"| {mode} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
-            f"{r['load_average_1m']} |"
-        )
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {"variant": args.variant, "clients": args.clients, "duration_s": args.duration, "results": results},
-                indent=2,
-            )
-            + "\n"
-        )
+    print(table(res))
 
 
 if __name__ == "__main__":
