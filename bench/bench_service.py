@@ -13,7 +13,9 @@ Load comes from `wrk` (1 thread, closed loop, keep-alive) running a Lua script t
 and 8 connections with 16 texts per request. Each server starts on 127.0.0.1 (a free
 port), is warmed up, measured under each load, and stopped; the contenders take turns
 within each repeat (the order flips every repeat) and the table shows medians over
-repeats. Server CPU is utime+stime of the server's process tree during a load, in cores.
+repeats. Server CPU is utime+stime of the server's process tree during a load: in cores,
+in ms per request, and the share of it spent in the busiest process (how evenly the
+workers share the connections). wrk's own CPU is in the JSON (client_cpu_cores).
 
     GPTPKG_DATA_MIRROR=../shared/data PYTHONPATH=. python bench/bench_service.py [--quick]
 """
@@ -128,12 +130,15 @@ def load_run(proc, url: str, bodies: Path, connections: int, per_request: int, d
     r = wrk(url, bodies, connections, duration, script)
     cpu1, client1, wall = tree_cpu_s(proc.pid), children_cpu_s(), time.monotonic() - t0
     ok = r["responses"] - r["non_2xx"]
+    per_pid = [s - cpu0.get(pid, 0.0) for pid, s in cpu1.items()]
     return {
         **r,
         "req_per_s": round(ok / r["duration_s"], 1),
         "texts_per_s": round(ok * per_request / r["duration_s"], 1),
         "errors": r["non_2xx"] + r["socket_errors"],
-        "server_cpu_cores": round(sum(s - cpu0.get(pid, 0.0) for pid, s in cpu1.items()) / wall, 2),
+        "server_cpu_cores": round(sum(per_pid) / wall, 2),
+        "server_cpu_ms_per_req": round(1e3 * sum(per_pid) / max(r["responses"], 1), 2),
+        "busiest_process_cpu_share": round(max(per_pid) / max(sum(per_pid), 1e-9), 2),
         "client_cpu_cores": round((client1 - client0) / wall, 2),
     }
 
@@ -176,18 +181,20 @@ def medians(runs: list[dict]) -> dict:
 
 def table(res: dict) -> str:
     rows = [
-        "| server | connections | texts/request | req/s | texts/s | p50 ms | p99 ms | max ms | errors | server CPU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | connections | texts/request | req/s | texts/s | p50 ms | p99 ms | max ms | errors "
+        "| server CPU cores | CPU ms/req | busiest process |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for server in res["servers"]:
         for key, m in res["median"][server].items():
             c, k = key.split("x")
             rows.append(
                 f"| {server} | {c} | {k} | {m['req_per_s']:.0f} | {m['texts_per_s']:.0f} | {m['p50_ms']:.1f} | "
-                f"{m['p99_ms']:.1f} | {m['max_ms']:.1f} | {m['errors']:.0f} | {m['server_cpu_cores']:.2f} |"
+                f"{m['p99_ms']:.1f} | {m['max_ms']:.1f} | {m['errors']:.0f} | {m['server_cpu_cores']:.2f} | "
+                f"{m['server_cpu_ms_per_req']:.2f} | {m['busiest_process_cpu_share']:.0%} |"
             )
     for name, m in res["median"].get("in-process", {}).items():
-        rows.append(f"| in-process, 2 processes, {name} | — | — | — | {m['texts_per_s']:.0f} | | | | | |")
+        rows.append(f"| in-process, 2 processes, {name} | — | — | — | {m['texts_per_s']:.0f} | | | | | | | |")
     med = res["median"]
     notes = []
     if {"service", "peer"} <= med.keys():
@@ -254,8 +261,8 @@ def main() -> None:
                         print(f"repeat {rep + 1} {server} {c}x{k}: {r}", flush=True)
                 finally:
                     stop_group(proc)
-            for name, per_call in LIMITS.items() if limits else ():
-                limits[name].append(in_process_limit(model_file, texts, per_call, args.duration))
+            for name in limits:
+                limits[name].append(in_process_limit(model_file, texts, LIMITS[name], args.duration))
                 print(f"repeat {rep + 1} in-process {name}: {limits[name][-1]}", flush=True)
     load_avg.append(round(os.getloadavg()[0], 2))
     median = {s: {key: medians(rs) for key, rs in loads.items()} for s, loads in runs.items()}
