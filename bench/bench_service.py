@@ -48,7 +48,11 @@ LOADS = ((1, 1), (8, 1), (32, 1), (8, 16))  # (connections, texts per request)
 SERVERS = ("service", "peer")
 LIMITS = {"batch 1": 1, "batch 32, length-sorted": 32}  # in-process: texts per call
 LUA = r"""
-local reqs, n, i = {}, 0, 0
+local reqs, n, i, threads = {}, 0, 0, {}
+statuses = {}  -- per thread: {status: count} of the non-2xx responses
+function setup(thread)
+  table.insert(threads, thread)
+end
 function init(args)
   for body in io.lines(args[1]) do
     n = n + 1
@@ -59,12 +63,20 @@ function request()
   i = i % n + 1
   return reqs[i]
 end
+function response(status, headers, body)
+  if status < 200 or status > 299 then statuses[status] = (statuses[status] or 0) + 1 end
+end
 function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('RESULT {"responses": %d, "duration_s": %.6f, "non_2xx": %d, "socket_errors": %d, '
-    .. '"p50_ms": %.3f, "p99_ms": %.3f, "max_ms": %.3f}\n', summary.requests, summary.duration / 1e6, e.status,
-    e.connect + e.read + e.write + e.timeout, latency:percentile(50) / 1e3, latency:percentile(99) / 1e3,
-    latency.max / 1e3))
+  local e, counts = summary.errors, {}
+  for _, thread in ipairs(threads) do
+    for status, count in pairs(thread:get("statuses")) do
+      table.insert(counts, string.format('"%d": %d', status, count))
+    end
+  end
+  io.write(string.format('RESULT {"responses": %d, "duration_s": %.6f, "socket_errors": %d, '
+    .. '"p50_ms": %.3f, "p99_ms": %.3f, "max_ms": %.3f, "statuses": {%s}}\n', summary.requests,
+    summary.duration / 1e6, e.connect + e.read + e.write + e.timeout, latency:percentile(50) / 1e3,
+    latency:percentile(99) / 1e3, latency.max / 1e3, table.concat(counts, ", ")))
 end
 """
 
@@ -129,13 +141,15 @@ def load_run(proc, url: str, bodies: Path, connections: int, per_request: int, d
     cpu0, client0, t0 = tree_cpu_s(proc.pid), children_cpu_s(), time.monotonic()
     r = wrk(url, bodies, connections, duration, script)
     cpu1, client1, wall = tree_cpu_s(proc.pid), children_cpu_s(), time.monotonic() - t0
-    ok = r["responses"] - r["non_2xx"]
+    non_2xx = sum(r["statuses"].values())
+    ok = r["responses"] - non_2xx
     per_pid = [s - cpu0.get(pid, 0.0) for pid, s in cpu1.items()]
     return {
         **r,
         "req_per_s": round(ok / r["duration_s"], 1),
         "texts_per_s": round(ok * per_request / r["duration_s"], 1),
-        "errors": r["non_2xx"] + r["socket_errors"],
+        "non_2xx": non_2xx,
+        "errors": non_2xx + r["socket_errors"],
         "server_cpu_cores": round(sum(per_pid) / wall, 2),
         "server_cpu_ms_per_req": round(1e3 * sum(per_pid) / max(r["responses"], 1), 2),
         "busiest_process_cpu_share": round(max(per_pid) / max(sum(per_pid), 1e-9), 2),
@@ -252,13 +266,16 @@ def main() -> None:
         bodies[16].write_text("".join(json.dumps({"texts": rng.sample(texts, 16)}) + "\n" for _ in texts))
         for rep in range(args.repeats):
             for server in servers if rep % 2 == 0 else servers[::-1]:
-                proc, url = start_server(server, model_file, extra_env, tmp / f"{server}.log")
+                log = tmp / f"{server}.log"
+                proc, url = start_server(server, model_file, extra_env, log)
                 try:
                     wrk(url, bodies[1], 8, 1 if args.quick else 3, tmp / "load.lua")  # warm-up
                     for c, k in LOADS:
                         r = load_run(proc, url, bodies[k], c, k, args.duration, tmp / "load.lua")
                         runs[server][f"{c}x{k}"].append(r)
                         print(f"repeat {rep + 1} {server} {c}x{k}: {r}", flush=True)
+                        if r["errors"]:
+                            print("  the server's last log lines:", *log.read_text().splitlines()[-20:], sep="\n  ")
                 finally:
                     stop_group(proc)
             for name in limits:
