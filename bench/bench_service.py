@@ -222,6 +222,14 @@ def table(res: dict) -> str:
     return "\n".join(rows + [""] + [f"- {n}" for n in notes])
 
 
+def commit() -> str:
+    """The checked-out commit, '+dirty' when tracked files differ from it."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "-uno"], capture_output=True, text=True).stdout.strip()
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", help="an exported model folder (default: models/onnx, else a fresh cpu-mini "
@@ -236,7 +244,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(BENCH / "results" / "service.json"))
     args = ap.parse_args()
     if not shutil.which("wrk"):
-        raise SystemExit("wrk not found on PATH: this bench drives the load with it (apt-get install wrk)")
+        raise SystemExit("wrk not found on PATH; the load comes from it (Debian/Ubuntu: apt-get install wrk)")
     extra_env = dict(e.split("=", 1) for e in args.env if "=" in e)
     if len(extra_env) != len(args.env):
         raise SystemExit(f"--env: expected KEY=VALUE, got {args.env}")
@@ -252,6 +260,8 @@ def main() -> None:
     model_file = folder / (FP32_FILE if args.variant == "fp32" else INT8_FILE)
     if not model_file.is_file():
         build(folder, args.checkpoint)
+    if not model_file.is_file():
+        raise SystemExit(f"{model_file}: not found (the export's int8 gate may have dropped it)")
     texts = sms_texts(1000)
     servers = [s for s in SERVERS if s in args.servers]
     runs: dict = {s: {f"{c}x{k}": [] for c, k in LOADS} for s in servers}
@@ -286,6 +296,7 @@ def main() -> None:
     if limits:
         median["in-process"] = {name: medians(rs) for name, rs in limits.items()}
     res = {
+        "commit": commit(),
         "model_file": str(model_file),
         "service_env": extra_env,
         "duration_s": args.duration,
@@ -301,8 +312,9 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     env = " ".join(f"{k}={v}" for k, v in extra_env.items()) or "shipped defaults"
     print(
-        f"\n{model_file}; service: {env}; {args.duration} s per load, median of {args.repeats}; load average "
-        f"{load_avg[0]} -> {load_avg[1]} on {os.cpu_count()} CPUs shared by server and wrk; JSON: {args.out}\n"
+        f"\n{res['commit']}, {model_file}; service: {env}; {args.duration} s per load, median of {args.repeats}; "
+        f"load average {load_avg[0]} -> {load_avg[1]} on {os.cpu_count()} CPUs shared by servers and wrk; "
+        f"JSON: {args.out}\n"
     )
     print(table(res))
 
