@@ -241,7 +241,7 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=20, help="seconds per load")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke test: 3 s per load, 1 repeat")
-    ap.add_argument("--out", default=str(BENCH / "results" / "service.json"))
+    ap.add_argument("--out", help="the JSON (default: bench/results/service.json; $TMPDIR/... with --quick)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found on PATH; the load comes from it (Debian/Ubuntu: apt-get install wrk)")
@@ -250,6 +250,9 @@ def main() -> None:
         raise SystemExit(f"--env: expected KEY=VALUE, got {args.env}")
     if args.quick:
         args.duration, args.repeats = 3, 1
+    args.out = args.out or (
+        Path(tempfile.gettempdir()) / "gptpkg-service-quick.json" if args.quick else BENCH / "results" / "service.json"
+    )
     if not (1 <= args.duration <= 600 and 1 <= args.repeats <= 20):
         raise SystemExit("--duration 1..600 s and --repeats 1..20: a bounded load")
 
