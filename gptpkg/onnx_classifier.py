@@ -26,6 +26,7 @@ from .tokenizer import encode_message
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 TOKENIZER_DIR = "gpt2"  # laid out like the offline mirror: <dir>/gpt2/{vocab.bpe,encoder.json}
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 META_KEYS = ("gptpkg.max_length", "gptpkg.pad_id", "gptpkg.labels", "gptpkg.context_length")
 
 
@@ -68,18 +69,39 @@ class ModelMeta:
         return meta
 
 
-def choose_providers(device: str = "auto") -> list[str]:
-    """CUDA first when onnxruntime has it (device auto|cuda), always CPU as fallback."""
-    import onnxruntime as ort
-
+def choose_providers(device: str = "auto", available: Sequence[str] | None = None) -> list[str]:
+    """CUDA first when onnxruntime has it (device auto|cuda), always CPU as fallback.
+    `available`: the providers onnxruntime offers (default: this install's)."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto|cpu|cuda, got {device!r}")
-    have = ort.get_available_providers()
-    if device == "cuda" and "CUDAExecutionProvider" not in have:
-        raise ModelUnavailable(f"device=cuda but onnxruntime has only {have} (install onnxruntime-gpu)")
-    if device != "cpu" and "CUDAExecutionProvider" in have:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    if device == "cuda" and CUDA not in available:
+        raise ModelUnavailable(f"device=cuda but onnxruntime has only {list(available)} (install onnxruntime-gpu)")
+    if device != "cpu" and CUDA in available:
+        return [CUDA, CPU]
+    return [CPU]
+
+
+def length_chunks(lengths: Sequence[int], max_rows: int, max_waste: float = 1.25) -> list[list[int]]:
+    """Row indices sorted by length and cut into runs of at most `max_rows` rows whose
+    padded size (rows x longest) stays within `max_waste` x their real tokens: padding is
+    computed work, and a batch of mixed lengths costs several times its sorted runs."""
+    chunks: list[list[int]] = []
+    run: list[int] = []
+    tokens = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        n = lengths[i]
+        if run and (len(run) >= max_rows or (len(run) + 1) * n > max_waste * (tokens + n)):
+            chunks.append(run)
+            run, tokens = [], 0
+        run.append(i)
+        tokens += n
+    if run:
+        chunks.append(run)
+    return chunks
 
 
 class OnnxSpamClassifier:
@@ -101,6 +123,9 @@ class OnnxSpamClassifier:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        # Idle intra-op threads sleep instead of spinning: a spinning pool burns the cores
+        # that other workers (and the HTTP server) need.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=choose_providers(device))
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
@@ -114,6 +139,9 @@ class OnnxSpamClassifier:
         mirror = bundled if (bundled / TOKENIZER_DIR / "vocab.bpe").is_file() else None
         self.tokenizer = get_tokenizer(mirror)
         self.providers = self.session.get_providers()
+        # On CUDA, inputs are bound and copied to the device once per run and the logits
+        # come back through the binding (no per-run allocation of outputs on the host).
+        self.binding = self.session.io_binding() if self.providers[0] == CUDA else None
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -132,16 +160,20 @@ class OnnxSpamClassifier:
         return batch, lengths
 
     def logits(self, input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        return self.session.run(["logits"], {"input_ids": input_ids, "lengths": lengths})[0]
+        if self.binding is None:
+            return self.session.run(["logits"], {"input_ids": input_ids, "lengths": lengths})[0]
+        self.binding.bind_cpu_input("input_ids", input_ids)
+        self.binding.bind_cpu_input("lengths", lengths)
+        self.binding.bind_output("logits", "cuda")
+        self.session.run_with_iobinding(self.binding)
+        return self.binding.copy_outputs_to_cpu()[0]
 
     def logits_of_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
-        """(N, n_labels) logits of already-tokenized rows, in order. Rows run `batch_size`
-        at a time, grouped by length so little padding is computed (a row's logits do
-        not depend on its batch mates or on padding)."""
+        """(N, n_labels) logits of already-tokenized rows, in order. Rows are sorted by
+        length and run in `length_chunks` of at most `batch_size` (a row's logits do not
+        depend on its batch mates or on padding)."""
         out = np.zeros((len(ids), len(self.labels)), dtype=np.float32)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in length_chunks([len(r) for r in ids], batch_size):
             out[rows] = self.logits(*self.pad([ids[i] for i in rows]))
         return out
 
