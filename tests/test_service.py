@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,7 +40,7 @@ def service_env(home: Path, **extra: str) -> dict[str, str]:
         BENTOML_DO_NOT_TRACK="true",
         GPTPKG_MAX_TEXTS=str(MAX_TEXTS),
         GPTPKG_MAX_TEXT_CHARS=str(MAX_CHARS),
-        GPTPKG_ORT_THREADS="1",
+        GPTPKG_WORKERS="1",
         PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     )
     env.update(extra)
@@ -47,20 +48,28 @@ def service_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def start(env: dict[str, str], port: int) -> subprocess.Popen:
-    return subprocess.Popen(
+    # The log goes to a file: an unread pipe fills up (BentoML logs a traceback for each
+    # rejected request) and then blocks the server.
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by stop)
+    proc = subprocess.Popen(
         [BENTOML, "serve", "serving.service:SpamClassifier", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
+    proc.log = log
+    return proc
 
 
 def stop(proc: subprocess.Popen) -> str:
     stop_group(proc, timeout=20)
-    return proc.stdout.read() if proc.stdout else ""
+    proc.log.seek(0)
+    out = proc.log.read()
+    proc.log.close()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -83,23 +92,27 @@ def packaged(tiny_onnx_export, tmp_path_factory):
     return home, Path(params.paths.onnx) / FP32_FILE
 
 
+def wait_ready(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None, f"bentoml serve exited:\n{stop(proc)}"
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, f"not ready in 120 s:\n{stop(proc)}"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def server(packaged):
-    home, _ = packaged
+    """The shipped defaults, on one worker."""
     port = free_port()
-    proc = start(service_env(home), port)
+    proc = start(service_env(packaged[0]), port)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, f"bentoml serve exited:\n{stop(proc)}"
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, f"not ready in 120 s:\n{stop(proc)}"
-            time.sleep(0.5)
+        wait_ready(proc, url)
         yield url
     finally:
         stop(proc)
@@ -194,10 +207,14 @@ def test_health_metrics_and_openapi(server):
     assert post(server, "/classify", {"texts": ["hello"]}).status_code == 200
     metrics = httpx.get(server + "/metrics", timeout=5)
     assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
-    # /classify went through the adaptive batcher (on by default)
-    assert 'bentoml_service_adaptive_batch_size_count{method_name="classify"' in metrics.text
     spec = httpx.get(server + "/docs.json", timeout=5).json()
-    assert "/classify" in spec["paths"] and "/classify_text" in spec["paths"]
+    for route in ("/classify", "/classify_text"):
+        responses = spec["paths"][route]["post"]["responses"]
+        assert {"200", "400", "413", "415"} <= set(responses), responses
+        assert responses["413"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/RequestError"
+        }
+    assert spec["components"]["schemas"]["RequestError"]["required"] == ["error"]
 
 
 def _refused(env: dict[str, str]) -> str:
@@ -221,17 +238,64 @@ def test_refuses_to_start_without_a_model(tmp_path):
     assert "no ONNX model at" in out
 
 
+def test_settings_name_the_variable_and_the_expected_value(monkeypatch):
+    from serving.settings import SettingsError, load_settings
+
+    for key in [k for k in os.environ if k.startswith("GPTPKG_") and k != "GPTPKG_DATA_MIRROR"]:
+        monkeypatch.delenv(key)
+    shipped = load_settings()
+    assert (shipped.workers, shipped.ort_threads, shipped.batching) == ("cpu_count", 1, False)
+    monkeypatch.setenv("GPTPKG_BATCHING", "on")
+    monkeypatch.setenv("GPTPKG_WORKERS", "3")
+    assert (load_settings().batching, load_settings().workers) == (True, 3)
+    for key, value, message in [
+        ("GPTPKG_BATCHING", "sometimes", "GPTPKG_BATCHING='sometimes': expected on|off"),
+        ("GPTPKG_MAX_TEXTS", "0", "GPTPKG_MAX_TEXTS='0': expected an integer >= 1"),
+        ("GPTPKG_WORKERS", "many", "GPTPKG_WORKERS='many': expected an integer >= 1 or cpu_count"),
+        ("GPTPKG_DEVICE", "tpu", "GPTPKG_DEVICE='tpu': expected auto|cpu|cuda"),
+        ("GPTPKG_ORT_THREADS", "-1", "GPTPKG_ORT_THREADS='-1': expected an integer >= 0"),
+    ]:
+        with monkeypatch.context() as m:
+            m.setenv(key, value)
+            with pytest.raises(SettingsError) as e:
+                load_settings()
+            assert str(e.value) == message
+
+
 def test_refuses_bad_settings(packaged):
-    out = _refused(service_env(packaged[0], GPTPKG_BATCHING="sometimes"))
-    assert "GPTPKG_BATCHING='sometimes': expected on|off" in out
     out = _refused(service_env(packaged[0], GPTPKG_MAX_TEXTS="0"))
-    assert "GPTPKG_MAX_TEXTS=0: expected an integer >= 1" in out
+    assert "GPTPKG_MAX_TEXTS='0': expected an integer >= 1" in out
+
+
+def test_provider_choice():
+    from gptpkg.onnx_classifier import CPU, CUDA, ModelUnavailable, choose_providers
+
+    gpu_build = [CUDA, CPU]
+    assert choose_providers("auto", gpu_build) == [CUDA, CPU]
+    assert choose_providers("cuda", gpu_build) == [CUDA, CPU]
+    assert choose_providers("cpu", gpu_build) == [CPU]
+    assert choose_providers("auto", [CPU]) == [CPU]
+    with pytest.raises(ModelUnavailable, match="install onnxruntime-gpu"):
+        choose_providers("cuda", [CPU])
+    assert choose_providers("auto")[-1] == CPU  # this machine's onnxruntime
+
+
+def test_length_chunks_sort_and_bound_padding():
+    from gptpkg.onnx_classifier import length_chunks
+
+    lengths = [30, 2, 31, 3, 120, 2, 29, 118]
+    chunks = length_chunks(lengths, max_rows=64)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    assert chunks == [[1, 5], [3], [6, 0, 2], [7, 4]]
+    for c in chunks:
+        assert len(c) * max(lengths[i] for i in c) <= 1.25 * sum(lengths[i] for i in c)
+    assert [len(c) for c in length_chunks([5] * 10, max_rows=4)] == [4, 4, 2]
 
 
 def test_serving_path_never_imports_torch(packaged):
     code = (
-        "import sys; import serving.service as s; c = s.SpamClassifier.inner(); "
-        "print(c.classify(['win a prize', ''])); print(c.classify_text('hi')); "
+        "import asyncio, sys; import serving.service as s; c = s.SpamClassifier.inner(); "
+        "print(asyncio.run(c.classify(['win a prize', '']))); print(asyncio.run(c.classify_text('hi'))); "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     r = subprocess.run(
@@ -246,16 +310,29 @@ def test_serving_path_never_imports_torch(packaged):
     assert "spam_probability" in r.stdout
 
 
-def test_bentoml_build_makes_a_lean_bento(packaged, tmp_path):
-    home, _ = packaged
-    r = subprocess.run(
-        [BENTOML, "build", "-f", "serving/bentofile.yaml", "-o", "tag", "."],
+def build(home: Path, bentofile: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [BENTOML, "build", "-f", f"serving/{bentofile}", "-o", "tag", "."],
         cwd=ROOT,
-        env=service_env(home),
+        env=service_env(home, **env),
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_bentoml_build_refuses_a_model_path(packaged):
+    r = build(packaged[0], "bentofile.yaml", GPTPKG_MODEL_PATH=str(packaged[1]))
+    assert r.returncode != 0
+    assert f"GPTPKG_MODEL_PATH={str(packaged[1])!r}: a Bento serves the model it packs" in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    "bentofile, runtime", [("bentofile.yaml", "onnxruntime"), ("bentofile-gpu.yaml", "onnxruntime-gpu")]
+)
+def test_bentoml_build_makes_a_lean_bento(packaged, bentofile, runtime):
+    home, _ = packaged
+    r = build(home, bentofile)
     assert r.returncode == 0, r.stdout + r.stderr
     tag = r.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     name, version = tag.split(":")
@@ -270,9 +347,10 @@ def test_bentoml_build_makes_a_lean_bento(packaged, tmp_path):
     assert "gptpkg/model.py" not in files  # the torch side stays out
     # Every module the bento's code imports is in the bento (gptpkg's) or among its python
     # packages (third-party): a bento missing one fails only when it is served elsewhere.
-    bentofile = yaml.safe_load((ROOT / "serving" / "bentofile.yaml").read_text())
-    packages = {re.split(r"[<>=!~\[ ]", p)[0].lower() for p in bentofile["python"]["packages"]}
-    distribution = {"yaml": "pyyaml"}  # import name -> package name, where they differ
+    config = yaml.safe_load((ROOT / "serving" / bentofile).read_text())
+    packages = {re.split(r"[<>=!~\[ ]", p)[0].lower() for p in config["python"]["packages"]}
+    assert runtime in packages and {"onnxruntime", "onnxruntime-gpu"} - {runtime} - packages
+    distribution = {"yaml": "pyyaml", "pydantic_settings": "pydantic-settings"}  # import name -> package name
     off_serving_path = {"tqdm"}  # fetch's download progress bar; the service reads the bundled BPE files
     missing = []
     for f in sorted(x for x in files if x.endswith(".py")):
@@ -302,7 +380,155 @@ def test_bentoml_build_makes_a_lean_bento(packaged, tmp_path):
                     and top != "__future__"
                     and top not in off_serving_path
                     and distribution.get(top, top) not in packages
+                    and not (top == "onnxruntime" and runtime in packages)
                 ):
                     missing.append(f"{f}: third-party {top}")
     assert not missing, missing
-    assert "gptpkg-spam-classifier" in (bento / "bento.yaml").read_text()  # the model is referenced
+    info = yaml.safe_load((bento / "bento.yaml").read_text())
+    # the store model is declared (`bentoml export` / `containerize` take it from the store)
+    [service] = info["services"]
+    assert [m["tag"].split(":")[0] for m in service["models"]] == ["gptpkg-spam-classifier"]
+    assert info["args"] == {"bento": True}
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
+    assert any(re.match(rf"{runtime}[<>=]", line) for line in requirements), requirements
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert ("nvidia/cuda:12.8" in dockerfile) == (runtime == "onnxruntime-gpu"), dockerfile[:400]
+
+
+def test_longest_valid_body_passes_and_longer_bodies_get_413(server):
+    from serving.http_limits import max_body_bytes
+
+    emoji = {"texts": ["🙂" * MAX_CHARS] * MAX_TEXTS}  # JSON-escaped: 12 bytes per character
+    r = post(server, "/classify", json.dumps(emoji))
+    assert r.status_code == 200, r.text
+    assert post(server, "/classify_text", json.dumps({"text": "🙂" * MAX_CHARS})).status_code == 200
+    bound = max_body_bytes(MAX_TEXTS, MAX_CHARS)
+    too_long = json.dumps({"texts": ["a" * (bound + 1)]})
+    r = post(server, "/classify", too_long)
+    assert r.status_code == 413 and f"exceeds {bound}" in r.json()["error"]
+
+
+def test_chunked_body_is_bounded_while_it_streams(server):
+    """A chunked body without Content-Length: the answer is 413 once the bound is passed,
+    while the client is still sending (the server holds at most the bound)."""
+    import select
+
+    from serving.http_limits import max_body_bytes
+
+    host, port = server.removeprefix("http://").split(":")
+    chunk = b"[" + b" " * 8190 + b"]"
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        while not select.select([s], [], [], 0.01)[0]:
+            assert sent < 100 * max_body_bytes(MAX_TEXTS, MAX_CHARS), "no answer while the body kept coming"
+            s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sent += len(chunk)
+        answer = s.recv(4096).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 413"), answer
+    assert sent < 4 * max_body_bytes(MAX_TEXTS, MAX_CHARS)
+    assert httpx.get(server + "/livez", timeout=5).status_code == 200
+
+
+def test_schemathesis_finds_no_contract_failure(server, tmp_path):
+    """A bounded, seeded schemathesis run of every check against /docs.json (offline:
+    127.0.0.1 only)."""
+    st = str(Path(sys.executable).parent / "schemathesis")
+    r = subprocess.run(
+        [
+            st,
+            "run",
+            f"{server}/docs.json",
+            "--url",
+            server,
+            "--checks",
+            "all",
+            "--max-examples",
+            "25",
+            "--seed",
+            "1",
+            "--generation-database",
+            "none",
+            "--max-time",
+            "20",
+            "--no-color",
+            "--include-path-regex",
+            "^/classify",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+
+
+def test_a_killed_worker_is_replaced_and_takes_traffic(packaged):
+    """Two workers under load from 8 clients; one is killed with SIGKILL. Only requests
+    in flight may fail, a replacement starts and within 10 s serves its share again."""
+    import threading
+
+    import psutil
+
+    port = free_port()
+    proc = start(service_env(packaged[0], GPTPKG_WORKERS="2"), port)
+    url = f"http://127.0.0.1:{port}"
+    clients, done, events = 8, threading.Event(), []
+
+    def workers() -> dict[int, psutil.Process]:
+        found = {}
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "_bentoml_impl.worker" in " ".join(p.cmdline()):
+                    found[p.pid] = p
+            except psutil.Error:  # the killed one, until it is reaped
+                pass
+        return found
+
+    def load() -> None:
+        with httpx.Client(timeout=10) as c:
+            while not done.is_set():
+                try:
+                    ok = c.post(url + "/classify", json={"texts": [TEXTS[len(events) % 5]]}).status_code == 200
+                except httpx.TransportError:
+                    ok = False
+                events.append((time.monotonic(), ok))
+
+    def rate(since: float, until: float) -> float:
+        return sum(ok for t, ok in events if since <= t < until) / (until - since)
+
+    try:
+        wait_ready(proc, url)
+        before = workers()
+        assert len(before) == 2, before
+        threads = [threading.Thread(target=load) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        time.sleep(4)
+        victim, survivor = list(before.values())
+        killed = time.monotonic()
+        victim.kill()
+        deadline = killed + 10
+        while time.monotonic() < deadline and len(set(workers()) - set(before)) == 0:
+            time.sleep(0.2)
+        [new] = [p for pid, p in workers().items() if pid not in before]
+        time.sleep(max(0.0, killed + 7 - time.monotonic()))
+        cpu = {p.pid: sum(p.cpu_times()[:2]) for p in (new, survivor)}
+        time.sleep(3)
+        share = (sum(new.cpu_times()[:2]) - cpu[new.pid]) / (sum(survivor.cpu_times()[:2]) - cpu[survivor.pid])
+        done.set()
+        for t in threads:
+            t.join()
+        failed = [t - killed for t, ok in events if not ok]
+        assert len(failed) <= clients, failed
+        assert share > 0.3, f"the replacement worker did {share:.0%} of the survivor's work"
+        assert rate(killed + 7, killed + 10) >= 0.7 * rate(killed - 3, killed), (
+            rate(killed + 7, killed + 10),
+            rate(killed - 3, killed),
+        )
+    finally:
+        done.set()
+        stop(proc)
