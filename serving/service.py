@@ -20,11 +20,13 @@ not depend on which other texts share its batch.
 
 Speed: the API methods are async and run ONNX Runtime inline on the worker's event loop
 (one intra-op thread, one worker per core), so a request never waits for a thread-pool
-hop; see docs/performance.md for what each setting measured.
+hop; BentoML's access log, metrics and tracing are off by default (GPTPKG_METRICS=on,
+GPTPKG_TRACING=on bring the last two back). docs/performance.md: what each one measured.
 """
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Annotated
 
@@ -49,16 +51,15 @@ if bentoml.use_arguments(BentoArgs).bento and SETTINGS.model_path:
     )
 
 
-def model_file(settings: Settings, model: bentoml.models.BentoModel | None) -> Path:
-    """The ONNX file to serve: the development override, else the declared store model.
-    A clear ModelUnavailable when there is none (never a download attempt)."""
+def model_file(settings: Settings, stored: bentoml.Model | None) -> Path:
+    """The ONNX file to serve: the development override, else the declared model's entry
+    in the store (`stored`). A clear ModelUnavailable when there is none."""
     if settings.model_path:
         path = Path(settings.model_path).expanduser()
         path = path / FP32_FILE if path.is_dir() else path
         if not path.is_file():
             raise ModelUnavailable(f"$GPTPKG_MODEL_PATH={settings.model_path}: no ONNX model at {path}")
         return path
-    stored = model.stored if model else None  # the local store only; resolving would try BentoCloud
     if stored is None:
         raise ModelUnavailable(
             f"model {settings.model_tag!r} is not in the BentoML model store. Run `gptpkg export_onnx` and "
@@ -73,7 +74,8 @@ MODEL = None if SETTINGS.model_path else bentoml.models.BentoModel(SETTINGS.mode
 # Found and opened once at import (on CPU, then dropped), so `bentoml serve` exits with
 # a clear error when the model is missing or unreadable, instead of restarting a worker
 # that cannot start; each worker opens its own session in SpamClassifier.__init__.
-OnnxSpamClassifier(model_file(SETTINGS, MODEL), device="cpu")
+# `.stored` looks in the local store only (resolving a missing model would try BentoCloud).
+OnnxSpamClassifier(model_file(SETTINGS, MODEL.stored if MODEL else None), device="cpu")
 
 Text = Annotated[str, StringConstraints(max_length=SETTINGS.max_text_chars)]
 Texts = Annotated[list[Text], Field(min_length=1, max_length=SETTINGS.max_texts)]
@@ -84,6 +86,7 @@ class Prediction(BaseModel):
     spam_probability: float = Field(ge=0.0, le=1.0, description="softmax probability of 'spam'")
 
 
+ROUTES = ("/classify", "/classify_text")
 # The media type stated up front spares BentoML deriving it from the JSON schema of the
 # output model on every response.
 JSON = ContentType("application/json")
@@ -94,16 +97,23 @@ JSON = ContentType("application/json")
     workers=SETTINGS.workers,
     traffic={"timeout": 30},
     logging={"access": {"enabled": False}},
+    metrics={"enabled": SETTINGS.metrics},
+    tracing={} if SETTINGS.tracing else {"excluded_urls": list(ROUTES)},
 )
 class SpamClassifier:
     if MODEL is not None:
         model_ref = MODEL
 
     def __init__(self) -> None:
-        path = model_file(SETTINGS, MODEL)
+        path = model_file(SETTINGS, self.model_ref if MODEL else None)  # the store entry BentoML resolved
         self.clf = OnnxSpamClassifier(path, device=SETTINGS.device, threads=SETTINGS.ort_threads)
         if tuple(self.clf.labels) != ("ham", "spam"):
             raise ModelUnavailable(f"{path}: labels {self.clf.labels}, expected ['ham', 'spam']")
+        # Everything loaded so far (BentoML, pydantic, ONNX Runtime) leaves the garbage
+        # collector's view: its full collections over those objects stalled the worker often
+        # enough to double the p99 latency under load (docs/performance.md).
+        gc.collect()
+        gc.freeze()
         print(
             f"spam_classifier: {path} on {self.clf.providers}, batching {'on' if SETTINGS.batching else 'off'}",
             flush=True,
@@ -127,6 +137,6 @@ class SpamClassifier:
 
 SpamClassifier.add_asgi_middleware(
     RequestLimits,
-    routes=("/classify", "/classify_text"),
+    routes=ROUTES,
     max_bytes=max_body_bytes(SETTINGS.max_texts, SETTINGS.max_text_chars),
 )

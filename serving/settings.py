@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     workers: Annotated[Annotated[int, Field(ge=1)] | Literal["cpu_count"], _expects("an integer >= 1 or cpu_count")] = (
         "cpu_count"
     )
+    # BentoML's per-request telemetry on the classify routes: Prometheus metrics at /metrics,
+    # OpenTelemetry spans. Off by default: together they cost more CPU than the model.
+    metrics: Annotated[bool, _expects("on|off")] = False
+    tracing: Annotated[bool, _expects("on|off")] = False
     batching: Annotated[bool, _expects("on|off")] = False
     max_batch_size: Annotated[int, Field(ge=1), _expects("an integer >= 1")] = 64
     max_latency_ms: Annotated[int, Field(ge=1), _expects("an integer >= 1")] = 1000

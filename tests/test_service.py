@@ -205,8 +205,6 @@ def test_health_metrics_and_openapi(server):
     assert httpx.get(server + "/livez", timeout=5).status_code == 200
     assert httpx.get(server + "/readyz", timeout=5).status_code == 200
     assert post(server, "/classify", {"texts": ["hello"]}).status_code == 200
-    metrics = httpx.get(server + "/metrics", timeout=5)
-    assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
     spec = httpx.get(server + "/docs.json", timeout=5).json()
     for route in ("/classify", "/classify_text"):
         responses = spec["paths"][route]["post"]["responses"]
@@ -245,6 +243,7 @@ def test_settings_name_the_variable_and_the_expected_value(monkeypatch):
         monkeypatch.delenv(key)
     shipped = load_settings()
     assert (shipped.workers, shipped.ort_threads, shipped.batching) == ("cpu_count", 1, False)
+    assert (shipped.metrics, shipped.tracing) == (False, False)
     monkeypatch.setenv("GPTPKG_BATCHING", "on")
     monkeypatch.setenv("GPTPKG_WORKERS", "3")
     assert (load_settings().batching, load_settings().workers) == (True, 3)
@@ -468,13 +467,15 @@ def test_schemathesis_finds_no_contract_failure(server, tmp_path):
 
 def test_a_killed_worker_is_replaced_and_takes_traffic(packaged):
     """Two workers under load from 8 clients; one is killed with SIGKILL. Only requests
-    in flight may fail, a replacement starts and within 10 s serves its share again."""
+    in flight may fail, a replacement starts and within 10 s serves its share again.
+    Adaptive batching and metrics are on here (off by default)."""
     import threading
 
     import psutil
 
     port = free_port()
-    proc = start(service_env(packaged[0], GPTPKG_WORKERS="2"), port)
+    env = service_env(packaged[0], GPTPKG_WORKERS="2", GPTPKG_BATCHING="on", GPTPKG_METRICS="on")
+    proc = start(env, port)
     url = f"http://127.0.0.1:{port}"
     clients, done, events = 8, threading.Event(), []
 
@@ -529,6 +530,9 @@ def test_a_killed_worker_is_replaced_and_takes_traffic(packaged):
             rate(killed + 7, killed + 10),
             rate(killed - 3, killed),
         )
+        metrics = httpx.get(url + "/metrics", timeout=5).text
+        assert 'bentoml_service_request_total{endpoint="/classify"' in metrics
+        assert 'bentoml_service_adaptive_batch_size_count{method_name="classify"' in metrics
     finally:
         done.set()
         stop(proc)
