@@ -26,7 +26,9 @@ def _expects(text: str):
 class Settings(BaseSettings):
     """Every field `x` is the environment variable GPTPKG_X."""
 
-    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, extra="ignore", frozen=True, protected_namespaces=("settings_",)
+    )
 
     # The BentoML model store entry the service declares; `bentoml build` packs it.
     model_tag: Annotated[str, Field(min_length=1), _expects("a BentoML model tag such as name:version")] = DEFAULT_TAG
