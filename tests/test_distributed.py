@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from gptpkg import distributed
 from gptpkg.config import TrainConfig, model_config
@@ -87,18 +87,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         distributed.teardown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path, monkeypatch):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     ddp.mkdir()
     single.mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), str(ddp)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(ddp)), nprocs=2, join=True)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     _train(single, 0)

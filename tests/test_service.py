@@ -14,10 +14,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import helpers
 import httpx
 import pytest
 import yaml
-from helpers import stop_group
+from helpers import free_port, stop_group
 
 from gptpkg.onnx_classifier import FP32_FILE, OnnxSpamClassifier
 
@@ -25,12 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BENTOML = str(Path(sys.executable).parent / "bentoml")
 MAX_TEXTS, MAX_CHARS = 8, 300
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def service_env(home: Path, **extra: str) -> dict[str, str]:
@@ -93,16 +88,11 @@ def packaged(tiny_onnx_export, tmp_path_factory):
 
 
 def wait_ready(proc: subprocess.Popen, url: str) -> None:
-    deadline = time.time() + 120
-    while True:
-        assert proc.poll() is None, f"bentoml serve exited:\n{stop(proc)}"
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.time() < deadline, f"not ready in 120 s:\n{stop(proc)}"
-        time.sleep(0.5)
+    """`helpers.wait_ready` on /readyz; on failure, the server's output in the message."""
+    try:
+        helpers.wait_ready(proc, url + "/readyz")
+    except RuntimeError as e:
+        pytest.fail(f"{e}:\n{stop(proc)}")
 
 
 @pytest.fixture(scope="module")

@@ -507,14 +507,6 @@ def test_failing_stage_fails_its_asset_with_the_stage_error(tmp_path, stage_env,
 # ---------------------------------------------------------------- the UI
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _need_chromium() -> None:
     from cdp import find_chromium
 
@@ -532,9 +524,9 @@ def _dagster_ui(command: list[str], root: Path, home: Path, log_path: Path):
     import signal
     import urllib.request
 
-    from helpers import stop_group
+    from helpers import free_port, stop_group, wait_ready
 
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
@@ -551,15 +543,10 @@ def _dagster_ui(command: list[str], root: Path, home: Path, log_path: Path):
             start_new_session=True,
         )
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5)
-                    break
-                except OSError:
-                    assert server.poll() is None, log_path.read_text()[-3000:]
-                    assert time.monotonic() < deadline, f"{command[0]} did not serve within 300 s"
-                    time.sleep(0.5)
+            try:
+                wait_ready(server, f"http://127.0.0.1:{port}/server_info", timeout=300)
+            except RuntimeError as e:
+                pytest.fail(f"{e}:\n{log_path.read_text()[-3000:]}")
             # the community prompt ("Join the Dagster community") would pop up over the pages:
             # tell the server it has been seen, as its Skip button does
             req = urllib.request.Request(
