@@ -26,6 +26,7 @@ from . import distributed, optim
 from .config import TrainConfig
 from .errors import GptpkgError
 from .loggers import MetricLogger, NullLogger
+from .perf import flops_per_token
 
 # A loss function maps (model, batch) to (mean loss, number of tokens in the batch).
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, int]]
@@ -94,12 +95,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 # `compile: auto` compiles only where compiling earns back its own cost: on CUDA, for a
-# stage whose planned training work (6 x parameters x planned tokens) is at least this
+# stage whose planned training work (FLOPs per token x planned tokens) is at least this
 # many FLOPs. On an H200, GPT-2 small trained at ~470k tokens/s compiled and ~100k on the
 # textbook path, and compiling took ~40 s: earned back after ~5M tokens, ~4e15 FLOPs (a
 # lower bound: the eager fast path is quicker than the textbook one). The default stages
 # plan under 1e14 FLOPs (their compiled pretraining took 43 s on the H200, eager 33 s) and
-# the gpt2-small fine-tunings under 2e15: eager; the gpt2-small pretraining ~6e15:
+# the gpt2-small fine-tunings under 2e15: eager; the gpt2-small pretraining ~7e15:
 # compiled. `bench/gpu_check.sh` times both ways. On CPU, compiling the default
 # pretraining gains ~1.14x tokens per CPU-second after ~47 CPU-seconds of compiling, a few
 # percent of the stage, with other numerics than the README's figures: auto stays eager.
@@ -107,10 +108,11 @@ COMPILE_MIN_FLOPS = 4e15
 
 
 def planned_flops(model: nn.Module, steps: int, cfg: TrainConfig) -> float:
-    """6 x parameters x planned tokens, with every sequence at its full `max_length`
-    (an upper bound for the fine-tunings, whose bucketed batches are shorter)."""
-    tokens = steps * cfg.grad_accum_steps * cfg.batch_size * getattr(cfg, "max_length", 1024)
-    return 6.0 * sum(p.numel() for p in model.parameters()) * tokens
+    """Training FLOPs of the plan (`perf.flops_per_token`, LM head included), with every
+    sequence at its full `max_length`: an upper bound for the fine-tunings, whose bucketed
+    batches are shorter and whose head is smaller."""
+    seq_len = getattr(cfg, "max_length", model.cfg.context_length)
+    return float(flops_per_token(model.cfg, seq_len)) * steps * cfg.grad_accum_steps * cfg.batch_size * seq_len
 
 
 def should_compile(setting: bool | str, device: torch.device, flops: float = math.inf) -> bool:
