@@ -109,6 +109,9 @@ class SpamClassifier:
         self.clf = OnnxSpamClassifier(path, device=SETTINGS.device, threads=SETTINGS.ort_threads)
         if tuple(self.clf.labels) != ("ham", "spam"):
             raise ModelUnavailable(f"{path}: labels {self.clf.labels}, expected ['ham', 'spam']")
+        # One run before the worker reports ready, so its first request does not pay the
+        # session's first-run set-up (a replacement worker takes traffic at full speed).
+        self.clf.predict(["warm-up"])
         # Everything loaded so far (BentoML, pydantic, ONNX Runtime) leaves the garbage
         # collector's view: its full collections over those objects stalled the worker often
         # enough to double the p99 latency under load (docs/performance.md).
