@@ -15,7 +15,7 @@ from gptpkg.onnx_classifier import FP32_FILE, INT8_FILE
 def sms_texts(n: int) -> list[str]:
     """The first n SMS messages of the offline mirror (real lengths: ~20 tokens median)."""
     from gptpkg.data import read_sms_spam
-    from gptpkg.fetch import mirror_dir
+    from gptpkg.raw import mirror_dir
 
     mirror = mirror_dir()
     if mirror is None:
@@ -29,8 +29,8 @@ def build(folder: Path, checkpoint: str | None = None, preset: str = "cpu-mini",
 
     from gptpkg.checkpoint import load_checkpoint
     from gptpkg.config import model_config
-    from gptpkg.export import bundle_tokenizer, export_classifier, model_meta, write_int8
     from gptpkg.model import GPT
+    from gptpkg.onnx_export import bundle_tokenizer, export_classifier, model_meta, write_int8
 
     if checkpoint:
         model, config = load_checkpoint(checkpoint)

@@ -32,7 +32,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptpkg.classifier import predict_proba  # noqa: E402
 from gptpkg.config import Batching, TrainConfig, model_config  # noqa: E402
 from gptpkg.data import (  # noqa: E402
     ClassificationDataset,
@@ -48,6 +47,7 @@ from gptpkg.loggers import NullLogger  # noqa: E402
 from gptpkg.metrics import classification_metrics  # noqa: E402
 from gptpkg.model import GPT  # noqa: E402
 from gptpkg.perf import keep_freed_memory  # noqa: E402
+from gptpkg.stages.finetune_spam import predict_proba  # noqa: E402
 from gptpkg.tokenizer import get_tokenizer  # noqa: E402
 from gptpkg.train import batches_of, classification_loss, fit, lm_loss, mean_loss  # noqa: E402
 

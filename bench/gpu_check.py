@@ -24,6 +24,7 @@ status 2 unless `--cpu-smoke` (tiny sizes, to check the script itself).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -32,8 +33,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PATH_KEYS = ("raw", "processed", "pretrained", "spam_classifier", "instruct_model", "onnx", "metrics", "plots", "wandb")
-STAGES = ("fetch", "prepare", "pretrain", "finetune_spam", "baseline_spam", "finetune_instruct", "export_onnx")
+sys.path.insert(0, str(ROOT))
+from gptpkg.config import Paths  # noqa: E402  (the checkout's gptpkg, installed or not)
+from gptpkg.pipeline import STAGES as REGISTRY  # noqa: E402
+
+PATH_KEYS = tuple(f.name for f in dataclasses.fields(Paths))
+# Every stage but `package`: the GPU machine has no BentoML.
+STAGES = tuple(s for s in REGISTRY if s != "package")
 
 
 def run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> tuple[int, float]:

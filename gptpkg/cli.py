@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from .stages import STAGES
+from .pipeline import STAGES
 
 
 def _add_params_args(p: argparse.ArgumentParser) -> None:
@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write this key (repeatable; after the profile); the value is YAML",
     )
     pr.set_defaults(stage=None)
+
+    d = sub.add_parser(
+        "dvc-yaml",
+        help="write dvc.yaml from the stage registry (--check: only compare)",
+        description="write dvc.yaml from the stage registry and the params sections; "
+        "--check exits 1 when the file differs from what they generate",
+    )
+    d.add_argument("--output", default="dvc.yaml", help="the file to write (default: dvc.yaml)")
+    d.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file is out of date")
+    d.set_defaults(stage=None)
 
     i = sub.add_parser(
         "presets",
@@ -146,8 +156,21 @@ def _profile(args) -> int:
     return 0
 
 
+def _dvc_yaml(args) -> int:
+    from .dvc_yaml import write
+
+    same = write(args.output, check=args.check)
+    if args.check and not same:
+        print(f"{args.output} differs from the stage registry: run `gptpkg dvc-yaml`", file=sys.stderr)
+        return 1
+    print(f"{args.output}: {'up to date' if same else 'written'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "dvc-yaml":
+        return _dvc_yaml(args)
     if args.command == "generate":
         return _generate(args)
     if args.command == "presets":

@@ -125,7 +125,7 @@ class DataConfig:
     retries: int
 
     def __post_init__(self) -> None:
-        from .fetch import SOURCES
+        from .raw import SOURCES
 
         unknown = [f for f in self.files if f not in SOURCES]
         require(not unknown, "files", f"names from {sorted(SOURCES)}", unknown)

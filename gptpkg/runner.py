@@ -12,8 +12,8 @@ from typing import Any
 from .config import Params
 from .files import write_json
 from .loggers import MultiLogger, NullLogger, StdoutLogger, WandbLogger, wandb_from_env
+from .pipeline import STAGES, Stage, StageContext
 from .plots import write_stage_plots
-from .stages import STAGES, Stage, StageContext
 
 # Figures that differ from run to run (speed, wall time, the W&B run folder): written to
 # metrics/runtime/<stage>.json, so metrics/<stage>.json is identical on a rerun with the

@@ -3,7 +3,7 @@
 The encoding is built with tiktoken's public API from GPT-2's two BPE files
 (`vocab.bpe`, `encoder.json`): read from the offline mirror when it holds them, else
 from their canonical URLs (tiktoken downloads and caches those itself), and checked
-against the sha256 pins of `gptpkg.fetch.SOURCES`. Nothing here knows how tiktoken names
+against the sha256 pins of `gptpkg.raw.SOURCES`. Nothing here knows how tiktoken names
 its cache files, and with TIKTOKEN_CACHE_DIR="" (tiktoken's "no cache") nothing is
 written anywhere. No torch imported here.
 """
@@ -15,7 +15,7 @@ import hashlib
 from pathlib import Path
 
 from .errors import GptpkgError
-from .fetch import MIRROR_ENV, SOURCES, mirror_dir
+from .raw import MIRROR_ENV, SOURCES, mirror_dir
 
 END_OF_TEXT = "<|endoftext|>"
 EOT_ID = 50256

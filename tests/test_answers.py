@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from helpers import params_in
 
-from gptpkg.answers import BASELINE_RESPONSES, item_scores, mean_scores, nearest_outputs, sample_table
+from gptpkg.answers import BASELINE_RESPONSES, item_scores, mean_scores, sample_table
 from gptpkg.config import BaselineInstructConfig
+from gptpkg.stages.baseline_instruct import nearest_outputs
 
 
 def test_item_scores_are_rouge_l_f1_and_folded_exact_match():

@@ -4,9 +4,9 @@ import sys
 import pytest
 
 from gptpkg.cli import build_parser
-from gptpkg.stages import STAGES
+from gptpkg.pipeline import STAGES
 
-COMMANDS = list(STAGES) + ["generate", "presets", "profile"]
+COMMANDS = list(STAGES) + ["generate", "presets", "profile", "dvc-yaml"]
 
 
 def test_help_lists_every_subcommand():
@@ -57,7 +57,7 @@ def test_a_bad_override_is_a_clear_error_before_any_work(tmp_path):
 
 def test_fetch_imports_no_torch_and_prepare_no_model():
     code = (
-        "import sys; from gptpkg.cli import main; from gptpkg.stages import STAGES; "
+        "import sys; from gptpkg.cli import main; from gptpkg.pipeline import STAGES; "
         "STAGES['fetch'].function(); assert 'torch' not in sys.modules; "
         "STAGES['prepare'].function(); assert 'gptpkg.model' not in sys.modules"
     )

@@ -15,7 +15,7 @@ from helpers import params_in
 from gptpkg.config import ConfigError
 from gptpkg.data import DataError, stratified_group_folds
 from gptpkg.metrics import at_spam_share, classification_metrics
-from gptpkg.prepare import contains_any, read_spam_split, spam_train_rows, text_key
+from gptpkg.prepared import contains_any, read_spam_split, spam_train_rows, text_key
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +126,8 @@ def handful(prepared, tmp_path):
 
 
 def test_cv_run_reports_pooled_held_out_figures_and_leaves_the_final_model_alone(handful, capsys):
-    from gptpkg.classifier import PREDICTIONS_FILE
     from gptpkg.runner import RUNTIME_KEYS, run_stage
+    from gptpkg.stages.finetune_spam import PREDICTIONS_FILE
 
     params, parts = handful
     p_plain, p_cv = params("plain", cv_folds=0), params("cv", cv_folds=3)
@@ -180,10 +180,10 @@ def test_cv_run_reports_pooled_held_out_figures_and_leaves_the_final_model_alone
 def test_cross_validate_trains_each_fold_on_the_others_from_the_same_init(handful, tok):
     """cross_validate with the real fit and predict: what each fold trains on, and that
     the initial model it copies is left untouched."""
-    from gptpkg.classifier import cross_validate, predict_proba
     from gptpkg.config import TrainConfig, model_config
     from gptpkg.data import ClassificationDataset, classification_collate
     from gptpkg.model import GPT
+    from gptpkg.stages.finetune_spam import cross_validate, predict_proba
     from gptpkg.train import classification_loss, fit
 
     _, parts = handful

@@ -1,6 +1,7 @@
-"""dvc.yaml and the stage registry agree: one DVC stage per registered stage, run by
-`gptpkg <stage>`, tracking every key of its params.yaml section (so a change to any
-hyperparameter reruns the stage, and only the stages that read it)."""
+"""dvc.yaml and the stage registry agree: the committed file is the one `gptpkg dvc-yaml`
+generates, with one DVC stage per registered stage, run by `gptpkg <stage>`, tracking every
+key of its params.yaml section (so a change to any hyperparameter reruns the stage, and
+only the stages that read it)."""
 
 import dataclasses
 from pathlib import Path
@@ -8,9 +9,40 @@ from pathlib import Path
 import yaml
 
 from gptpkg.config import Params
-from gptpkg.stages import STAGES
+from gptpkg.pipeline import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_dvc_yaml_is_the_generated_one():
+    from gptpkg.dvc_yaml import render
+
+    assert (ROOT / "dvc.yaml").read_text() == render(), "dvc.yaml is out of date: run `gptpkg dvc-yaml`"
+
+
+def test_dvc_yaml_check_fails_on_a_stale_file(tmp_path):
+    from gptpkg.cli import main
+
+    stale = tmp_path / "dvc.yaml"
+    stale.write_text((ROOT / "dvc.yaml").read_text().replace("gptpkg/model.py", "gptpkg/modl.py"))
+    assert main(["dvc-yaml", "--check", "--output", str(stale)]) == 1
+    assert "modl.py" in stale.read_text()  # --check writes nothing
+    assert main(["dvc-yaml", "--output", str(stale)]) == 0
+    assert main(["dvc-yaml", "--check", "--output", str(stale)]) == 0
+
+
+def test_code_deps_follow_every_import(tmp_path):
+    """Static import graph: a function-level import counts (hf_weights with init: openai),
+    and a stage never depends on another stage's module."""
+    from gptpkg.dvc_yaml import code_deps
+
+    spam = code_deps(STAGES["finetune_spam"])
+    assert {"gptpkg/hf_weights.py", "gptpkg/stages/finetune_spam.py", "gptpkg/stages/__init__.py"} <= set(spam)
+    for name, stage in STAGES.items():
+        own = {f"gptpkg/stages/{name}.py"}
+        assert {
+            d for d in code_deps(stage) if d.startswith("gptpkg/stages/") and d != "gptpkg/stages/__init__.py"
+        } == own
 
 
 def test_dvc_stages_are_the_registry():

@@ -19,16 +19,16 @@ from helpers import params_in
 
 from gptpkg.checkpoint import load_checkpoint, save_checkpoint
 from gptpkg.config import ConfigError, ExportConfig
-from gptpkg.export import ExportError, quantize_int8
 from gptpkg.onnx_classifier import FP32_FILE, INT8_FILE, META_KEYS, ModelUnavailable, OnnxSpamClassifier
+from gptpkg.onnx_export import ExportError, quantize_int8
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _export(params):
     """The export_onnx stage function itself, on `params` (metrics returned, not written)."""
-    from gptpkg.export import run
-    from gptpkg.stages import StageContext
+    from gptpkg.pipeline import StageContext
+    from gptpkg.stages.export_onnx import run
 
     return run(params.export_onnx, StageContext(paths=params.paths, data_mirror=params.data.mirror, progress=False))
 
@@ -116,7 +116,7 @@ def test_failed_parity_writes_nothing(tiny_onnx_export, monkeypatch):
     params, _ = tiny_onnx_export
     onnx_file = Path(params.paths.onnx) / FP32_FILE
     before = onnx_file.read_bytes()
-    import gptpkg.export as export
+    import gptpkg.stages.export_onnx as export
 
     real = export.export_classifier
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gptpkg.stages import STAGES as REGISTRY
+from gptpkg.pipeline import STAGES as REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -116,20 +116,23 @@ def test_repro_runs_every_stage_and_writes_outputs(repo):
 
 
 def test_stage_deps_are_the_modules_it_runs(repo):
-    """dvc.yaml lists, per stage, exactly the gptpkg modules that stage imports
-    (hf_weights.py is loaded only with init: openai)."""
+    """dvc.yaml lists, per stage, every gptpkg module that stage imports when it runs (the
+    generated list is the static import graph: it may hold more, e.g. hf_weights.py, loaded
+    only with init: openai, never less)."""
     path, out, _ = repo
     dvc = yaml.safe_load((path / "dvc.yaml").read_text())
     chunks = re.split(r"Running stage '([^']+)'", out)[1:]
     seen = {}
     for stage, text in zip(chunks[::2], chunks[1::2]):
-        mods = set(re.findall(r"import time:.*\|\s+(gptpkg(?:\.\w+)?)\s*$", text, flags=re.M))
-        seen[stage] = {("gptpkg/__init__.py" if m == "gptpkg" else m.replace(".", "/") + ".py") for m in mods}
+        mods = set(re.findall(r"import time:.*\|\s+(gptpkg(?:\.\w+)*)\s*$", text, flags=re.M))
+        seen[stage] = {
+            m.replace(".", "/") + ("/__init__.py" if (path / m.replace(".", "/")).is_dir() else ".py") for m in mods
+        }
     assert sorted(seen) == sorted(STAGES)
     for stage, imported in seen.items():
         declared = {d for d in dvc["stages"][stage]["deps"] if d.startswith("gptpkg/")}
         assert imported <= declared, f"{stage}: undeclared deps {sorted(imported - declared)}"
-        assert declared - imported <= {"gptpkg/hf_weights.py"}, f"{stage}: unused deps {sorted(declared - imported)}"
+        assert f"gptpkg/stages/{stage}.py" in imported
 
 
 def test_second_repro_does_nothing(repo):

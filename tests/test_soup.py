@@ -14,9 +14,9 @@ from helpers import Interrupted, dying
 from test_cv import handful, prepared  # noqa: F401  (fixtures)
 
 from gptpkg.checkpoint import load_checkpoint, read_config
-from gptpkg.classifier import average_weights, soup_workdir
 from gptpkg.config import ConfigError, model_config
 from gptpkg.model import GPT
+from gptpkg.stages.finetune_spam import average_weights, soup_workdir
 
 
 def _weights(folder) -> dict[str, torch.Tensor]:
@@ -39,7 +39,7 @@ def test_average_weights_is_the_elementwise_mean():
 def test_a_soup_is_the_mean_of_its_members_each_a_plain_fine_tuning(handful, monkeypatch):
     """soup=2 writes the mean of two fine-tunings from one start (seeds 123 and 124);
     member 1 is exactly the soup=1 run; the member checkpoints are removed afterwards."""
-    import gptpkg.classifier as clf
+    import gptpkg.stages.finetune_spam as clf
     from gptpkg.runner import run_stage
 
     params, _ = handful
@@ -78,7 +78,7 @@ def test_an_interrupted_soup_resumes_to_the_uninterrupted_soup(handful, monkeypa
     """A soup killed in its second member: --resume refuses other training params, then
     keeps the finished member, continues member 2 from its last checkpoint (only the
     steps after it are trained) and writes the uninterrupted soup's weights."""
-    import gptpkg.classifier as clf
+    import gptpkg.stages.finetune_spam as clf
     from gptpkg.runner import run_stage
 
     params, _ = handful

@@ -14,7 +14,7 @@ from helpers import params_in
 
 from gptpkg.config import ConfigError
 from gptpkg.data import book_spam_splits, read_sms_spam
-from gptpkg.prepare import (
+from gptpkg.prepared import (
     INSTRUCTIONS_SOURCE,
     SMS_SOURCE,
     TEXT_SOURCES,
@@ -108,7 +108,7 @@ def test_no_test_text_in_any_pretraining_corpus(prepared, tok):
 
 def test_instructions_corpus_is_the_instruction_training_split_only(prepared, tok):
     from gptpkg.data import format_prompt, format_response
-    from gptpkg.prepare import read_instruct_split
+    from gptpkg.prepared import read_instruct_split
 
     params, paths, metrics = prepared
     text = "".join(
@@ -150,8 +150,8 @@ def test_unknown_train_data_is_a_clear_error(tmp_path, section):
 
 
 def test_finetune_and_baseline_report_heldout_full(prepared, tmp_path):
-    from gptpkg.classifier import PREDICTIONS_FILE
     from gptpkg.runner import run_stage
+    from gptpkg.stages.finetune_spam import PREDICTIONS_FILE
 
     params, paths, metrics = prepared
     over = params_in(

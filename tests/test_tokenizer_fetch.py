@@ -9,9 +9,9 @@ import zipfile
 
 import pytest
 
-from gptpkg import fetch as fetch_mod
+from gptpkg import raw as fetch_mod
 from gptpkg import tokenizer as tok_mod
-from gptpkg.fetch import FetchError, RawFile, fetch_file, verify_file
+from gptpkg.raw import FetchError, RawFile, fetch_file, verify_file
 
 
 def test_tokenizer_offline_from_mirror(tmp_path, monkeypatch, shared_data):
@@ -50,7 +50,7 @@ def test_no_cache_writes_nothing_and_bundles_the_pinned_files(tmp_path, shared_d
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from gptpkg.export import bundle_tokenizer\n"
+        "from gptpkg.onnx_export import bundle_tokenizer\n"
         "from gptpkg.tokenizer import get_tokenizer\n"
         "print(get_tokenizer(sys.argv[1]).encode('Hello, world'))\n"
         "bundle_tokenizer(Path(sys.argv[2]), sys.argv[1])\n"

@@ -81,7 +81,7 @@ def test_assets_mirror_dvc_yaml():
         "finetune_instruct": {"pretrain", "prepare"},
         "baseline_instruct": {"prepare"},
     }
-    # the groups of the stage registry (gptpkg.stages.STAGES)
+    # the groups of the stage registry (gptpkg.pipeline.STAGES)
     groups = {
         "fetch": "data",
         "prepare": "data",
@@ -95,7 +95,7 @@ def test_assets_mirror_dvc_yaml():
     }
     for name in names:
         node = graph.get(AssetKey(name))
-        assert node.group_name == groups.get(name, "pipeline"), name
+        assert node.group_name == groups[name], name
         if name in expected_parents:
             assert {p.to_user_string() for p in node.parent_keys} == expected_parents[name], name
     checks = {k.name for k in graph.asset_check_keys}
@@ -116,38 +116,43 @@ def test_assets_mirror_dvc_yaml():
     } & set(names)
 
 
-def test_a_new_dvc_stage_becomes_an_asset(tmp_path):
-    """export_onnx / package added to dvc.yaml (as the serving branch does) appear as assets in
-    the serving group, with the parity check and in the classifier_only job; an unknown stage
-    lands in the default group."""
+def test_a_new_registry_stage_becomes_an_asset(tmp_path, monkeypatch):
+    """A stage added to the registry (which dvc.yaml is generated from) appears in dvc.yaml
+    and as an asset of its group, downstream of the stage whose outputs it reads; the
+    classifier_only job takes what follows the classifier."""
     from dagster import AssetKey
 
+    from gptpkg.dvc_yaml import render
+    from gptpkg.pipeline import STAGES, Out, Stage
     from workflows import build_definitions
 
     root = make_project(tmp_path)
-    doc = yaml.safe_load((root / "dvc.yaml").read_text())
-    doc["stages"]["export_onnx"] = {
-        "cmd": "gptpkg export_onnx",
-        "deps": ["${paths.spam_classifier}"],
-        "outs": ["${paths.onnx}"],
-        "metrics": [{"${paths.metrics}/export_onnx.json": {"cache": False}}],
-    }
-    doc["stages"]["package"] = {"cmd": "gptpkg package", "deps": ["${paths.onnx}"]}
-    doc["stages"]["report"] = {"cmd": "echo", "deps": ["${paths.metrics}/export_onnx.json"]}
-    (root / "dvc.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    report = Stage(
+        "report",
+        "summarize the export",
+        "reports",
+        deps=("{metrics}/export_onnx.json",),
+        outs=(Out("{metrics}/report.md", cache=False),),
+        section="package",
+    )
+    monkeypatch.setitem(STAGES, "report", report)
+    doc = yaml.safe_load(render())
+    assert doc["stages"]["report"]["deps"][0] == "${paths.metrics}/export_onnx.json"
+    assert "gptpkg/stages/report.py" not in doc["stages"]["report"]["deps"]  # no module yet: nothing to hash
     defs = build_definitions(root)
     graph = defs.resolve_asset_graph()
-    assert {p.to_user_string() for p in graph.get(AssetKey("export_onnx")).parent_keys} == {"finetune_spam"}
+    assert {p.to_user_string() for p in graph.get(AssetKey("export_onnx")).parent_keys} == {"finetune_spam", "prepare"}
     assert {p.to_user_string() for p in graph.get(AssetKey("package")).parent_keys} == {"export_onnx"}
     assert {p.to_user_string() for p in graph.get(AssetKey("report")).parent_keys} == {"export_onnx"}
     assert graph.get(AssetKey("package")).group_name == "serving"
-    assert graph.get(AssetKey("report")).group_name == "pipeline"
+    assert graph.get(AssetKey("report")).group_name == "reports"
     assert "onnx_matches_pytorch" in {k.name for k in graph.asset_check_keys}
     job = defs.resolve_job_def("classifier_only")
     assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == {
         "finetune_spam",
         "export_onnx",
         "package",
+        "report",
     }
 
 

@@ -1,5 +1,5 @@
-"""The Dagster definitions, derived from the DVC project at load time: a stage added to
-dvc.yaml becomes an asset of the same name with the same dependencies."""
+"""The Dagster definitions, derived at load time from the stage registry that dvc.yaml is
+generated from: every stage is an asset of the same name with the same dependencies."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dagster import AssetSelection, Definitions, PipesSubprocessClient, define_asset_job
 
-from gptpkg.stages import STAGES
+from gptpkg.pipeline import STAGES
 
 from .assets import stage_asset
 from .checks import build_checks
@@ -17,14 +17,13 @@ from .sensors import dvc_lock_sensor
 
 
 def classifier_stages(stages: list[Stage]) -> list[str]:
-    """The stages of the `classifier_only` job, in dvc.yaml order: the registry stage that
-    trains the spam classifier (`gptpkg.stages.STAGES`, checkpoint `spam_classifier`) and
-    the registry stages downstream of it in dvc.yaml (export_onnx, package). A dvc.yaml
-    stage the registry does not know stays out."""
-    picked = {s.name for s in stages if s.name in STAGES and STAGES[s.name].checkpoint == "spam_classifier"}
+    """The stages of the `classifier_only` job, in registry order: the stage that trains the
+    spam classifier (checkpoint `spam_classifier`) and the stages downstream of it
+    (export_onnx, package)."""
+    picked = {s.name for s in stages if STAGES[s.name].checkpoint == "spam_classifier"}
     grew = True
-    while grew:  # downstream closure (dvc.yaml need not list a stage after its upstream)
-        more = {s.name for s in stages if s.name in STAGES and picked & set(s.upstream)} - picked
+    while grew:  # downstream closure
+        more = {s.name for s in stages if picked & set(s.upstream)} - picked
         picked |= more
         grew = bool(more)
     return [s.name for s in stages if s.name in picked]

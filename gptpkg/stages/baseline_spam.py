@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .config import BaselineConfig
-from .metrics import classification_metrics
-from .prepare import heldout_full_rows, read_spam_split, spam_train_rows, traffic_metrics
+from ..config import BaselineConfig
+from ..metrics import classification_metrics
+from ..prepared import heldout_full_rows, read_spam_split, spam_train_rows, traffic_metrics
 
 
 def run(cfg: BaselineConfig, ctx) -> dict[str, Any]:

@@ -13,16 +13,16 @@ from typing import Any
 
 import torch
 
-from .answers import item_scores, mean_scores
-from .config import InstructConfig
-from .data import InstructionDataset, format_prompt, instruction_collate
-from .files import write_json
-from .finetune import batching, initial_model
-from .generate import generate_text
-from .plots import write_item_scores
-from .prepare import read_instruct_split
-from .tokenizer import get_tokenizer
-from .train import autocast_dtype, batches_of, fit, lm_loss, mean_loss, resolve_device, set_seed
+from ..answers import item_scores, mean_scores
+from ..config import InstructConfig
+from ..data import InstructionDataset, format_prompt, instruction_collate
+from ..files import write_json
+from ..finetune import batching, initial_model
+from ..generate import generate_text
+from ..plots import write_item_scores
+from ..prepared import read_instruct_split
+from ..tokenizer import get_tokenizer
+from ..train import autocast_dtype, batches_of, fit, lm_loss, mean_loss, resolve_device, set_seed
 
 
 def run(cfg: InstructConfig, ctx) -> dict[str, Any]:

@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
-from .config import PretrainConfig
-from .data import TokenWindows
-from .generate import generate_text
-from .model import GPT
-from .perf import training_mfu
-from .prepare import read_corpus
-from .train import autocast_dtype, batches_of, fit, lm_loss, mean_loss, resolve_device, set_seed
+from ..config import PretrainConfig
+from ..data import TokenWindows
+from ..generate import generate_text
+from ..model import GPT
+from ..perf import training_mfu
+from ..prepared import read_corpus
+from ..train import autocast_dtype, batches_of, fit, lm_loss, mean_loss, resolve_device, set_seed
 
 
 def _collate(items: list[dict]) -> dict:
@@ -22,7 +22,7 @@ def _collate(items: list[dict]) -> dict:
 
 
 def run(cfg: PretrainConfig, ctx) -> dict[str, Any]:
-    from .tokenizer import get_tokenizer
+    from ..tokenizer import get_tokenizer
 
     paths = ctx.paths
     train_set = TokenWindows(read_corpus(paths, cfg.corpus, "train"), cfg.max_length, cfg.stride)

@@ -1,18 +1,12 @@
-"""The `prepare` stage, and the readers of what it writes.
-
-Tokenizes once: pretraining token arrays per corpus source (train/val), the spam splits
-(train/val/test, plus every message as `all`) and the instruction splits. The spam test
-split is never part of any training data: pretraining's SMS corpus and the classifier's
-`all` training data leave out every message that holds a test text.
-"""
+"""Readers of what the `prepare` stage writes, and the rules that keep the spam test
+split out of every training set (`text_key`, `contains_any`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-from .config import Paths, PrepareConfig
+from .config import Paths
 from .data import DataError
 
 # Sources a pretraining corpus can name: raw text files, the SMS messages outside the
@@ -36,66 +30,6 @@ def contains_any(text: str, keys: set[str]) -> bool:
     test text "Sorry, I'll call later") is kept out of training data too."""
     k = text_key(text)
     return any(h in k for h in keys)
-
-
-def run(cfg: PrepareConfig, ctx) -> dict[str, Any]:
-    import numpy as np
-
-    from .data import (
-        book_spam_splits,
-        format_prompt,
-        format_response,
-        full_spam_splits,
-        read_instructions,
-        read_sms_spam,
-        split_instructions,
-        split_text,
-    )
-    from .fetch import verify_file
-    from .files import atomic_dir
-    from .tokenizer import END_OF_TEXT, get_tokenizer
-
-    raw = Path(ctx.paths.raw)
-    tok = get_tokenizer(ctx.mirror)
-    metrics: dict[str, Any] = {}
-    sms_file = verify_file(raw / "SMSSpamCollection", "SMSSpamCollection")
-    splits = (book_spam_splits if cfg.spam_split == "book" else full_spam_splits)(sms_file, seed=cfg.seed)
-    test_keys = {text_key(t) for t, _ in splits.test}
-    messages = read_sms_spam(sms_file)
-    sms_corpus = [t for t, _ in messages if not contains_any(t, test_keys)]
-    texts = {name: verify_file(raw / name, name).read_text(encoding="utf-8") for name in TEXT_SOURCES}
-    texts[SMS_SOURCE] = END_OF_TEXT.join(sms_corpus)
-    instructions = split_instructions(
-        read_instructions(verify_file(raw / "instruction-data.json", "instruction-data.json")), cfg.instruct_seed
-    )
-    # Training records only: the instruction val/test splits never reach pretraining.
-    texts[INSTRUCTIONS_SOURCE] = END_OF_TEXT.join(format_prompt(e) + format_response(e) for e in instructions["train"])
-
-    with atomic_dir(ctx.paths.processed) as tmp:
-        (tmp / "corpus").mkdir()
-        for name, text in texts.items():
-            for part, t in zip(("train", "val"), split_text(text, cfg.pretrain_train_ratio)):
-                ids = np.asarray(tok.encode(t, allowed_special={END_OF_TEXT}), dtype=np.uint16)
-                np.save(tmp / "corpus" / f"{name}.{part}.npy", ids)
-                metrics[f"tokens/{name}.{part}"] = len(ids)
-        (tmp / "spam").mkdir()
-        # "all": every message of the collection (5,574), from which finetune_spam's
-        # train_data=all and the held-out figures are drawn.
-        for part, rows in {**splits.as_dict(), "all": messages}.items():
-            lines = [json.dumps({"text": t, "label": y}) for t, y in rows]
-            (tmp / "spam" / f"{part}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-            metrics[f"spam/{part}"] = len(rows)
-            metrics[f"spam/{part}_spam_share"] = round(sum(y for _, y in rows) / len(rows), 4)
-        (tmp / "instruct").mkdir()
-        for part, rows in instructions.items():
-            (tmp / "instruct" / f"{part}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
-            metrics[f"instruct/{part}"] = len(rows)
-    metrics["sms_corpus_messages"] = len(sms_corpus)
-    return metrics
-
-
-# ---------------------------------------------------------------------------------
-# Readers of the prepared data
 
 
 def read_spam_split(paths: Paths, part: str) -> list[tuple[str, int]]:

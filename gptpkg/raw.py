@@ -166,11 +166,3 @@ def verify_file(path: str | Path, name: str) -> Path:
             f"delete it and run `gptpkg fetch`"
         )
     return path
-
-
-def run(cfg, ctx) -> dict:
-    """The `fetch` stage (`cfg`: params.data): every listed raw file, verified."""
-    how = {}
-    for name in cfg.files:
-        _, how[name] = fetch_file(name, ctx.paths.raw, mirror=ctx.mirror, timeout=cfg.timeout_s, retries=cfg.retries)
-    return {"files": how}

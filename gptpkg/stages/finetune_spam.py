@@ -21,18 +21,18 @@ from typing import Any
 
 import torch
 
-from .checkpoint import save_checkpoint
-from .config import ConfigError, SpamConfig
-from .data import SPAM_LABELS, ClassificationDataset, classification_collate, stratified_group_folds
-from .distributed import barrier, env_context, is_main_process
-from .files import write_json
-from .finetune import batching, initial_model
-from .loggers import NullLogger
-from .metrics import at_spam_share, classification_metrics
-from .model import GPT
-from .prepare import heldout_full_rows, read_spam_split, spam_train_rows, text_key, traffic_metrics
-from .tokenizer import PAD_ID, get_tokenizer
-from .train import (
+from ..checkpoint import save_checkpoint
+from ..config import ConfigError, SpamConfig
+from ..data import SPAM_LABELS, ClassificationDataset, classification_collate, stratified_group_folds
+from ..distributed import barrier, env_context, is_main_process
+from ..files import write_json
+from ..finetune import batching, initial_model
+from ..loggers import NullLogger
+from ..metrics import at_spam_share, classification_metrics
+from ..model import GPT
+from ..prepared import heldout_full_rows, read_spam_split, spam_train_rows, text_key, traffic_metrics
+from ..tokenizer import PAD_ID, get_tokenizer
+from ..train import (
     FitResult,
     autocast,
     autocast_dtype,

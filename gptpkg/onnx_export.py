@@ -1,38 +1,29 @@
-"""The `export_onnx` and `package` stages.
+"""The spam classifier as ONNX: the export, its checks and the int8 copy.
 
-export_onnx: the fine-tuned classifier checkpoint -> one self-contained ONNX file
+The fine-tuned classifier checkpoint -> one self-contained ONNX file
 (`input_ids` (B, T) int64 + `lengths` (B,) int64 -> `logits` (B, n_labels); batch and
 sequence length dynamic; the last-real-token pooling inside the graph, as
 `GPT.classify`), with the max length / pad id / labels / context length in its
 metadata_props. It is checked against PyTorch on the whole test split (identical labels,
 max |Δlogit| within `parity_atol`) before it replaces anything; an int8 dynamic-quantized
 copy is kept only when its test accuracy is within `int8_max_drop` points of fp32.
-
-package: the exported folder into the BentoML model store under a versioned tag (the
-version is the first 12 hex digits of the ONNX file's sha256, so the same model gets
-the same tag). bentoml is imported there only.
+The `export_onnx` stage (gptpkg.stages.export_onnx) runs these.
 """
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-from .config import ExportConfig, PackageConfig
+from .config import ExportConfig
 from .errors import GptpkgError
-from .onnx_classifier import FP32_FILE, INT8_FILE, TOKENIZER_DIR, ModelMeta, OnnxSpamClassifier
+from .onnx_classifier import FP32_FILE, INT8_FILE, ModelMeta, OnnxSpamClassifier
 
 ONNX_ARTIFACT = "spam-classifier-onnx"  # its W&B artifact name (dvc.yaml `artifacts:` uses the same)
 
 
 class ExportError(GptpkgError, RuntimeError):
     """The exported model failed a check; nothing was written over the previous export."""
-
-
-# ---------------------------------------------------------------------------------
-# export
 
 
 def model_meta(config: dict, where: str) -> ModelMeta:
@@ -121,63 +112,6 @@ def check_accuracy_floor(accuracy: float, n: int, cfg: ExportConfig, paths) -> N
         )
 
 
-def run(cfg: ExportConfig, ctx) -> dict[str, Any]:
-    import numpy as np
-
-    from .checkpoint import load_checkpoint
-    from .fetch import sha256_of
-    from .files import atomic_dir
-    from .metrics import classification_metrics
-    from .prepare import read_spam_split
-
-    paths = ctx.paths
-    model, config = load_checkpoint(paths.spam_classifier)
-    model.eval()
-    meta = model_meta(config, paths.spam_classifier)
-    test = read_spam_split(paths, "test")
-    y_true = [y for _, y in test]
-    metrics: dict[str, Any] = {"opset": cfg.opset, "test_n": len(test)}
-
-    with atomic_dir(paths.onnx) as tmp:
-        bundle_tokenizer(tmp, ctx.mirror)
-        t0 = time.perf_counter()
-        export_classifier(model, meta, tmp / FP32_FILE, cfg.opset)
-        metrics["export_s"] = round(time.perf_counter() - t0, 2)
-        fp32 = OnnxSpamClassifier(tmp / FP32_FILE, device="cpu")
-        ids = [fp32.encode(t) for t, _ in test]
-        ref = torch_logits(model, ids, fp32.pad, cfg.batch_size)
-        metrics["torch_test_accuracy"] = classification_metrics(y_true, ref.argmax(1).tolist())["accuracy"]
-        check_accuracy_floor(metrics["torch_test_accuracy"], len(test), cfg, paths)
-        got = fp32.logits_of_ids(ids, cfg.batch_size)
-        diff = float(np.abs(got - ref).max())
-        mismatches = int((got.argmax(1) != ref.argmax(1)).sum())
-        metrics.update(
-            {"parity_max_abs_logit_diff": diff, "parity_label_mismatches": mismatches, "parity_atol": cfg.parity_atol}
-        )
-        if mismatches or not diff <= cfg.parity_atol:  # `not <=` also catches NaN
-            raise ExportError(
-                f"ONNX export of {paths.spam_classifier} fails parity on the test split: "
-                f"{mismatches} labels differ, max |Δlogit| {diff:.3g} > {cfg.parity_atol}; "
-                f"{paths.onnx} left unchanged"
-            )
-        acc = classification_metrics(y_true, got.argmax(1).tolist(), "test_")
-        metrics.update({"fp32_" + k: v for k, v in acc.items()})
-        metrics["fp32_size_mb"] = round((tmp / FP32_FILE).stat().st_size / 2**20, 2)
-        if cfg.int8:
-            metrics.update(quantize_int8(tmp, ids, y_true, acc["test_accuracy"], cfg))
-    metrics["fp32_sha256"] = sha256_of(Path(paths.onnx) / FP32_FILE)
-    # W&B (when the runner opened a run): the folder the service runs, as a model artifact
-    # whose alias is the BentoML tag version `package` gives the fp32 file
-    ctx.logger.log_artifact(
-        paths.onnx,
-        ONNX_ARTIFACT,
-        "model",
-        aliases=[f"fp32-{metrics['fp32_sha256'][:12]}"],
-        metadata={k: v for k, v in metrics.items() if k != "export_s"},
-    )
-    return metrics
-
-
 def without_initializer_shapes(src: Path, out: Path) -> None:
     """Copy `src` to `out` without the value_info entries that restate an initializer's
     shape. torch's exporter writes them; onnxruntime before 1.32 turns the classifier head's
@@ -243,54 +177,3 @@ def quantize_int8(
             f"{drop:.2f} points below fp32 (allowed {cfg.int8_max_drop})"
         )
     return result
-
-
-# ---------------------------------------------------------------------------------
-# package
-
-
-def package(cfg: PackageConfig, ctx) -> dict[str, Any]:
-    """Import the exported folder into the BentoML model store, or check the entry that
-    is there; write its record (tag, sha256, metadata) to `paths.bento_model`. The record
-    is the stage's DVC output: DVC sees the workspace, not the store, so this stage is
-    where a wiped store is noticed (the entry is imported again) and a store entry with
-    other bytes under the same tag is refused."""
-    try:
-        import bentoml  # only here: the core library does not depend on bentoml
-    except ImportError:
-        raise ExportError("the package stage needs BentoML: pip install 'gptpkg[serving]'") from None
-
-    from .fetch import sha256_of
-    from .files import write_json
-
-    folder = Path(ctx.paths.onnx)
-    onnx_file = folder / (FP32_FILE if cfg.variant == "fp32" else INT8_FILE)
-    if not onnx_file.is_file():
-        hint = " (the int8 copy is kept only when it passes the accuracy gate)" if cfg.variant == "int8" else ""
-        raise ExportError(f"{onnx_file} missing: run export_onnx first{hint}")
-    clf = OnnxSpamClassifier(onnx_file, device="cpu")  # refuse to package an unreadable model
-    digest = sha256_of(onnx_file)
-    tag = f"{cfg.model_name}:{cfg.variant}-{digest[:12]}"
-    info = {
-        "onnx_file": onnx_file.name,
-        "sha256": digest,
-        "variant": cfg.variant,
-        **{k.removeprefix("gptpkg."): v for k, v in clf.meta.to_props().items()},
-    }
-    try:
-        stored = bentoml.models.get(tag)
-        created = False
-    except bentoml.exceptions.NotFound:
-        with bentoml.models.create(tag, labels={"framework": "onnx", "variant": cfg.variant}, metadata=info) as m:
-            shutil.copyfile(onnx_file, Path(m.path) / onnx_file.name)
-            shutil.copytree(folder / TOKENIZER_DIR, Path(m.path) / TOKENIZER_DIR)
-        stored = bentoml.models.get(tag)
-        created = True
-    in_store = Path(stored.path) / onnx_file.name
-    if not in_store.is_file() or sha256_of(in_store) != digest:
-        raise ExportError(
-            f"BentoML model {tag}: {in_store} is missing or differs from {onnx_file} (sha256 {digest[:12]}…); "
-            f"remove the entry with `bentoml models delete {tag}` and run package again"
-        )
-    write_json(Path(ctx.paths.bento_model), {"bento_model": str(stored.tag), **info})
-    return {"bento_model": str(stored.tag), "created": created, **info}

@@ -1,0 +1,201 @@
+"""The stage registry: every pipeline stage once, with its help text, the section of
+params.yaml it reads, the files it reads and writes, the checkpoint it trains and its
+Dagster asset group. The CLI, the runner, `dvc.yaml` (generated from it by `gptpkg
+dvc-yaml`), workflows/ and the benchmarks read it. Torch-free: a stage's module
+(`gptpkg.stages.<name>`) is imported only when the stage runs.
+
+Paths are templates over `params.yaml: paths` (`{processed}/spam`): dvc.yaml spells them
+as DVC's own templates (`${paths.processed}/spam`), Python resolves them with `resolve`.
+A stage function takes (its typed params section, a `StageContext`) and returns its
+metrics dict; the runner writes that dict as `{metrics}/<stage>.json` and its
+run-dependent figures as `{metrics}/runtime/<stage>.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Paths
+from .loggers import MetricLogger, NullLogger
+from .raw import MIRROR_ENV
+
+
+@dataclass(frozen=True)
+class Out:
+    """An output path template. `cache=False`: small files kept in git, not DVC's cache
+    (metrics, plot data, records)."""
+
+    path: str
+    cache: bool = True
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    group: str  # Dagster asset group
+    deps: tuple[str, ...] = ()  # path templates of the data it reads (gptpkg modules are added by dvc-yaml)
+    outs: tuple[Out, ...] = ()
+    images: tuple[str, ...] = ()  # PNG plots it writes (dvc.yaml `plots:`, uncached)
+    section: str = ""  # the params.yaml section it reads; "" = the stage's name
+    params: tuple[str, ...] | None = None  # the keys of its section that change its outputs; None = all
+    checkpoint: str | None = None  # the `paths` key of the checkpoint it trains
+    wandb: bool = False  # opens a W&B run although it trains nothing (it logs the model it exports)
+
+    @property
+    def params_section(self) -> str:
+        return self.section or self.name
+
+    @property
+    def module(self) -> str:
+        return f"gptpkg.stages.{self.name}"
+
+    @property
+    def metrics(self) -> tuple[str, str]:
+        """Its metrics files: the figures `dvc metrics` compares, and the run-dependent ones."""
+        return (f"{{metrics}}/{self.name}.json", f"{{metrics}}/runtime/{self.name}.json")
+
+    def function(self) -> Callable[[Any, StageContext], dict[str, Any]]:
+        # The import statement's machinery (not importlib's), so `-X importtime` lists the
+        # module: the dvc.yaml deps test reads that list.
+        return __import__(self.module, fromlist=["run"]).run
+
+
+def resolve(template: str, paths: Paths) -> str:
+    """A path template of the registry (`{processed}/spam`) with `paths` filled in."""
+    return template.format(**dataclasses.asdict(paths))
+
+
+def _nocache(*paths: str) -> tuple[Out, ...]:
+    return tuple(Out(p, cache=False) for p in paths)
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage(
+            "fetch",
+            "fetch the raw files (offline mirror first, then the canonical URLs), sha256-verified",
+            "data",
+            outs=(Out("{raw}"),),
+            section="data",
+            params=("files",),  # where a file comes from, and how patiently, never changes it
+        ),
+        Stage(
+            "prepare",
+            "tokenize once; write pretraining token arrays, spam and instruction splits",
+            "data",
+            deps=("{raw}",),
+            outs=(Out("{processed}"),),
+        ),
+        Stage(
+            "pretrain",
+            "pretrain a GPT on the chosen corpus (next-token loss)",
+            "pretraining",
+            deps=("{processed}/corpus",),
+            outs=(Out("{pretrained}"), Out("{metrics}/pretrain_samples.json"), *_nocache("{plots}/pretrain.json")),
+            images=("{plots}/pretrain_loss.png",),
+            checkpoint="pretrained",
+        ),
+        Stage(
+            "finetune_spam",
+            "fine-tune the pretrained GPT into the spam classifier",
+            "classifier",
+            deps=("{pretrained}", "{processed}/spam"),
+            outs=(
+                Out("{spam_classifier}"),
+                *_nocache(
+                    "{plots}/finetune_spam.json",
+                    "{plots}/finetune_spam_confusion.json",
+                    "{metrics}/finetune_spam_predictions.json",
+                ),
+            ),
+            images=("{plots}/finetune_spam_loss.png", "{plots}/finetune_spam_confusion.png"),
+            checkpoint="spam_classifier",
+        ),
+        Stage(
+            "baseline_spam",
+            "TF-IDF + logistic regression on the same spam split",
+            "classifier",
+            deps=("{processed}/spam",),
+            outs=_nocache("{plots}/baseline_spam_confusion.json"),
+            images=("{plots}/baseline_spam_confusion.png",),
+        ),
+        Stage(
+            "finetune_instruct",
+            "instruction-fine-tune the pretrained GPT; write test responses",
+            "instruction",
+            deps=("{pretrained}", "{processed}/instruct"),
+            outs=(
+                Out("{instruct_model}"),
+                Out("{metrics}/instruct_responses.json"),
+                *_nocache("{plots}/finetune_instruct.json", "{plots}/finetune_instruct_scores.json"),
+            ),
+            images=("{plots}/finetune_instruct_loss.png",),
+            checkpoint="instruct_model",
+        ),
+        Stage(
+            "baseline_instruct",
+            "answer each instruction with the output of the nearest training instruction (TF-IDF)",
+            "instruction",
+            deps=("{processed}/instruct",),
+            outs=(
+                Out("{metrics}/baseline_instruct_responses.json"),
+                *_nocache("{plots}/baseline_instruct_scores.json"),
+            ),
+        ),
+        Stage(
+            "export_onnx",
+            "export the spam classifier to ONNX, checked against PyTorch on the test split",
+            "serving",
+            deps=("{spam_classifier}", "{processed}/spam/test.jsonl"),
+            outs=(Out("{onnx}"),),
+            wandb=True,
+        ),
+        # The BentoML model store lies outside the repository ($BENTOML_HOME): DVC sees the
+        # store entry's record (tag, sha256), uncached, so a fresh clone or a deleted record
+        # reruns the stage, which checks the entry each time it runs.
+        Stage(
+            "package",
+            "import the exported ONNX model into the BentoML model store (versioned tag)",
+            "serving",
+            deps=("{onnx}",),
+            outs=_nocache("{bento_model}"),
+        ),
+    )
+}
+
+
+def inside(path: str, parent: str) -> bool:
+    """Whether `path` is `parent` or lies in it (posix paths or templates)."""
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def upstream(stage: Stage) -> tuple[str, ...]:
+    """The stages whose outputs `stage` reads, in registry order."""
+    produced = {s.name: [o.path for o in s.outs] + list(s.metrics) + list(s.images) for s in STAGES.values()}
+    return tuple(
+        n
+        for n, outs in produced.items()
+        if n != stage.name and any(inside(d, o) or inside(o, d) for d in stage.deps for o in outs)
+    )
+
+
+@dataclass
+class StageContext:
+    """What a stage gets besides its own params section."""
+
+    paths: Paths
+    data_mirror: str = ""  # params.data.mirror
+    logger: MetricLogger = field(default_factory=NullLogger)
+    resume: bool = False  # continue from the stage's last checkpoint
+    progress: bool = True  # tqdm bars (tqdm itself turns them off when not on a terminal)
+
+    @property
+    def mirror(self) -> str | None:
+        """The offline mirror folder: $GPTPKG_DATA_MIRROR, else params.data.mirror."""
+        return os.environ.get(MIRROR_ENV) or self.data_mirror or None
