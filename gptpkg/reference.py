@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .model import GPT, IGNORE_INDEX, MLP, CausalSelfAttention, KVCache
+from .losses import IGNORE_INDEX
+from .model import GPT, MLP, CausalSelfAttention, KVCache
 
 
 class PlainLayerNorm(nn.Module):

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from gptpkg.config import model_config
-from gptpkg.model import GPT, chunked_head_loss
+from gptpkg.losses import chunked_head_loss
+from gptpkg.model import GPT
 from gptpkg.reference import ReferenceGPT, reference_copy
 
 
