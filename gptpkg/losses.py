@@ -130,10 +130,10 @@ def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
 
 def classification_loss(class_weights: Sequence[float] | None = None) -> LossFn:
     """Cross-entropy on the class logits of each text's last real token
-    (`GPT.forward(idx, lengths=...)`)."""
+    (`GPTClassifier.forward(idx, lengths)`)."""
 
     def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-        logits = model(batch["input_ids"], lengths=batch["lengths"])  # (B, n_classes)
+        logits = model(batch["input_ids"], batch["lengths"])  # (B, n_classes)
         return class_cross_entropy(logits, batch["labels"], class_weights), batch["input_ids"].numel()
 
     return loss_fn

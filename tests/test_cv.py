@@ -183,14 +183,14 @@ def test_cross_validate_trains_each_fold_on_the_others_from_the_same_init(handfu
     from gptpkg.classifier import cross_validate, predict_proba
     from gptpkg.config import TrainConfig, model_config
     from gptpkg.data import ClassificationDataset, classification_collate
-    from gptpkg.model import GPT
+    from gptpkg.model import GPT, GPTClassifier
     from gptpkg.train import classification_loss, fit
 
     _, parts = handful
     rows = parts["train"]
     ds = ClassificationDataset(rows, tok, 32)
     torch.manual_seed(0)
-    init = GPT(model_config("tiny")).to_classifier(2)
+    init = GPTClassifier(GPT(model_config("tiny")), 2)
     before = {k: v.clone() for k, v in init.state_dict().items()}
     seen: list[tuple[list, list]] = []
     cfg = TrainConfig(max_steps=2, epochs=0, batch_size=4, eval_every=0)
