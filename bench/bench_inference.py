@@ -52,7 +52,7 @@ def main() -> None:
 
     @torch.no_grad()
     def torch_run(x, n):
-        return model.classify(torch.from_numpy(x), torch.from_numpy(n)).numpy()
+        return model(torch.from_numpy(x), torch.from_numpy(n)).numpy()
 
     engines = {"pytorch_eager": torch_run, "onnxruntime_fp32": fp32.logits, "onnxruntime_int8": int8.logits}
     for run in engines.values():  # warm-up (allocators, ORT's first-run shape work)

@@ -1,7 +1,7 @@
 """A spam classifier of the default pipeline size, exported for the benchmarks.
 
 `--checkpoint` takes a trained classifier (e.g. models/spam_classifier); without it a
-fresh `GPT(model_config("cpu-mini")).to_classifier(2)` is used: speed does not depend on
+fresh `GPTClassifier(GPT(model_config("cpu-mini")), 2)` is used: speed does not depend on
 the weights. Exported with the same functions as the `export_onnx` stage.
 """
 
@@ -29,14 +29,14 @@ def build(folder: Path, checkpoint: str | None = None, preset: str = "cpu-mini",
 
     from gptpkg.checkpoint import load_checkpoint
     from gptpkg.config import model_config
-    from gptpkg.model import GPT
+    from gptpkg.model import GPT, GPTClassifier
     from gptpkg.onnx_export import bundle_tokenizer, export_classifier, model_meta, write_int8
 
     if checkpoint:
         model, config = load_checkpoint(checkpoint)
     else:
         torch.manual_seed(123)
-        model = GPT(model_config(preset)).to_classifier(2)
+        model = GPTClassifier(GPT(model_config(preset)), 2)
         config = {
             "n_classes": 2,
             "model": {"context_length": model.cfg.context_length},

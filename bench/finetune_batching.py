@@ -45,7 +45,7 @@ from gptpkg.data import (  # noqa: E402
 from gptpkg.finetune import batching  # noqa: E402
 from gptpkg.loggers import NullLogger  # noqa: E402
 from gptpkg.metrics import classification_metrics  # noqa: E402
-from gptpkg.model import GPT  # noqa: E402
+from gptpkg.model import GPT, GPTClassifier  # noqa: E402
 from gptpkg.perf import keep_freed_memory  # noqa: E402
 from gptpkg.stages.finetune_spam import predict_proba  # noqa: E402
 from gptpkg.tokenizer import get_tokenizer  # noqa: E402
@@ -81,7 +81,7 @@ def spam(args, mirror: Path, tok) -> dict:
     sets = {p: ClassificationDataset(rows, tok, args.max_length) for p, rows in splits.as_dict().items()}
     lengths = [len(ids) for ids in sets["train"].ids]
     torch.manual_seed(args.seed)
-    base = GPT(model_config(args.preset, drop_rate=0.0)).to_classifier(2)
+    base = GPTClassifier(GPT(model_config(args.preset, drop_rate=0.0)), 2)
     base.set_trainable(args.trainable, 1)
     cfg = TrainConfig(
         lr=args.lr,

@@ -1,5 +1,6 @@
 """The one checkpoint format: a folder with `model.safetensors` (weights) and
-`config.json` (model config, classifier head, extra metadata), plus `trainer.pt`
+`config.json` (its `kind`, "lm" or "classifier", the model config, a classifier's
+`n_classes` and `logit_offset`, extra metadata), plus `trainer.pt`
 (optimizer and progress, tensors only) when saved for resuming.
 
 Folders are written under a temp name beside the target and swapped in by rename, so a
@@ -19,38 +20,41 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigError, ModelConfig, from_dict
 from .errors import GptpkgError
 from .files import atomic_dir
-from .model import GPT
+from .model import GPT, GPTClassifier
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAINER = "trainer.pt"
+# config.json "kind": what the folder holds
+LM, CLASSIFIER = "lm", "classifier"
 
 
 class CheckpointError(GptpkgError, RuntimeError):
     pass
 
 
-def unwrap(model: torch.nn.Module) -> GPT:
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     # DDP wraps in .module, torch.compile in ._orig_mod
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
-    return model  # type: ignore[return-value]
+    return model
 
 
 def write_model(dir_: Path, model: torch.nn.Module, meta: dict[str, Any] | None = None) -> None:
     """Write weights and config into an existing folder (use inside `atomic_dir`)."""
     model = unwrap(model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.tied:
-        del state["out_head.weight"]  # shares storage with tok_emb.weight
+    config: dict[str, Any] = {"kind": LM, "model": dataclasses.asdict(model.cfg)}
+    if isinstance(model, GPTClassifier):
+        config["kind"] = CLASSIFIER
+        config["n_classes"] = model.n_classes
+        config["logit_offset"] = None if model.logit_offset is None else list(model.logit_offset)
+    else:
+        if model.tied:
+            del state["out_head.weight"]  # shares storage with tok_emb.weight
+        config["tied"] = model.tied
+    config["meta"] = meta or {}
     save_file(state, str(dir_ / WEIGHTS))
-    config = {
-        "model": dataclasses.asdict(model.cfg),
-        "n_classes": model.n_classes,
-        "logit_offset": None if model.logit_offset is None else list(model.logit_offset),
-        "tied": model.tied,
-        "meta": meta or {},
-    }
     (dir_ / CONFIG).write_text(json.dumps(config, indent=2))
 
 
@@ -80,21 +84,52 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{cfg_file}: not valid JSON: {e}") from None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """Rebuild the model from a checkpoint folder. Returns (model, config dict)."""
+def checkpoint_kind(config: dict[str, Any], where: Path) -> str:
+    """What a checkpoint holds, "lm" or "classifier": its config's `kind`; one written
+    before configs said so is a classifier when it has `n_classes`."""
+    kind = config.get("kind")
+    if kind is None:
+        return CLASSIFIER if config.get("n_classes") else LM
+    if kind not in (LM, CLASSIFIER):
+        raise CheckpointError(f"{where}: kind: expected {LM!r} or {CLASSIFIER!r}, got {kind!r}")
+    return kind
+
+
+def _unkinded_classifier_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights of a classifier checkpoint without `kind`, under today's names: those
+    files hold one GPT whose `out_head` (n_classes, C) is the class head."""
+    return {
+        "head." + k.removeprefix("out_head.") if k.startswith("out_head.") else "backbone." + k: v
+        for k, v in state.items()
+    }
+
+
+def _build(config: dict[str, Any], kind: str, where: Path) -> GPT | GPTClassifier:
+    try:
+        mcfg = from_dict(ModelConfig, config["model"], f"{where}:model")
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{where}: bad model config: {e}") from None
+    model = GPT(mcfg)
+    if kind == LM:
+        return model
+    n = config.get("n_classes")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise CheckpointError(f"{where}: n_classes: expected a number of classes >= 1 for a classifier, got {n!r}")
+    clf = GPTClassifier(model, n)
+    try:
+        clf.set_logit_offset(config.get("logit_offset"))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return clf
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT | GPTClassifier, dict]:
+    """Rebuild the model from a checkpoint folder: a `GPT` (kind "lm") or a
+    `GPTClassifier` (kind "classifier"). Returns (model, config dict)."""
     path = Path(path)
     config = read_config(path)
-    try:
-        mcfg = from_dict(ModelConfig, config["model"], f"{path / CONFIG}:model")
-    except (KeyError, ConfigError) as e:
-        raise CheckpointError(f"{path / CONFIG}: bad model config: {e}") from None
-    model = GPT(mcfg)
-    if config.get("n_classes"):
-        try:
-            model.to_classifier(int(config["n_classes"]))
-            model.set_logit_offset(config.get("logit_offset"))
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{path / CONFIG}: {e}") from None
+    kind = checkpoint_kind(config, path / CONFIG)
+    model = _build(config, kind, path / CONFIG)
     weights = path / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{path}: {WEIGHTS} missing")
@@ -102,14 +137,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = load_file(str(weights), device=str(map_location))
     except Exception as e:
         raise CheckpointError(f"{weights}: unreadable safetensors file: {e}") from None
-    if model.tied:
+    if kind == CLASSIFIER and "kind" not in config:
+        state = _unkinded_classifier_state(state)
+    tied = isinstance(model, GPT) and model.tied
+    if tied and "tok_emb.weight" in state:
         state["out_head.weight"] = state["tok_emb.weight"]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"{weights} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    if model.tied:
+    if tied:
         model.out_head.weight = model.tok_emb.weight
     return model.to(map_location), config
 

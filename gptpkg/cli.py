@@ -98,10 +98,11 @@ def _generate(args) -> int:
 
     from .checkpoint import load_checkpoint
     from .generate import generate_text
+    from .model import GPTClassifier
     from .tokenizer import get_tokenizer
 
     model, _ = load_checkpoint(args.checkpoint)
-    if model.n_classes:
+    if isinstance(model, GPTClassifier):
         print(f"error: {args.checkpoint} is a classifier, not a language model", file=sys.stderr)
         return 2
     g = torch.Generator().manual_seed(args.seed)

@@ -75,7 +75,7 @@ def generate(
             step_input = idx[:, -ctx:]
         # The compiled step takes one token per row (fixed shapes); a prefill runs eager.
         run = step if step_input.shape[1] == 1 else model
-        logits = run(step_input, cache)[:, -1, :]  # (B, V)
+        logits = run(step_input, cache=cache)[:, -1, :]  # (B, V)
         length += step_input.shape[1]
         if repetition_penalty != 1.0 or no_repeat_ngram > 0:
             logits = _discourage_repeats(logits.float(), idx[:, start:], repetition_penalty, no_repeat_ngram)
@@ -129,11 +129,11 @@ def _static_cache(model: GPT, idx: torch.Tensor, max_len: int) -> StaticKVCache:
 
 
 def _decode(model: GPT, token: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-    return model(token, cache)
+    return model(token, cache=cache)
 
 
 def _decode_step(model: GPT, device: torch.device):
-    """(token, cache) -> model(token, cache), compiled: CUDA graphs on CUDA (mode
+    """(token, cache) -> model(token, cache=cache), compiled: CUDA graphs on CUDA (mode
     reduce-overhead), the default inductor compile elsewhere. One compiled function per
     device type (its graphs are keyed by the model and the cache's shapes)."""
     if device.type not in _DECODE_STEPS:

@@ -1,6 +1,8 @@
 """A GPT-2 model that can hold OpenAI's weights exactly.
 
-Read top to bottom: the leaf modules (attention, MLP), the block, then the model.
+Read top to bottom: the KV caches, the leaf modules (attention, MLP), the block, the
+language model `GPT`, then the classifier built around it (`GPTClassifier`). The losses
+live in `gptpkg.losses`.
 Shapes: B batch, T sequence length, C = emb_dim, H heads, D = C / H head size.
 """
 
@@ -15,8 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-
-IGNORE_INDEX = -100  # targets equal to this are not scored (padding, masked prompts)
+from .losses import head_cross_entropy
 
 
 class KVCache:
@@ -76,7 +77,7 @@ class StaticKVCache:
     place at the positions `pos` (a device tensor) names; attention runs over the whole
     buffer with the positions not yet written masked out. Every decode step then has the
     same shapes and reads and writes the same memory, which is what a compiled decode step
-    and CUDA graphs need. `model(idx, cache)` advances `pos` by T, as it grows a KVCache.
+    and CUDA graphs need. `model(idx, cache=cache)` advances `pos` by T, as it grows a KVCache.
     Outputs equal KVCache's up to float rounding (masked keys weigh exactly 0)."""
 
     def __init__(
@@ -179,83 +180,16 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-# Rows of hidden states per chunk of the fused head + loss: a (V, rows) slab of logits
-# at a time instead of (B*T, V): 256 x 50,257 fp32 logits are ~50 MB, not ~400 MB.
-HEAD_CHUNK_ROWS = 256
-
-
-class _ChunkedHeadLoss(torch.autograd.Function):
-    """Mean next-token cross-entropy of `h @ w.T`, computed `chunk` rows at a time.
-
-    The gradients are formed in the forward pass, chunk by chunk (softmax - one-hot is
-    the gradient of the logits), so the full (N, V) logits and their gradient never
-    exist at once. Same three matmuls as the plain head, but vocabulary-major: each
-    chunk's logits are computed as `w @ h.T` (V, n) into one buffer reused by every
-    chunk, then `grad_h = g.T @ w` and `grad_w += g @ h`. On a CPU that layout runs the
-    head's matmuls near the machine's peak, where `h @ w.T` into a fresh (n, V) tensor
-    runs at about half of it (bench/train_throughput.py); it also saves the memory
-    traffic of two (N, V) fp32 tensors and separate log-softmax passes over them.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk: int, want_grad: bool):
-        # h (N, C), w (V, C), targets (N,)
-        N, V = h.shape[0], w.shape[0]
-        denom = max(int((targets != IGNORE_INDEX).sum()), 1)
-        need_grad = want_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        grad_h = torch.empty_like(h) if need_grad and ctx.needs_input_grad[0] else None
-        grad_w = None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        buf = torch.empty((V, min(chunk, N)), dtype=torch.result_type(h, w), device=h.device)
-        for s in range(0, N, chunk):
-            hc, tc = h[s : s + chunk], targets[s : s + chunk]
-            n = hc.shape[0]
-            vc = tc != IGNORE_INDEX
-            safe = torch.where(vc, tc, torch.zeros_like(tc))
-            cols = torch.arange(n, device=h.device)
-            logits = buf[:, :n] if n == buf.shape[1] else torch.empty((V, n), dtype=buf.dtype, device=h.device)
-            torch.mm(w, hc.t(), out=logits)  # (V, n)
-            logits = logits.float()
-            picked = logits[safe, cols]  # (n,)
-            # In place, one pass each: shift by the column max, exponentiate, sum.
-            top = logits.amax(dim=0)  # (n,)
-            e = logits.sub_(top).exp_()
-            z = e.sum(dim=0)  # (n,)
-            total += ((z.log() + top - picked) * vc).sum()
-            if not need_grad:
-                continue
-            # d(mean loss)/d logits = (softmax - onehot) / n_valid on valid rows, else 0.
-            keep = vc.to(e.dtype) / denom
-            g = e.mul_(keep / z)
-            g[safe, cols] -= keep
-            g = g.to(w.dtype)
-            if grad_h is not None:
-                torch.mm(g.t(), w, out=grad_h[s : s + n])
-            if ctx.needs_input_grad[1]:
-                # First chunk writes (no zero fill of a (V, C) buffer), later ones add.
-                grad_w = g @ hc if grad_w is None else grad_w.addmm_(g, hc)
-        ctx.save_for_backward(grad_h, grad_w)
-        return total / denom
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        # The loss is usually backpropagated as is (grad_out == 1): skip two full passes.
-        one = grad_out.device.type == "cpu" and grad_out.item() == 1.0
-        gh = None if grad_h is None or not ctx.needs_input_grad[0] else grad_h if one else grad_h * grad_out
-        gw = None if grad_w is None or not ctx.needs_input_grad[1] else grad_w if one else grad_w * grad_out
-        return gh, gw, None, None, None
-
-
-def chunked_head_loss(
-    h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk: int = HEAD_CHUNK_ROWS
-) -> torch.Tensor:
-    """Mean cross-entropy of logits `h @ w.T` (h (N, C), w (V, C), targets (N,),
-    -100 ignored) without materialising the (N, V) logits."""
-    return _ChunkedHeadLoss.apply(h, w, targets, chunk, torch.is_grad_enabled())
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    """Parameters counted once (a tied head shares the embedding's)."""
+    seen = {id(p): p for p in module.parameters() if p.requires_grad or not trainable_only}
+    return sum(p.numel() for p in seen.values())
 
 
 class GPT(nn.Module):
+    """The language model: token ids (B, T) -> next-token logits (B, T, vocab_size), or
+    with targets the mean next-token loss."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -265,11 +199,8 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.drop_rate)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
-        self.out_head = nn.Linear(cfg.emb_dim, V, bias=False)
-        self.n_classes: int | None = None  # set by `to_classifier`
-        # Added to the class logits at every `classify` (set by `set_logit_offset`, after
-        # training): a decision rule, not a weight; None = none.
-        self.logit_offset: tuple[float, ...] | None = None
+        # None once a classifier is built around this model (`GPTClassifier`).
+        self.out_head: nn.Linear | None = nn.Linear(cfg.emb_dim, V, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -290,12 +221,10 @@ class GPT(nn.Module):
 
     @property
     def tied(self) -> bool:
-        return self.out_head.weight is self.tok_emb.weight
+        return self.out_head is not None and self.out_head.weight is self.tok_emb.weight
 
     def num_params(self, trainable_only: bool = False) -> int:
-        """Parameters counted once (a tied head shares the embedding's)."""
-        seen = {id(p): p for p in self.parameters() if p.requires_grad or not trainable_only}
-        return sum(p.numel() for p in seen.values())
+        return count_params(self, trainable_only)
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | StaticKVCache | None = None) -> torch.Tensor:
         """Token ids (B, T) -> final-normed hidden states (B, T, C)."""
@@ -316,87 +245,33 @@ class GPT(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        cache: KVCache | StaticKVCache | None = None,
         targets: torch.Tensor | None = None,
-        lengths: torch.Tensor | None = None,
+        cache: KVCache | StaticKVCache | None = None,
     ) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size), or (B, T, n_classes) for a classifier.
+        """Token ids (B, T) -> logits (B, T, vocab_size).
 
-        With `targets` (B, T): the mean next-token cross-entropy instead (-100 ignored).
-        With `lengths` (B,): `classify`. Both go through `forward` so that wrappers that
-        hook it (DDP, torch.compile) see every training step.
+        With `targets` (B, T): the mean next-token cross-entropy instead (-100 ignored),
+        computed here so that the head and the loss can be fused and so that wrappers
+        that hook `forward` (DDP, torch.compile) see every training step.
         """
-        if lengths is not None:
-            return self.classify(idx, lengths)
+        if self.out_head is None:
+            raise ValueError("this GPT is a classifier's backbone: its LM head was dropped")
         h = self.hidden(idx, cache)
-        if targets is not None and self.n_classes is None:
-            return self.lm_loss(h, targets)
-        logits = self.out_head(h)
-        if self.n_classes is None and logits.shape[-1] != self.cfg.vocab_size:
-            logits = logits[..., : self.cfg.vocab_size]  # drop the padded vocabulary rows
         if targets is not None:
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+            return self.next_token_loss(h, targets)
+        logits = self.out_head(h)
+        if logits.shape[-1] != self.cfg.vocab_size:
+            logits = logits[..., : self.cfg.vocab_size]  # drop the padded vocabulary rows
         return logits
 
-    def lm_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy of hidden states h (B, T, C).
-
-        On CPU the head and the loss are fused and chunked (`chunked_head_loss`). On
-        GPUs the plain logits path is kept: torch.compile fuses it there, and bf16
-        autocast applies to the head matmul.
-        """
+    def next_token_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of hidden states h (B, T, C) against targets
+        (B, T) (`losses.head_cross_entropy`: fused and chunked on CPU)."""
         w = self.out_head.weight
         if w.shape[0] != self.cfg.vocab_size:
             w = w[: self.cfg.vocab_size]  # padded rows never score (sliced only then: a
             # slice's backward copies the whole (V, C) gradient)
-        if h.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-            return chunked_head_loss(h.flatten(0, 1), w, targets.flatten())
-        logits = F.linear(h, w)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-
-    def classify(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Class logits (B, n_classes) of each row's hidden state at its last real token.
-
-        `idx` is right-padded; `lengths` (B,) counts the real tokens. Causal attention
-        means padding after a token cannot change it, so a text's logits do not depend
-        on what it is batched with. Only the B pooled rows go through the head.
-        """
-        h = self.hidden(idx)  # (B, T, C)
-        lengths = lengths.to(idx.device).clamp(min=1)
-        pooled = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]  # (B, C)
-        logits = self.out_head(pooled)
-        if self.logit_offset is not None:
-            logits = logits + torch.tensor(self.logit_offset, dtype=logits.dtype, device=logits.device)
-        return logits
-
-    # -- fine-tuning surgery -----------------------------------------------------
-
-    def to_classifier(self, n_classes: int) -> GPT:
-        """Swap the LM head for a fresh Linear(C, n_classes) (unties it)."""
-        head = nn.Linear(self.cfg.emb_dim, n_classes)
-        nn.init.normal_(head.weight, mean=0.0, std=0.02)
-        nn.init.zeros_(head.bias)
-        self.out_head = head.to(self.tok_emb.weight.device)
-        self.n_classes = n_classes
-        self.logit_offset = None
-        return self
-
-    def set_logit_offset(self, offset) -> None:
-        """Add `offset` (one finite number per class) to every `classify` result from now
-        on; None removes it. A shift of the spam logit by d moves the decision threshold on
-        the unshifted spam probability from 0.5 to 1 / (1 + e^d). Setting (not adding)
-        makes it idempotent; checkpoints save it, so the ONNX export carries it."""
-        if offset is None:
-            self.logit_offset = None
-            return
-        values = tuple(float(v) for v in offset)
-        if self.n_classes is None or len(values) != self.n_classes:
-            raise ValueError(
-                f"logit_offset: expected {self.n_classes} values (one per class) of a classifier, got {list(values)}"
-            )
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError(f"logit_offset: expected finite numbers, got {list(values)}")
-        self.logit_offset = values
+        return head_cross_entropy(h, w, targets)
 
     def set_drop_rate(self, p: float) -> None:
         """Use dropout probability `p` from now on, everywhere the model drops (embeddings,
@@ -409,6 +284,69 @@ class GPT(nn.Module):
             elif isinstance(m, CausalSelfAttention):
                 m.drop_rate = p
 
+
+class GPTClassifier(nn.Module):
+    """A text classifier built around a GPT backbone: the backbone's hidden state at each
+    text's last real token, through its own head Linear(C, n_classes).
+
+    Building it drops the backbone's LM head (`backbone.out_head` becomes None): a tied
+    head's embedding then trains untied, as the classifier's alone. `logit_offset`, one
+    number per class or None, is a decision rule added to every result after training
+    (`set_logit_offset`); it is no weight, and checkpoints record it beside the weights.
+    """
+
+    def __init__(self, backbone: GPT, n_classes: int) -> None:
+        super().__init__()
+        backbone.out_head = None
+        self.backbone = backbone
+        self.n_classes = n_classes
+        head = nn.Linear(backbone.cfg.emb_dim, n_classes)
+        nn.init.normal_(head.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(head.bias)
+        self.head = head.to(backbone.tok_emb.weight.device)
+        self.logit_offset: tuple[float, ...] | None = None
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.backbone.cfg
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return count_params(self, trainable_only)
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, n_classes) of each row's hidden state at its last real token.
+
+        `idx` (B, T) is right-padded; `lengths` (B,) counts the real tokens. Causal
+        attention means padding after a token cannot change it, so a text's logits do not
+        depend on what it is batched with. Only the B pooled rows go through the head.
+        """
+        h = self.backbone.hidden(idx)  # (B, T, C)
+        lengths = lengths.to(idx.device).clamp(min=1)
+        pooled = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]  # (B, C)
+        logits = self.head(pooled)
+        if self.logit_offset is not None:
+            logits = logits + torch.tensor(self.logit_offset, dtype=logits.dtype, device=logits.device)
+        return logits
+
+    def set_logit_offset(self, offset) -> None:
+        """Add `offset` (one finite number per class) to every result from now on; None
+        removes it. A shift of the spam logit by d moves the decision threshold on the
+        unshifted spam probability from 0.5 to 1 / (1 + e^d). Setting (not adding) makes
+        it idempotent; checkpoints save it, so the ONNX export carries it."""
+        if offset is None:
+            self.logit_offset = None
+            return
+        values = tuple(float(v) for v in offset)
+        if len(values) != self.n_classes:
+            raise ValueError(f"logit_offset: expected {self.n_classes} values (one per class), got {list(values)}")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"logit_offset: expected finite numbers, got {list(values)}")
+        self.logit_offset = values
+
+    def set_drop_rate(self, p: float) -> None:
+        """`GPT.set_drop_rate` of the backbone (the head has no dropout)."""
+        self.backbone.set_drop_rate(p)
+
     def set_trainable(self, which: Literal["head", "last_blocks", "all"], n_blocks: int = 1) -> None:
         """Freeze everything except: the head; the head + last `n_blocks` blocks + final
         norm; or nothing ("all")."""
@@ -419,13 +357,14 @@ class GPT(nn.Module):
             p.requires_grad = train_all
         if train_all:
             return
-        for p in self.out_head.parameters():
+        for p in self.head.parameters():
             p.requires_grad = True
         if which == "last_blocks":
-            if not 0 < n_blocks <= len(self.blocks):
-                raise ValueError(f"n_blocks must be in 1..{len(self.blocks)}, got {n_blocks}")
-            for block in self.blocks[-n_blocks:]:
+            blocks = self.backbone.blocks
+            if not 0 < n_blocks <= len(blocks):
+                raise ValueError(f"n_blocks must be in 1..{len(blocks)}, got {n_blocks}")
+            for block in blocks[-n_blocks:]:
                 for p in block.parameters():
                     p.requires_grad = True
-            for p in self.final_norm.parameters():
+            for p in self.backbone.final_norm.parameters():
                 p.requires_grad = True

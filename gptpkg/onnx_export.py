@@ -3,7 +3,7 @@
 The fine-tuned classifier checkpoint -> one self-contained ONNX file
 (`input_ids` (B, T) int64 + `lengths` (B,) int64 -> `logits` (B, n_labels); batch and
 sequence length dynamic; the last-real-token pooling inside the graph, as
-`GPT.classify`), with the max length / pad id / labels / context length in its
+`GPTClassifier.forward`), with the max length / pad id / labels / context length in its
 metadata_props. It is checked against PyTorch on the whole test split (identical labels,
 max |Δlogit| within `parity_atol`) before it replaces anything; an int8 dynamic-quantized
 copy is kept only when its test accuracy is within `int8_max_drop` points of fp32.
@@ -46,16 +46,19 @@ def model_meta(config: dict, where: str) -> ModelMeta:
 
 
 def export_classifier(model, meta: ModelMeta, out: Path, opset: int) -> None:
-    """Write `model.classify` as one ONNX file with `meta` in its metadata_props."""
+    """Write the classifier `model` (a `GPTClassifier`) as one ONNX file with `meta` in
+    its metadata_props."""
     import torch
 
     class Classify(torch.nn.Module):
-        def __init__(self, gpt) -> None:
+        """The classifier with the graph's input names (dynamic_shapes is keyed by them)."""
+
+        def __init__(self, classifier) -> None:
             super().__init__()
-            self.gpt = gpt
+            self.classifier = classifier
 
         def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-            return self.gpt.classify(input_ids, lengths)
+            return self.classifier(input_ids, lengths)
 
     model = model.eval().cpu()
     T = min(8, meta.context_length)
@@ -97,7 +100,7 @@ def torch_logits(model, ids: list[list[int]], pad, batch_size: int):
     with torch.no_grad():
         for i in range(0, len(ids), batch_size):
             x, n = pad(ids[i : i + batch_size])
-            out.append(model.classify(torch.from_numpy(x), torch.from_numpy(n)).float().numpy())
+            out.append(model(torch.from_numpy(x), torch.from_numpy(n)).float().numpy())
     return np.concatenate(out)
 
 

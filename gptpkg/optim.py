@@ -247,7 +247,7 @@ def row_sparse_embedding(
     embedding is trainable and not tied to the LM head (a tied head's gradient fills
     every row; a classifier's head is its own).
     """
-    emb = getattr(model, "tok_emb", None)
+    emb = getattr(getattr(model, "backbone", model), "tok_emb", None)  # a classifier's: its backbone's
     if not enabled or device.type != "cpu" or not one_process or compiled:
         return None
     if not isinstance(emb, nn.Embedding) or not emb.weight.requires_grad:

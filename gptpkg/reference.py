@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .model import GPT, IGNORE_INDEX, MLP, CausalSelfAttention, KVCache
+from .losses import IGNORE_INDEX
+from .model import GPT, MLP, CausalSelfAttention, GPTClassifier, KVCache
 
 
 class PlainLayerNorm(nn.Module):
@@ -82,17 +83,19 @@ class ReferenceGPT(GPT):
         self.final_norm = PlainLayerNorm(cfg.emb_dim)
         self.apply(self._init_weights)
 
-    def lm_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def next_token_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.out_head(h)[..., : self.cfg.vocab_size]  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def reference_copy(model: GPT) -> ReferenceGPT:
-    """A `ReferenceGPT` holding the same weights as `model` (same device and dtype)."""
-    ref = ReferenceGPT(model.cfg)
-    if model.n_classes is not None:
-        ref.to_classifier(model.n_classes)
+def reference_copy(model: GPT | GPTClassifier) -> ReferenceGPT | GPTClassifier:
+    """A `ReferenceGPT` holding the same weights as `model` (same device and dtype); for
+    a classifier, a classifier around one."""
+    if isinstance(model, GPTClassifier):
+        ref = GPTClassifier(ReferenceGPT(model.cfg), model.n_classes)
         ref.set_logit_offset(model.logit_offset)
+    else:
+        ref = ReferenceGPT(model.cfg)
     ref.load_state_dict(model.state_dict())
     p = next(model.parameters())
     return ref.to(device=p.device, dtype=p.dtype)

@@ -19,17 +19,16 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import distributed, optim
 from .config import TrainConfig
 from .errors import GptpkgError
 from .loggers import MetricLogger, NullLogger
+from .losses import LossFn, lm_loss
+from .losses import classification_loss as classification_loss  # where stages have imported it from
 from .perf import flops_per_token
 
-# A loss function maps (model, batch) to (mean loss, number of tokens in the batch).
-LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, int]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 # A batch plan maps an epoch number to that epoch's list of micro-batches (index lists).
 BatchPlan = Callable[[int], list[list[int]]]
@@ -37,30 +36,6 @@ BatchPlan = Callable[[int], list[list[int]]]
 
 class TrainingDiverged(GptpkgError, RuntimeError):
     """The loss became NaN or infinite."""
-
-
-# ---------------------------------------------------------------------------------
-# Losses
-
-
-def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy; targets equal to -100 are ignored. The model computes
-    it (`GPT.forward(idx, targets=...)`), so the head and loss can be fused and a DDP
-    wrapper sees the call."""
-    loss = model(batch["input_ids"], targets=batch["targets"])
-    return loss, batch["input_ids"].numel()
-
-
-def classification_loss(class_weights: Sequence[float] | None = None) -> LossFn:
-    """Cross-entropy on the class logits of each text's last real token."""
-
-    def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-        # Through forward (not .classify) so a DDP / compile wrapper sees the call.
-        logits = model(batch["input_ids"], lengths=batch["lengths"])  # (B, n_classes)
-        w = None if class_weights is None else torch.tensor(class_weights, device=logits.device)
-        return F.cross_entropy(logits.float(), batch["labels"], weight=w), batch["input_ids"].numel()
-
-    return loss_fn
 
 
 # ---------------------------------------------------------------------------------

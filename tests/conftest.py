@@ -81,13 +81,13 @@ def tiny_onnx_export(_offline_env, tmp_path_factory, shared_data):
     from gptpkg.checkpoint import save_checkpoint
     from gptpkg.config import model_config
     from gptpkg.data import read_sms_spam
-    from gptpkg.model import GPT
+    from gptpkg.model import GPT, GPTClassifier
     from gptpkg.runner import run_stage
 
     root = tmp_path_factory.mktemp("onnx-pipeline")
     params = params_in(root)
     torch.manual_seed(0)
-    model = GPT(model_config("tiny")).to_classifier(2)
+    model = GPTClassifier(GPT(model_config("tiny")), 2)
     meta = {"labels": ["ham", "spam"], "max_length": 32, "pad_id": 50256}
     save_checkpoint(params.paths.spam_classifier, model, meta)
     rows = read_sms_spam(shared_data / "SMSSpamCollection")[:58] + [("", 0), ("¡Olé! 🎉 <|endoftext|> 東京", 1)]

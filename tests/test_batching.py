@@ -84,7 +84,7 @@ def test_fit_with_a_bucketed_plan_resumes_to_the_same_weights(tmp_path):
     import torch
 
     from gptpkg.config import model_config
-    from gptpkg.model import GPT
+    from gptpkg.model import GPT, GPTClassifier
     from gptpkg.train import classification_loss, fit
 
     rng = random.Random(1)
@@ -98,7 +98,7 @@ def test_fit_with_a_bucketed_plan_resumes_to_the_same_weights(tmp_path):
 
     def model():
         torch.manual_seed(0)
-        return GPT(model_config("tiny", vocab_size=500, drop_rate=0.0)).to_classifier(2)
+        return GPTClassifier(GPT(model_config("tiny", vocab_size=500, drop_rate=0.0)), 2)
 
     straight = model()
     fit(straight, data, collate, cfg, classification_loss(), batch_plan=plan, ctx=quiet)

@@ -36,7 +36,7 @@ def test_padding_to_a_multiple_changes_no_logit_or_loss(tok):
     """The compiled fine-tunings' padding: lengths rounded up to 8 (at most max_length);
     padded with the end token and ignored targets, so no result moves beyond float noise."""
     from gptpkg.config import model_config
-    from gptpkg.model import GPT
+    from gptpkg.model import GPT, GPTClassifier
 
     items = [{"input_ids": tok.encode(t), "label": i % 2} for i, t in enumerate(["Win a prize now", "hi", "ok then"])]
     plain = classification_collate(items)
@@ -45,10 +45,10 @@ def test_padding_to_a_multiple_changes_no_logit_or_loss(tok):
     assert (padded["input_ids"][:, 4:] == PAD_ID).all() and torch.equal(padded["lengths"], plain["lengths"])
     assert padded_to_multiple(classification_collate, 8, 6, items)["input_ids"].shape[1] == 6  # capped
     torch.manual_seed(0)
-    model = GPT(model_config("tiny")).to_classifier(2).eval()
+    model = GPTClassifier(GPT(model_config("tiny")), 2).eval()
     with torch.no_grad():
-        a = model.classify(plain["input_ids"], plain["lengths"])
-        b = model.classify(padded["input_ids"], padded["lengths"])
+        a = model(plain["input_ids"], plain["lengths"])
+        b = model(padded["input_ids"], padded["lengths"])
     torch.testing.assert_close(a, b)
 
     rows = [{"input_ids": tok.encode("Say hi. hi"), "prompt_len": 3}, {"input_ids": tok.encode("x"), "prompt_len": 1}]

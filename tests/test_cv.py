@@ -182,7 +182,7 @@ def test_cross_validate_trains_each_fold_on_the_others_from_the_same_init(handfu
     the initial model it copies is left untouched."""
     from gptpkg.config import TrainConfig, model_config
     from gptpkg.data import ClassificationDataset, classification_collate
-    from gptpkg.model import GPT
+    from gptpkg.model import GPT, GPTClassifier
     from gptpkg.stages.finetune_spam import cross_validate, predict_proba
     from gptpkg.train import classification_loss, fit
 
@@ -190,7 +190,7 @@ def test_cross_validate_trains_each_fold_on_the_others_from_the_same_init(handfu
     rows = parts["train"]
     ds = ClassificationDataset(rows, tok, 32)
     torch.manual_seed(0)
-    init = GPT(model_config("tiny")).to_classifier(2)
+    init = GPTClassifier(GPT(model_config("tiny")), 2)
     before = {k: v.clone() for k, v in init.state_dict().items()}
     seen: list[tuple[list, list]] = []
     cfg = TrainConfig(max_steps=2, epochs=0, batch_size=4, eval_every=0)

@@ -1,5 +1,6 @@
 """finetune_spam.decision_spam_share: the classifier decides for a given spam share by a
-spam-logit offset set after training (`GPT.set_logit_offset`, `classifier.decision_offset`).
+spam-logit offset set after training (`GPTClassifier.set_logit_offset`,
+`classifier.decision_offset`).
 Real tiny runs of the stage on the `handful` messages of test_cv.py, real checkpoints, the
 real ONNX export. A bad value: in test_cv.py's bad-setting test."""
 
@@ -15,7 +16,7 @@ from test_cv import handful, prepared  # noqa: F401  (fixtures)
 
 from gptpkg.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, read_config, save_checkpoint
 from gptpkg.config import model_config
-from gptpkg.model import GPT
+from gptpkg.model import GPT, GPTClassifier
 from gptpkg.stages.finetune_spam import decision_offset
 
 
@@ -34,28 +35,29 @@ def test_decision_offset_is_the_prior_shift_from_the_weighted_training_mix():
 
 def test_logit_offset_shifts_every_classify_result_and_nothing_else():
     torch.manual_seed(0)
-    model = GPT(model_config("tiny")).to_classifier(2).eval()
+    model = GPTClassifier(GPT(model_config("tiny")), 2).eval()
     ids = torch.randint(0, 50257, (3, 9))
     lengths = torch.tensor([9, 4, 1])
-    before = model.classify(ids, lengths)
+    before = model(ids, lengths)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.set_logit_offset([0.0, 1.5])
     model.set_logit_offset([0.0, 1.5])  # setting, not adding: idempotent
-    torch.testing.assert_close(model.classify(ids, lengths), before + torch.tensor([0.0, 1.5]))
+    torch.testing.assert_close(model(ids, lengths), before + torch.tensor([0.0, 1.5]))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # no weight changed
     model.set_logit_offset(None)
-    torch.testing.assert_close(model.classify(ids, lengths), before)
+    torch.testing.assert_close(model(ids, lengths), before)
     with pytest.raises(ValueError, match=r"expected 2 values \(one per class\)"):
         model.set_logit_offset([1.0])
     with pytest.raises(ValueError, match="expected finite numbers"):
         model.set_logit_offset([0.0, float("inf")])
-    with pytest.raises(ValueError, match="expected None values"):
-        GPT(model_config("tiny")).set_logit_offset([0.0, 1.0])  # not a classifier
+    # the decision rule belongs to the classifier: the language model has none
+    lm = GPT(model_config("tiny"))
+    assert not hasattr(lm, "set_logit_offset") and not hasattr(lm, "logit_offset")
 
 
 def test_a_checkpoint_keeps_the_offset_and_a_bad_one_is_named(tmp_path):
     torch.manual_seed(0)
-    model = GPT(model_config("tiny")).to_classifier(2)
+    model = GPTClassifier(GPT(model_config("tiny")), 2)
     model.set_logit_offset([0.0, -0.75])
     save_checkpoint(tmp_path / "clf", model, {"labels": ["ham", "spam"]})
     assert load_checkpoint(tmp_path / "clf")[0].logit_offset == (0.0, -0.75)
@@ -125,5 +127,5 @@ def test_onnx_export_carries_the_offset(handful, tmp_path):
     ids = [clf.encode(t) for t in ["Free entry in 2 a wkly comp to win FA Cup final tkts", "ok see you at 5"]]
     onnx_logits = torch.from_numpy(clf.logits_of_ids(ids)).float()
     with torch.no_grad():
-        plain = torch.cat([model.eval().classify(torch.tensor([i]), torch.tensor([len(i)])) for i in ids])
+        plain = torch.cat([model.eval()(torch.tensor([i]), torch.tensor([len(i)])) for i in ids])
     torch.testing.assert_close(onnx_logits, plain + offset, atol=1e-4, rtol=0)

@@ -56,7 +56,7 @@ def test_dynamic_batch_and_length_match_torch(tiny_onnx_export):
         ids = torch.randint(0, 50257, (B, T), generator=g)
         lengths = torch.randint(1, T + 1, (B,), generator=g)
         with torch.no_grad():
-            ref = model.eval().classify(ids, lengths).numpy()
+            ref = model.eval()(ids, lengths).numpy()
         got = clf.logits(ids.numpy(), lengths.numpy())
         assert got.shape == (B, 2)
         assert np.abs(got - ref).max() <= 1e-4
@@ -123,7 +123,7 @@ def test_failed_parity_writes_nothing(tiny_onnx_export, monkeypatch):
     def export_a_different_model(model, meta, out, opset):
         other = copy.deepcopy(model)
         with torch.no_grad():
-            other.out_head.bias += 1.0  # logits shift: parity must catch it
+            other.head.bias += 1.0  # logits shift: parity must catch it
         real(other, meta, out, opset)
 
     monkeypatch.setattr(export, "export_classifier", export_a_different_model)

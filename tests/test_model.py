@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from gptpkg.config import ConfigError, model_config
-from gptpkg.model import GPT, KVCache
+from gptpkg.model import GPT, GPTClassifier, KVCache
 
 
 @pytest.fixture
@@ -51,12 +51,12 @@ def test_kv_cache_logits_match_uncached(tiny):
     idx = torch.randint(0, 50257, (2, 12))
     full = tiny(idx)
     cache = KVCache(tiny.cfg.n_layers)
-    parts = [tiny(idx[:, :5], cache)] + [tiny(idx[:, t : t + 1], cache) for t in range(5, 12)]
+    parts = [tiny(idx[:, :5], cache=cache)] + [tiny(idx[:, t : t + 1], cache=cache) for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
     # a multi-token step after a prefill (uses the explicit offset mask)
     cache = KVCache(tiny.cfg.n_layers)
-    a = tiny(idx[:, :4], cache)
-    b = tiny(idx[:, 4:9], cache)
+    a = tiny(idx[:, :4], cache=cache)
+    b = tiny(idx[:, 4:9], cache=cache)
     torch.testing.assert_close(torch.cat([a, b], 1), full[:, :9], atol=1e-5, rtol=0)
 
 
@@ -153,35 +153,66 @@ def test_fine_tuning_drop_rate_overrides_the_checkpoint(tmp_path):
 
 
 def test_classifier_reads_the_last_real_token_ignoring_padding_and_batch_mates(tiny):
-    tiny.to_classifier(2)
+    clf = GPTClassifier(tiny, 2).eval()
     a = torch.randint(0, 50256, (1, 6))
     padded = torch.cat([a, torch.full((1, 4), 50256)], dim=1)
-    alone = tiny.classify(a, torch.tensor([6]))
-    in_batch = tiny.classify(torch.cat([padded, torch.randint(0, 50256, (1, 10))]), torch.tensor([6, 10]))
+    alone = clf(a, torch.tensor([6]))
+    in_batch = clf(torch.cat([padded, torch.randint(0, 50256, (1, 10))]), torch.tensor([6, 10]))
     assert alone.shape == (1, 2)
     torch.testing.assert_close(in_batch[:1], alone, atol=1e-5, rtol=0)
     h = tiny.hidden(a)[0]  # (6, C)
-    torch.testing.assert_close(alone[0], tiny.out_head(h[-1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone[0], clf.head(h[-1]), atol=1e-5, rtol=0)
     # not the last padded position
-    last_pos = tiny.out_head(tiny.hidden(padded)[:, -1])
+    last_pos = clf.head(tiny.hidden(padded)[:, -1])
     assert not torch.allclose(last_pos, alone)
 
 
+def test_a_classifier_is_built_around_the_language_model(tiny):
+    """The backbone loses its LM head (the tied embedding then trains alone); the head is
+    drawn as a fresh Linear(C, n_classes) with GPT-2's init at that point of the RNG
+    stream; the parameters keep the order of the backbone's, head last."""
+    lm_names = [n for n, _ in tiny.named_parameters() if not n.startswith("out_head")]
+    torch.manual_seed(7)
+    clf = GPTClassifier(tiny, 3)
+    torch.manual_seed(7)
+    expected = torch.nn.Linear(tiny.cfg.emb_dim, 3)
+    torch.nn.init.normal_(expected.weight, mean=0.0, std=0.02)
+    assert torch.equal(clf.head.weight, expected.weight) and not clf.head.bias.any()
+    assert clf.backbone is tiny and tiny.out_head is None and not tiny.tied
+    assert [n for n, _ in clf.named_parameters()] == [f"backbone.{n}" for n in lm_names] + ["head.weight", "head.bias"]
+    assert sum(p is tiny.tok_emb.weight for _, p in clf.named_parameters(remove_duplicate=False)) == 1
+    assert clf.cfg is tiny.cfg and clf.num_params() == sum(p.numel() for p in clf.parameters())
+    with pytest.raises(ValueError, match="classifier's backbone: its LM head was dropped"):
+        tiny(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_the_language_model_is_only_a_language_model(tiny):
+    """`GPT.forward(idx, targets=None, cache=None)`: logits, or with targets the loss."""
+    idx = torch.randint(0, 50257, (2, 5))
+    assert tiny(idx).shape == (2, 5, 50257)
+    loss = tiny(idx[:, :-1], idx[:, 1:])
+    assert loss.shape == () and torch.equal(loss, tiny(idx[:, :-1], targets=idx[:, 1:]))
+    for name in ("classify", "to_classifier", "set_logit_offset", "logit_offset", "n_classes", "set_trainable"):
+        assert not hasattr(tiny, name), name
+    with pytest.raises(TypeError):
+        tiny(idx, lengths=torch.tensor([5, 5]))
+
+
 def test_trainable_parts(tiny):
-    tiny.to_classifier(2)
-    names = lambda: {n for n, p in tiny.named_parameters() if p.requires_grad}  # noqa: E731
-    tiny.set_trainable("head")
-    assert names() == {"out_head.weight", "out_head.bias"}
-    tiny.set_trainable("last_blocks", 1)
+    clf = GPTClassifier(tiny, 2)
+    names = lambda: {n for n, p in clf.named_parameters() if p.requires_grad}  # noqa: E731
+    clf.set_trainable("head")
+    assert names() == {"head.weight", "head.bias"}
+    clf.set_trainable("last_blocks", 1)
     got = names()
-    assert {"out_head.weight", "final_norm.weight", "blocks.1.attn.qkv.weight"} <= got
-    assert not any(n.startswith("blocks.0.") or n.startswith("tok_emb") for n in got)
-    tiny.set_trainable("all")
-    assert len(names()) == len(list(tiny.parameters()))
+    assert {"head.weight", "backbone.final_norm.weight", "backbone.blocks.1.attn.qkv.weight"} <= got
+    assert not any(n.startswith("backbone.blocks.0.") or n.startswith("backbone.tok_emb") for n in got)
+    clf.set_trainable("all")
+    assert len(names()) == len(list(clf.parameters()))
     with pytest.raises(ValueError, match="n_blocks must be in 1..2"):
-        tiny.set_trainable("last_blocks", 3)
+        clf.set_trainable("last_blocks", 3)
     with pytest.raises(ValueError, match="head\\|last_blocks\\|all"):
-        tiny.set_trainable("some")
+        clf.set_trainable("some")
 
 
 def test_gradients_flow_to_all_parameters(tiny):

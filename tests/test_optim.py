@@ -12,7 +12,7 @@ from gptpkg import checkpoint as ckpt
 from gptpkg.config import ConfigError, TrainConfig, from_dict, model_config
 from gptpkg.errors import GptpkgError
 from gptpkg.loggers import NullLogger
-from gptpkg.model import GPT
+from gptpkg.model import GPT, GPTClassifier
 from gptpkg.optim import OptimizerSet, RowSparseAdamW, clip_grad_norm_, make_optimizer, row_sparse_embedding
 from gptpkg.train import classification_loss, fit
 
@@ -83,7 +83,7 @@ def test_clip_grad_norm_takes_sparse_gradients_like_torch_takes_dense_ones():
 
 def _classifier(seed=5):
     torch.manual_seed(seed)
-    return GPT(model_config("tiny", drop_rate=0.0)).to_classifier(2)
+    return GPTClassifier(GPT(model_config("tiny", drop_rate=0.0)), 2)
 
 
 def _texts():
@@ -134,10 +134,10 @@ def test_fit_gives_a_classifier_the_same_weights_with_the_row_sparse_embedding()
             loss_fn=classification_loss([1.0, 2.0]),
             ctx=quiet(),
         )
-        assert model.tok_emb.sparse is False  # restored after training
+        assert model.backbone.tok_emb.sparse is False  # restored after training
         models[sparse] = model
     sparse, dense = models[True].state_dict(), models[False].state_dict()
-    assert not torch.equal(sparse["tok_emb.weight"], _classifier().state_dict()["tok_emb.weight"])
+    assert not torch.equal(sparse["backbone.tok_emb.weight"], _classifier().state_dict()["backbone.tok_emb.weight"])
     for name in dense:
         torch.testing.assert_close(sparse[name], dense[name], rtol=1e-4, atol=1e-5, msg=name)
 
@@ -148,7 +148,7 @@ def test_only_an_untied_trainable_embedding_on_one_cpu_process_is_row_sparse():
     lm = GPT(model_config("tiny"))  # tied head: its gradient fills every row
     assert row_sparse_embedding(lm, True, CPU, True, False) is None
     clf = _classifier()
-    assert row_sparse_embedding(clf, True, CPU, True, False) is clf.tok_emb
+    assert row_sparse_embedding(clf, True, CPU, True, False) is clf.backbone.tok_emb
     assert row_sparse_embedding(clf, False, CPU, True, False) is None  # sparse_embedding: false
     assert row_sparse_embedding(clf, True, torch.device("cuda"), True, False) is None
     assert row_sparse_embedding(clf, True, CPU, False, False) is None  # DDP
@@ -160,11 +160,11 @@ def test_only_an_untied_trainable_embedding_on_one_cpu_process_is_row_sparse():
     assert isinstance(opt, OptimizerSet)
     dense, rows = opt.optimizers
     assert isinstance(dense, torch.optim.AdamW) and isinstance(rows, RowSparseAdamW)
-    assert rows.param_groups[0]["params"] == [clf.tok_emb.weight]
-    assert all(p is not clf.tok_emb.weight for g in dense.param_groups for p in g["params"])
+    assert rows.param_groups[0]["params"] == [clf.backbone.tok_emb.weight]
+    assert all(p is not clf.backbone.tok_emb.weight for g in dense.param_groups for p in g["params"])
     with context:  # the embedding is sparse while training in it, and restored after
-        assert clf.tok_emb.sparse is True
-    assert clf.tok_emb.sparse is False
+        assert clf.backbone.tok_emb.sparse is True
+    assert clf.backbone.tok_emb.sparse is False
     opt, _ = make_optimizer(_classifier(), dataclasses.replace(cfg, sparse_embedding=False), CPU)
     assert isinstance(opt, torch.optim.AdamW)
 

@@ -15,7 +15,7 @@ from test_cv import handful, prepared  # noqa: F401  (fixtures)
 
 from gptpkg.checkpoint import load_checkpoint, read_config
 from gptpkg.config import ConfigError, model_config
-from gptpkg.model import GPT
+from gptpkg.model import GPT, GPTClassifier
 from gptpkg.stages.finetune_spam import average_weights, soup_workdir
 
 
@@ -25,8 +25,8 @@ def _weights(folder) -> dict[str, torch.Tensor]:
 
 def test_average_weights_is_the_elementwise_mean():
     torch.manual_seed(0)
-    a, b, c = (GPT(model_config("tiny")).to_classifier(2) for _ in range(3))
-    target = GPT(model_config("tiny")).to_classifier(2)
+    a, b, c = (GPTClassifier(GPT(model_config("tiny")), 2) for _ in range(3))
+    target = GPTClassifier(GPT(model_config("tiny")), 2)
     average_weights(target, [a, b, c])
     for k, v in target.state_dict().items():
         torch.testing.assert_close(v, (a.state_dict()[k] + b.state_dict()[k] + c.state_dict()[k]) / 3, msg=k)

@@ -173,10 +173,9 @@ def test_finetune_and_baseline_report_heldout_full(prepared, tmp_path):
     n_train = len(spam_train_rows(paths, "all"))
     assert m["train_messages"] == n_train and m["steps"] == 2
     from gptpkg.config import model_config
-    from gptpkg.model import GPT
+    from gptpkg.model import GPT, GPTClassifier
 
-    tiny = GPT(model_config("tiny"))
-    tiny.to_classifier(2)
+    tiny = GPTClassifier(GPT(model_config("tiny")), 2)
     assert m["n_trainable_params"] == tiny.num_params()  # trainable: all
     assert m["heldout_full_messages"] == len(heldout_full_rows(paths, spam_train_rows(paths, "all")))
     for k in ("heldout_full_accuracy", "heldout_full_spam_f1", "test_accuracy", "val_accuracy"):

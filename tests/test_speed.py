@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from gptpkg.config import model_config
-from gptpkg.model import GPT, chunked_head_loss
+from gptpkg.losses import chunked_head_loss
+from gptpkg.model import GPT, GPTClassifier
 from gptpkg.reference import ReferenceGPT, reference_copy
 
 
@@ -51,11 +52,14 @@ def test_fast_and_plain_paths_agree_on_logits_loss_and_gradients(vocab_multiple)
 
 def test_fast_and_plain_classifier_paths_agree():
     fast, _ = _pair()
-    fast.to_classifier(2)
+    fast = GPTClassifier(fast, 2)
+    fast.set_logit_offset([0.0, 0.5])
     plain = reference_copy(fast)
+    assert isinstance(plain, GPTClassifier) and isinstance(plain.backbone, ReferenceGPT)
+    assert plain.logit_offset == (0.0, 0.5)
     x, _ = _batch(fast.cfg)
     lengths = torch.tensor([20, 7, 1])
-    torch.testing.assert_close(fast(x, lengths=lengths), plain.classify(x, lengths), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast(x, lengths), plain(x, lengths), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])

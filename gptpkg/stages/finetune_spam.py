@@ -29,7 +29,7 @@ from ..files import write_json
 from ..finetune import batching, initial_model
 from ..loggers import NullLogger
 from ..metrics import at_spam_share, classification_metrics
-from ..model import GPT
+from ..model import GPTClassifier
 from ..prepared import heldout_full_rows, read_spam_split, spam_train_rows, text_key, traffic_metrics
 from ..tokenizer import PAD_ID, get_tokenizer
 from ..train import (
@@ -51,7 +51,11 @@ PREDICTIONS_FILE = "finetune_spam_predictions.json"
 
 @torch.no_grad()
 def predict_proba(
-    model: GPT, dataset, batch_size: int = 32, device: torch.device | None = None, dtype: torch.dtype | None = None
+    model: GPTClassifier,
+    dataset,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> list[float]:
     """Spam probability of each item, in order."""
     device = device or next(model.parameters()).device
@@ -60,7 +64,7 @@ def predict_proba(
     out: list[float] = []
     for batch in batches_of(dataset, classification_collate, batch_size):
         with autocast(device, dtype):
-            logits = model.classify(batch["input_ids"].to(device), batch["lengths"].to(device))
+            logits = model(batch["input_ids"].to(device), batch["lengths"].to(device))
         out += torch.softmax(logits.float(), dim=-1)[:, 1].tolist()
     model.train(was)
     return out
@@ -112,7 +116,7 @@ def soup_workdir(checkpoint_dir: str | Path) -> Path:
 
 
 def train_classifier(
-    model: GPT,
+    model: GPTClassifier,
     dataset: ClassificationDataset,
     cfg: SpamConfig,
     ctx,
@@ -201,13 +205,13 @@ def train_classifier(
 
 
 def cross_validate(
-    init: GPT,
+    init: GPTClassifier,
     dataset: ClassificationDataset,
     texts: list[str],
     k: int,
     seed: int,
-    train_fn: Callable[[GPT, ClassificationDataset], Any],
-    predict_fn: Callable[[GPT, ClassificationDataset], list[float]],
+    train_fn: Callable[[GPTClassifier, ClassificationDataset], Any],
+    predict_fn: Callable[[GPTClassifier, ClassificationDataset], list[float]],
 ) -> tuple[dict, dict[int, float]]:
     """k-fold cross-validation on `dataset` (the training messages, `texts` their texts):
     per fold, a copy of `init` is trained by `train_fn` on the other folds and predicts
@@ -254,7 +258,7 @@ def prediction_rows(rows: Sequence[tuple[str, int]], probs: Sequence[float]) -> 
 def run(cfg: SpamConfig, ctx) -> dict[str, Any]:
     paths = ctx.paths
     set_seed(cfg.seed)
-    model = initial_model(cfg, "finetune_spam", paths.pretrained).to_classifier(len(SPAM_LABELS))
+    model = GPTClassifier(initial_model(cfg, "finetune_spam", paths.pretrained), len(SPAM_LABELS))
     model.set_trainable(cfg.trainable, cfg.n_blocks)
     tok = get_tokenizer(ctx.mirror)
     rows = {p: read_spam_split(paths, p) for p in ("val", "test")}
