@@ -8,7 +8,6 @@ crash mid-write never leaves a half-written checkpoint or destroys the previous 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, ModelConfig, from_dict
+from .config import ConfigError
 from .errors import GptpkgError
 from .files import atomic_dir
 from .model import GPT
+from .presets import ModelConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -45,7 +45,7 @@ def write_model(dir_: Path, model: torch.nn.Module, meta: dict[str, Any] | None 
         del state["out_head.weight"]  # shares storage with tok_emb.weight
     save_file(state, str(dir_ / WEIGHTS))
     config = {
-        "model": dataclasses.asdict(model.cfg),
+        "model": model.cfg.model_dump(),
         "n_classes": model.n_classes,
         "logit_offset": None if model.logit_offset is None else list(model.logit_offset),
         "tied": model.tied,
@@ -85,7 +85,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     config = read_config(path)
     try:
-        mcfg = from_dict(ModelConfig, config["model"], f"{path / CONFIG}:model")
+        mcfg = ModelConfig.parse(config["model"], f"{path / CONFIG}:model")
     except (KeyError, ConfigError) as e:
         raise CheckpointError(f"{path / CONFIG}: bad model config: {e}") from None
     model = GPT(mcfg)

@@ -114,8 +114,8 @@ def _generate(args) -> int:
 def _presets() -> int:
     import torch
 
-    from .config import PRESETS, model_config
     from .model import GPT
+    from .presets import PRESETS, model_config
 
     for name in PRESETS:
         with torch.device("meta"):
@@ -125,7 +125,8 @@ def _presets() -> int:
 
 
 def _profile(args) -> int:
-    from .config import ConfigError, apply_profile
+    from .config import ConfigError
+    from .profiles import apply_profile
 
     try:
         if not args.name and not args.overrides:

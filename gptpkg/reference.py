@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
 from .model import GPT, IGNORE_INDEX, MLP, CausalSelfAttention, KVCache
+from .presets import ModelConfig
 
 
 class PlainLayerNorm(nn.Module):

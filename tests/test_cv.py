@@ -181,9 +181,10 @@ def test_cross_validate_trains_each_fold_on_the_others_from_the_same_init(handfu
     """cross_validate with the real fit and predict: what each fold trains on, and that
     the initial model it copies is left untouched."""
     from gptpkg.classifier import cross_validate, predict_proba
-    from gptpkg.config import TrainConfig, model_config
+    from gptpkg.config import TrainConfig
     from gptpkg.data import ClassificationDataset, classification_collate
     from gptpkg.model import GPT
+    from gptpkg.presets import model_config
     from gptpkg.train import classification_loss, fit
 
     _, parts = handful

@@ -15,8 +15,8 @@ from test_cv import handful, prepared  # noqa: F401  (fixtures)
 
 from gptpkg.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, read_config, save_checkpoint
 from gptpkg.classifier import decision_offset
-from gptpkg.config import model_config
 from gptpkg.model import GPT
+from gptpkg.presets import model_config
 
 
 def test_decision_offset_is_the_prior_shift_from_the_weighted_training_mix():

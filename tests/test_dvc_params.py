@@ -2,7 +2,6 @@
 `gptpkg <stage>`, tracking every key of its params.yaml section (so a change to any
 hyperparameter reruns the stage, and only the stages that read it)."""
 
-import dataclasses
 from pathlib import Path
 
 import yaml
@@ -16,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_dvc_stages_are_the_registry():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(stages) == list(STAGES)
-    sections = {f.name for f in dataclasses.fields(Params)}
+    sections = set(Params.model_fields)
     for name, stage in stages.items():
         assert stage["cmd"].endswith(f"gptpkg {name}"), stage["cmd"]  # progress bars: tqdm decides
         assert STAGES[name].params_section in sections

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from gptpkg import checkpoint as ckpt
-from gptpkg.config import model_config
 from gptpkg.files import atomic_dir
 from gptpkg.generate import generate, generate_text
 from gptpkg.model import GPT, StaticKVCache
+from gptpkg.presets import model_config
 
 
 @pytest.fixture

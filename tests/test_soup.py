@@ -15,8 +15,9 @@ from test_cv import handful, prepared  # noqa: F401  (fixtures)
 
 from gptpkg.checkpoint import load_checkpoint, read_config
 from gptpkg.classifier import average_weights, soup_workdir
-from gptpkg.config import ConfigError, model_config
+from gptpkg.config import ConfigError
 from gptpkg.model import GPT
+from gptpkg.presets import model_config
 
 
 def _weights(folder) -> dict[str, torch.Tensor]:
