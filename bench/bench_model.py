@@ -28,9 +28,9 @@ def build(folder: Path, checkpoint: str | None = None, preset: str = "cpu-mini",
     import torch
 
     from gptpkg.checkpoint import load_checkpoint
-    from gptpkg.config import model_config
     from gptpkg.model import GPT, GPTClassifier
     from gptpkg.onnx_export import bundle_tokenizer, export_classifier, model_meta, write_int8
+    from gptpkg.presets import model_config
 
     if checkpoint:
         model, config = load_checkpoint(checkpoint)

@@ -23,7 +23,6 @@ import os
 import statistics
 import sys
 import typing
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptpkg.config import Batching, TrainConfig, model_config  # noqa: E402
+from gptpkg.config import Batching, TrainConfig  # noqa: E402
 from gptpkg.data import (  # noqa: E402
     ClassificationDataset,
     InstructionDataset,
@@ -47,6 +46,7 @@ from gptpkg.loggers import NullLogger  # noqa: E402
 from gptpkg.metrics import classification_metrics  # noqa: E402
 from gptpkg.model import GPT, GPTClassifier  # noqa: E402
 from gptpkg.perf import keep_freed_memory  # noqa: E402
+from gptpkg.presets import model_config
 from gptpkg.stages.finetune_spam import predict_proba  # noqa: E402
 from gptpkg.tokenizer import get_tokenizer  # noqa: E402
 from gptpkg.train import batches_of, classification_loss, fit, lm_loss, mean_loss  # noqa: E402
@@ -107,7 +107,7 @@ def spam(args, mirror: Path, tok) -> dict:
     rates = {run_name(m, e): [] for m, e in runs}
     for rep in range(args.reps):
         for mode, emb in runs:
-            rep_cfg = replace(cfg, seed=args.seed + rep, sparse_embedding=emb)  # each repetition its own batch order
+            rep_cfg = cfg.replace(seed=args.seed + rep, sparse_embedding=emb)  # each repetition its own batch order
             plan, collate = plan_for(mode, lengths, rep_cfg, classification_collate)
             model = copy.deepcopy(base)
             r = fit(model, sets["train"], collate, rep_cfg, loss_fn=classification_loss(), batch_plan=plan, ctx=QUIET)
@@ -150,7 +150,7 @@ def instruct(args, mirror: Path, tok) -> dict:
     out: dict = {"train_examples": len(lengths), "mean_length": statistics.mean(lengths), "longest": max(lengths)}
     rates: dict[str, list[float]] = {m: [] for m in args.modes}
     for rep in range(args.reps):
-        rep_cfg = replace(cfg, seed=args.seed + rep)
+        rep_cfg = cfg.replace(seed=args.seed + rep)
         for mode in rates:
             plan, train_collate = plan_for(mode, lengths, rep_cfg, collate)
             model = copy.deepcopy(base)

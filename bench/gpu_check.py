@@ -24,7 +24,6 @@ status 2 unless `--cpu-smoke` (tiny sizes, to check the script itself).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from gptpkg.config import Paths  # noqa: E402  (the checkout's gptpkg, installed or not)
 from gptpkg.pipeline import STAGES as REGISTRY  # noqa: E402
 
-PATH_KEYS = tuple(f.name for f in dataclasses.fields(Paths))
+PATH_KEYS = tuple(Paths.model_fields)
 # Every stage but `package`: the GPU machine has no BentoML.
 STAGES = tuple(s for s in REGISTRY if s != "package")
 

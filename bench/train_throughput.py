@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptpkg.config import TrainConfig, model_config  # noqa: E402
+from gptpkg.config import TrainConfig  # noqa: E402
 from gptpkg.loggers import NullLogger  # noqa: E402
 from gptpkg.model import GPT  # noqa: E402
 from gptpkg.optim import make_optimizer, param_groups  # noqa: E402
@@ -46,6 +46,7 @@ from gptpkg.perf import (  # noqa: E402
     matmul_params,
     measure_matmul_flops,
 )
+from gptpkg.presets import model_config  # noqa: E402
 from gptpkg.reference import reference_copy  # noqa: E402
 from gptpkg.train import autocast, autocast_dtype, should_compile  # noqa: E402
 

@@ -9,7 +9,6 @@ crash mid-write never leaves a half-written checkpoint or destroys the previous 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, ModelConfig, from_dict
+from .config import ConfigError
 from .errors import GptpkgError
 from .files import atomic_dir
 from .model import GPT, GPTClassifier
+from .presets import ModelConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -44,7 +44,7 @@ def write_model(dir_: Path, model: torch.nn.Module, meta: dict[str, Any] | None 
     """Write weights and config into an existing folder (use inside `atomic_dir`)."""
     model = unwrap(model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    config: dict[str, Any] = {"kind": LM, "model": dataclasses.asdict(model.cfg)}
+    config: dict[str, Any] = {"kind": LM, "model": model.cfg.model_dump()}
     if isinstance(model, GPTClassifier):
         config["kind"] = CLASSIFIER
         config["n_classes"] = model.n_classes
@@ -106,7 +106,7 @@ def _unkinded_classifier_state(state: dict[str, torch.Tensor]) -> dict[str, torc
 
 def _build(config: dict[str, Any], kind: str, where: Path) -> GPT | GPTClassifier:
     try:
-        mcfg = from_dict(ModelConfig, config["model"], f"{where}:model")
+        mcfg = ModelConfig.parse(config["model"], f"{where}:model")
     except (KeyError, ConfigError) as e:
         raise CheckpointError(f"{where}: bad model config: {e}") from None
     model = GPT(mcfg)

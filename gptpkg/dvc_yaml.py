@@ -13,8 +13,6 @@ same, so DVC never misses code a stage runs. Its `params` are every key of its s
 from __future__ import annotations
 
 import ast
-import dataclasses
-import typing
 from functools import cache
 from pathlib import Path
 
@@ -177,7 +175,7 @@ def section_keys(stage: Stage, params_file: Path = ROOT / "params.yaml") -> list
     from .config import Params
 
     section = stage.params_section
-    fields = {f.name for f in dataclasses.fields(typing.get_type_hints(Params)[section])}
+    fields = set(Params.model_fields[section].annotation.model_fields)
     keys = [k for k in (yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}).get(section, {}) if k in fields]
     return [k for k in keys if k in stage.params] if stage.params is not None else keys
 

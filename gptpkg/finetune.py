@@ -7,9 +7,10 @@ from functools import partial
 
 import torch.nn.functional as F
 
-from .config import ConfigError, model_config
+from .config import ConfigError
 from .data import IGNORE_INDEX, PAD_ID
 from .model import GPT
+from .presets import model_config
 from .train import batch_plan_for, resolve_device, should_compile
 
 

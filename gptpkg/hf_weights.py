@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
 from .errors import GptpkgError
 from .model import GPT
+from .presets import ModelConfig
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _BLOCK_MAP = {
@@ -58,15 +58,18 @@ def read_hf_state(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def config_from_hf(hf_cfg: dict, drop_rate: float = 0.0) -> ModelConfig:
     try:
-        return ModelConfig(
-            vocab_size=hf_cfg["vocab_size"],
-            context_length=hf_cfg.get("n_positions", hf_cfg.get("n_ctx")),
-            emb_dim=hf_cfg["n_embd"],
-            n_heads=hf_cfg["n_head"],
-            n_layers=hf_cfg["n_layer"],
-            drop_rate=drop_rate,
-            qkv_bias=True,
-            tie_weights=True,
+        return ModelConfig.parse(
+            dict(
+                vocab_size=hf_cfg["vocab_size"],
+                context_length=hf_cfg.get("n_positions", hf_cfg.get("n_ctx")),
+                emb_dim=hf_cfg["n_embd"],
+                n_heads=hf_cfg["n_head"],
+                n_layers=hf_cfg["n_layer"],
+                drop_rate=drop_rate,
+                qkv_bias=True,
+                tie_weights=True,
+            ),
+            "config.json",
         )
     except KeyError as e:
         raise WeightsError(f"config.json lacks GPT-2 key {e}") from None

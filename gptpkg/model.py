@@ -8,7 +8,6 @@ Shapes: B batch, T sequence length, C = emb_dim, H heads, D = C / H head size.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Literal
 
@@ -16,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
 from .losses import head_cross_entropy
+from .presets import ModelConfig
 
 
 class KVCache:
@@ -277,7 +276,7 @@ class GPT(nn.Module):
         """Use dropout probability `p` from now on, everywhere the model drops (embeddings,
         attention weights, residual branches); `cfg.drop_rate` says so, and so does the
         config a checkpoint of this model saves."""
-        self.cfg = dataclasses.replace(self.cfg, drop_rate=p)  # validates p
+        self.cfg = self.cfg.replace(drop_rate=p)  # validates p
         for m in self.modules():
             if isinstance(m, nn.Dropout):
                 m.p = p

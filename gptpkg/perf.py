@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .config import ModelConfig
+from .presets import ModelConfig
 
 # Published dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by device-name fragment.
 # Matched in order, so the more specific names come first.

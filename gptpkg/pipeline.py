@@ -13,7 +13,6 @@ run-dependent figures as `{metrics}/runtime/<stage>.json`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,7 +66,7 @@ class Stage:
 
 def resolve(template: str, paths: Paths) -> str:
     """A path template of the registry (`{processed}/spam`) with `paths` filled in."""
-    return template.format(**dataclasses.asdict(paths))
+    return template.format(**paths.model_dump())
 
 
 def _nocache(*paths: str) -> tuple[Out, ...]:

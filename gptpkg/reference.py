@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
 from .losses import IGNORE_INDEX
 from .model import GPT, MLP, CausalSelfAttention, GPTClassifier, KVCache
+from .presets import ModelConfig
 
 
 class PlainLayerNorm(nn.Module):

@@ -4,7 +4,6 @@ params section, then write its metrics JSON, its runtime figures and its plot fi
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -44,10 +43,10 @@ def split_runtime(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
 def open_logger(params: Params, stage: Stage) -> tuple[Any, WandbLogger | None]:
     """Stdout plus a W&B run (offline unless params/env say otherwise). The run folder is
     given as an absolute path: W&B's service process may run in another directory."""
-    wcfg = wandb_from_env(dataclasses.asdict(params.wandb))
+    wcfg = wandb_from_env(params.wandb.model_dump())
     if wcfg["mode"] == "disabled":
         return StdoutLogger(), None
-    section = dataclasses.asdict(getattr(params, stage.params_section))
+    section = getattr(params, stage.params_section).model_dump()
     wb = WandbLogger(
         project=wcfg["project"],
         entity=wcfg["entity"] or None,

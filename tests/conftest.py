@@ -79,9 +79,9 @@ def tiny_onnx_export(_offline_env, tmp_path_factory, shared_data):
     import torch
 
     from gptpkg.checkpoint import save_checkpoint
-    from gptpkg.config import model_config
     from gptpkg.data import read_sms_spam
     from gptpkg.model import GPT, GPTClassifier
+    from gptpkg.presets import model_config
     from gptpkg.runner import run_stage
 
     root = tmp_path_factory.mktemp("onnx-pipeline")

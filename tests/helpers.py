@@ -74,7 +74,8 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
 def prepared_tiny_workspace(root: Path) -> Path:
     """`root` made a pipeline workspace on the tiny profile (this repo's params.yaml and
     profiles) whose fetch and prepare stages have run (from the offline mirror)."""
-    from gptpkg.config import apply_profile, load_params
+    from gptpkg.config import load_params
+    from gptpkg.profiles import apply_profile
     from gptpkg.runner import run_stage
 
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
@@ -95,12 +96,11 @@ def params_in(root: Path, *overrides: str, profile: str | None = None):
     """This repo's params (optionally a profile), every path moved under `root`, W&B
     disabled, the export's accuracy floor at 0 (test classifiers train for a few steps),
     then `overrides` (section.key=value): the typed `Params` a stage takes."""
-    import dataclasses
 
     from gptpkg.config import load_params
 
     base = load_params(ROOT / "params.yaml", profile=profile)
-    paths = [f"paths.{k}={Path(root) / v}" for k, v in dataclasses.asdict(base.paths).items()]
+    paths = [f"paths.{k}={Path(root) / v}" for k, v in base.paths.model_dump().items()]
     return load_params(
         ROOT / "params.yaml", [*paths, "wandb.mode=disabled", "export_onnx.min_test_accuracy=0.0", *overrides], profile
     )

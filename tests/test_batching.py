@@ -83,8 +83,8 @@ def test_batching_settings_and_errors(tmp_path):
 def test_fit_with_a_bucketed_plan_resumes_to_the_same_weights(tmp_path):
     import torch
 
-    from gptpkg.config import model_config
     from gptpkg.model import GPT, GPTClassifier
+    from gptpkg.presets import model_config
     from gptpkg.train import classification_loss, fit
 
     rng = random.Random(1)

@@ -1,12 +1,14 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from gptpkg.cli import build_parser
 from gptpkg.pipeline import STAGES
 
-COMMANDS = list(STAGES) + ["generate", "presets", "profile", "dvc-yaml"]
+COMMANDS = list(STAGES) + ["generate", "presets", "profile", "dvc-yaml", "params-doc"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_lists_every_subcommand():
@@ -62,3 +64,26 @@ def test_fetch_imports_no_torch_and_prepare_no_model():
         "STAGES['prepare'].function(); assert 'gptpkg.model' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_stage_help_lists_its_params_keys(monkeypatch, capsys):
+    from gptpkg.config import PretrainConfig
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["pretrain", "--help"])
+    out = capsys.readouterr().out
+    assert "keys of params.yaml section 'pretrain'" in out
+    assert "  lr (a number >= 0; params.yaml: 0.001)\n      peak learning rate of AdamW" in out
+    assert "  sparse_embedding (true|false; default: true)" in out  # a loop key that params.yaml leaves out
+    assert all(f"\n  {key} (" in out for key in PretrainConfig.model_fields)
+
+
+def test_params_doc_is_current(tmp_path, capsys):
+    from gptpkg.cli import main, params_markdown
+
+    assert (ROOT / "docs" / "params.md").read_text(encoding="utf-8") == params_markdown(), "run `gptpkg params-doc`"
+    assert main(["params-doc", str(tmp_path / "params.md")]) == 0
+    text = (tmp_path / "params.md").read_text(encoding="utf-8")
+    assert "| `decision_spam_share` | null (decide as trained) or a spam share strictly between 0 and 1 |" in text
+    assert "| `precision` | auto\\|fp32\\|bf16 | auto: bf16 autocast on CUDA, fp32 elsewhere |" in text

@@ -35,8 +35,8 @@ def test_a_compiled_soup_compiles_one_graph(tmp_path):
 def test_padding_to_a_multiple_changes_no_logit_or_loss(tok):
     """The compiled fine-tunings' padding: lengths rounded up to 8 (at most max_length);
     padded with the end token and ignored targets, so no result moves beyond float noise."""
-    from gptpkg.config import model_config
     from gptpkg.model import GPT, GPTClassifier
+    from gptpkg.presets import model_config
 
     items = [{"input_ids": tok.encode(t), "label": i % 2} for i, t in enumerate(["Win a prize now", "hi", "ok then"])]
     plain = classification_collate(items)

@@ -1,24 +1,14 @@
-import dataclasses
+import json
 from pathlib import Path
 
+import pydantic
 import pytest
 import torch
 
-from gptpkg.config import (
-    KNOWN_PARAM_COUNTS,
-    PRESETS,
-    ConfigError,
-    ModelConfig,
-    Params,
-    TrainConfig,
-    WandbConfig,
-    apply_profile,
-    from_dict,
-    load_params,
-    merged_params,
-    model_config,
-)
+from gptpkg.config import ConfigError, Params, TrainConfig, WandbConfig, load_params
 from gptpkg.model import GPT
+from gptpkg.presets import KNOWN_PARAM_COUNTS, PRESETS, ModelConfig, model_config
+from gptpkg.profiles import apply_profile, merged_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -51,25 +41,25 @@ def test_unknown_preset_and_key_are_named():
         model_config("tiny", n_layer=3)
 
 
-def test_from_dict_rejects_unknown_missing_and_wrong_types():
+def test_parse_rejects_unknown_missing_and_wrong_types():
     with pytest.raises(ConfigError, match=r"params.pretrain: unknown key\(s\) \['lrr'\]"):
-        from_dict(TrainConfig, {"lrr": 1.0}, "params.pretrain")
+        TrainConfig.parse({"lrr": 1.0}, "params.pretrain")
     with pytest.raises(ConfigError, match=r"params.pretrain.batch_size: expected an integer, got 'eight'"):
-        from_dict(TrainConfig, {"batch_size": "eight"}, "params.pretrain")
+        TrainConfig.parse({"batch_size": "eight"}, "params.pretrain")
     with pytest.raises(ConfigError, match="missing required key 'mode'"):
-        from_dict(WandbConfig, {"project": "p", "entity": ""}, "params.wandb")
+        WandbConfig.parse({"project": "p", "entity": ""}, "params.wandb")
     with pytest.raises(ConfigError, match=r"params.pretrain.batch_size: expected an integer >= 1, got 0"):
-        from_dict(TrainConfig, {"batch_size": 0}, "params.pretrain")
+        TrainConfig.parse({"batch_size": 0}, "params.pretrain")
     # ints are accepted where floats are expected, bools are not ints
-    assert from_dict(TrainConfig, {"lr": 1}, "x").lr == 1.0
-    assert isinstance(from_dict(TrainConfig, {"lr": 1}, "x").lr, float)
+    assert TrainConfig.parse({"lr": 1}, "x").lr == 1.0
+    assert isinstance(TrainConfig.parse({"lr": 1}, "x").lr, float)
     with pytest.raises(ConfigError):
-        from_dict(TrainConfig, {"batch_size": True}, "x")
+        TrainConfig.parse({"batch_size": True}, "x")
 
 
 def test_model_config_validates_heads():
     with pytest.raises(ConfigError, match="emb_dim: expected a multiple of n_heads=4"):
-        ModelConfig(emb_dim=30, n_heads=4)
+        ModelConfig.parse({"emb_dim": 30, "n_heads": 4}, "model")
 
 
 def test_vocab_padding():
@@ -84,9 +74,9 @@ def test_vocab_padding():
 def test_load_params_gives_one_typed_tree():
     params = load_params(PARAMS)
     assert isinstance(params, Params)
-    assert [f.name for f in dataclasses.fields(Params)] == list(merged_params(PARAMS))  # every section, in order
+    assert list(Params.model_fields) == list(merged_params(PARAMS))  # every section, in order
     assert isinstance(params.finetune_spam, TrainConfig) and params.finetune_spam.soup >= 1
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         params.finetune_spam.lr = 1.0  # type: ignore[misc]
 
 
@@ -159,7 +149,7 @@ SHIPPED = [None] + sorted(p.stem for p in (ROOT / "profiles").glob("*.yaml"))
 @pytest.mark.parametrize("profile", SHIPPED)
 def test_every_shipped_params_profile_parses(profile):
     params = load_params(PARAMS, profile=profile)
-    assert params.pretrain.max_length <= params.pretrain.model_config().context_length
+    assert params.pretrain.max_length <= params.pretrain.architecture().context_length
 
 
 def test_apply_profile_writes_the_same_values_load_params_gives(tmp_path):
@@ -174,3 +164,29 @@ def test_apply_profile_writes_the_same_values_load_params_gives(tmp_path):
     with pytest.raises(ConfigError, match="finetune_spam.soup"):
         apply_profile(tmp_path / "params.yaml", None, ["finetune_spam.soup=0"])
     assert (tmp_path / "params.yaml").read_text() == before  # a bad value writes nothing
+
+
+def test_every_key_has_a_description():
+    for name, section in Params.model_fields.items():
+        for key, field in section.annotation.model_fields.items():
+            assert field.description, f"params.{name}.{key} has no description"
+    assert all(f.description for f in ModelConfig.model_fields.values())
+
+
+def test_parsed_values_keep_their_json():
+    """Checkpoints record `training_params()` as JSON, and `--resume` compares it: an int
+    given for a float becomes a float, lists stay lists, null stays None, and the keys come
+    in declaration order (the loop's keys, then the section's own)."""
+    raw = merged_params(PARAMS)["finetune_spam"]
+    changes = {"lr": 1, "epochs": 2, "grad_clip": 0, "class_weights": [1, 3], "drop_rate": None, "compile": True}
+    cfg = load_params(PARAMS, [f"finetune_spam.{k}={json.dumps(v)}" for k, v in changes.items()]).finetune_spam
+    params = cfg.training_params()
+    assert json.dumps({k: params[k] for k in changes}) == (
+        '{"lr": 1.0, "epochs": 2.0, "grad_clip": 0.0, "class_weights": [1.0, 3.0], "drop_rate": null, "compile": true}'
+    )
+    assert json.dumps(params["max_steps"]) == "0" and params["batch_size"] == raw["batch_size"]
+    assert list(params) == [k for k in type(cfg).model_fields if k not in type(cfg).AFTER_TRAINING]
+    assert list(type(cfg).model_fields)[: len(TrainConfig.model_fields)] == list(TrainConfig.model_fields)
+    assert cfg.replace(seed=7).training_params() == {**params, "seed": 7}
+    with pytest.raises(ConfigError, match=r"SpamConfig.soup: expected an integer >= 1"):
+        cfg.replace(soup=0)

@@ -180,9 +180,10 @@ def test_cv_run_reports_pooled_held_out_figures_and_leaves_the_final_model_alone
 def test_cross_validate_trains_each_fold_on_the_others_from_the_same_init(handful, tok):
     """cross_validate with the real fit and predict: what each fold trains on, and that
     the initial model it copies is left untouched."""
-    from gptpkg.config import TrainConfig, model_config
+    from gptpkg.config import TrainConfig
     from gptpkg.data import ClassificationDataset, classification_collate
     from gptpkg.model import GPT, GPTClassifier
+    from gptpkg.presets import model_config
     from gptpkg.stages.finetune_spam import cross_validate, predict_proba
     from gptpkg.train import classification_loss, fit
 

@@ -15,8 +15,8 @@ import torch
 from test_cv import handful, prepared  # noqa: F401  (fixtures)
 
 from gptpkg.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, read_config, save_checkpoint
-from gptpkg.config import model_config
 from gptpkg.model import GPT, GPTClassifier
+from gptpkg.presets import model_config
 from gptpkg.stages.finetune_spam import decision_offset
 
 

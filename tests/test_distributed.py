@@ -13,10 +13,11 @@ import torch.multiprocessing as mp
 from helpers import free_port
 
 from gptpkg import distributed
-from gptpkg.config import TrainConfig, model_config
+from gptpkg.config import TrainConfig
 from gptpkg.data import TokenWindows
 from gptpkg.loggers import NullLogger
 from gptpkg.model import GPT
+from gptpkg.presets import model_config
 
 
 class FileLogger(NullLogger):

@@ -3,7 +3,6 @@ generates, with one DVC stage per registered stage, run by `gptpkg <stage>`, tra
 key of its params.yaml section (so a change to any hyperparameter reruns the stage, and
 only the stages that read it)."""
 
-import dataclasses
 from pathlib import Path
 
 import yaml
@@ -48,7 +47,7 @@ def test_code_deps_follow_every_import(tmp_path):
 def test_dvc_stages_are_the_registry():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(stages) == list(STAGES)
-    sections = {f.name for f in dataclasses.fields(Params)}
+    sections = set(Params.model_fields)
     for name, stage in stages.items():
         assert stage["cmd"].endswith(f"gptpkg {name}"), stage["cmd"]  # progress bars: tqdm decides
         assert STAGES[name].params_section in sections

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ def _export(params):
 
 def _with(params, section: str, **keys):
     """`params` with some keys of one section changed (every rule checked again)."""
-    return dataclasses.replace(params, **{section: dataclasses.replace(getattr(params, section), **keys)})
+    return params.replace(**{section: getattr(params, section).replace(**keys)})
 
 
 def test_parity_on_the_test_split(tiny_onnx_export):
@@ -151,8 +150,8 @@ def test_bad_inputs_are_named(tiny_onnx_export, tmp_path):
     params, _ = tiny_onnx_export
     with pytest.raises(ConfigError, match=r"params.export_onnx.opset: expected an ONNX opset >= 17, got 13"):
         params_in(tmp_path, "export_onnx.opset=13")
-    from gptpkg.config import model_config
     from gptpkg.model import GPT
+    from gptpkg.presets import model_config
 
     lm = tmp_path / "lm"
     save_checkpoint(lm, GPT(model_config("tiny")))
@@ -168,7 +167,7 @@ def _gptpkg(args, params, tmp_path, home):
     pfile = tmp_path / "params.yaml"
     import yaml
 
-    pfile.write_text(yaml.safe_dump(dataclasses.asdict(params)))
+    pfile.write_text(yaml.safe_dump(params.model_dump()))
     env = {
         **os.environ,
         "BENTOML_HOME": str(home),

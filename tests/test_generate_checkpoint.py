@@ -1,4 +1,3 @@
-import dataclasses
 import json
 
 import pytest
@@ -7,10 +6,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gptpkg import checkpoint as ckpt
-from gptpkg.config import model_config
 from gptpkg.files import atomic_dir
 from gptpkg.generate import generate, generate_text
 from gptpkg.model import GPT, GPTClassifier, StaticKVCache
+from gptpkg.presets import model_config
 
 
 @pytest.fixture
@@ -166,7 +165,7 @@ def _unkinded_classifier(folder, offset):
     folder.mkdir()
     save_file(state, str(folder / ckpt.WEIGHTS))
     config = {
-        "model": dataclasses.asdict(cfg),
+        "model": cfg.model_dump(),
         "n_classes": 2,
         "logit_offset": offset,
         "tied": False,

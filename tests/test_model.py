@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptpkg.config import ConfigError, model_config
+from gptpkg.config import ConfigError
 from gptpkg.model import GPT, GPTClassifier, KVCache
+from gptpkg.presets import model_config
 
 
 @pytest.fixture
@@ -114,8 +115,6 @@ def test_set_drop_rate_reaches_every_dropout(tmp_path):
 
 
 def test_fine_tuning_drop_rate_overrides_the_checkpoint(tmp_path):
-    import dataclasses
-
     from helpers import params_in
 
     from gptpkg.checkpoint import save_checkpoint
@@ -131,7 +130,7 @@ def test_fine_tuning_drop_rate_overrides_the_checkpoint(tmp_path):
     ).finetune_instruct
     kept = initial_model(instruct, "finetune_instruct", pre)
     assert kept.cfg.drop_rate == 0.1 and kept.drop.p == 0.1
-    off = initial_model(dataclasses.replace(instruct, drop_rate=0.0), "finetune_instruct", pre)
+    off = initial_model(instruct.replace(drop_rate=0.0), "finetune_instruct", pre)
     assert off.cfg.drop_rate == 0.0 and off.drop.p == 0.0
     torch.testing.assert_close(off.state_dict(), kept.state_dict())  # same weights
     spam = params_in(
@@ -149,7 +148,7 @@ def test_fine_tuning_drop_rate_overrides_the_checkpoint(tmp_path):
     with pytest.raises(
         ConfigError, match="params.finetune_instruct.max_length=200 exceeds the start model's context_length 128"
     ):
-        initial_model(dataclasses.replace(instruct, max_length=200), "finetune_instruct", pre)
+        initial_model(instruct.replace(max_length=200), "finetune_instruct", pre)
 
 
 def test_classifier_reads_the_last_real_token_ignoring_padding_and_batch_mates(tiny):

@@ -1,6 +1,5 @@
 """Row-sparse AdamW for a classifier's token embedding: the same weights as AdamW."""
 
-import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -9,11 +8,12 @@ import torch.nn as nn
 from helpers import Interrupted, dying
 
 from gptpkg import checkpoint as ckpt
-from gptpkg.config import ConfigError, TrainConfig, from_dict, model_config
+from gptpkg.config import ConfigError, TrainConfig
 from gptpkg.errors import GptpkgError
 from gptpkg.loggers import NullLogger
 from gptpkg.model import GPT, GPTClassifier
 from gptpkg.optim import OptimizerSet, RowSparseAdamW, clip_grad_norm_, make_optimizer, row_sparse_embedding
+from gptpkg.presets import model_config
 from gptpkg.train import classification_loss, fit
 
 CPU = torch.device("cpu")
@@ -130,7 +130,7 @@ def test_fit_gives_a_classifier_the_same_weights_with_the_row_sparse_embedding()
             model,
             _texts(),
             _collate,
-            dataclasses.replace(cfg, sparse_embedding=sparse),
+            cfg.replace(sparse_embedding=sparse),
             loss_fn=classification_loss([1.0, 2.0]),
             ctx=quiet(),
         )
@@ -165,7 +165,7 @@ def test_only_an_untied_trainable_embedding_on_one_cpu_process_is_row_sparse():
     with context:  # the embedding is sparse while training in it, and restored after
         assert clf.backbone.tok_emb.sparse is True
     assert clf.backbone.tok_emb.sparse is False
-    opt, _ = make_optimizer(_classifier(), dataclasses.replace(cfg, sparse_embedding=False), CPU)
+    opt, _ = make_optimizer(_classifier(), cfg.replace(sparse_embedding=False), CPU)
     assert isinstance(opt, torch.optim.AdamW)
 
 
@@ -203,7 +203,7 @@ def test_an_interrupted_row_sparse_run_resumes_to_the_same_weights_and_refuses_a
             _classifier(),
             _texts(),
             _collate,
-            dataclasses.replace(cfg, sparse_embedding=False),
+            cfg.replace(sparse_embedding=False),
             loss_fn=classification_loss(),
             checkpoint_dir=tmp_path,
             ctx=quiet(resume=True),
@@ -234,5 +234,5 @@ def test_an_interrupted_row_sparse_run_resumes_to_the_same_weights_and_refuses_a
 def test_sparse_embedding_setting_is_checked():
     for bad in ("yes", "auto", "false", 1):
         with pytest.raises(ConfigError, match=r"params.finetune_spam.sparse_embedding: expected true\|false"):
-            from_dict(TrainConfig, {"sparse_embedding": bad}, "params.finetune_spam")
-    assert from_dict(TrainConfig, {"sparse_embedding": False}, "params.finetune_spam").sparse_embedding is False
+            TrainConfig.parse({"sparse_embedding": bad}, "params.finetune_spam")
+    assert TrainConfig.parse({"sparse_embedding": False}, "params.finetune_spam").sparse_embedding is False

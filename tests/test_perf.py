@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptpkg.config import model_config
 from gptpkg.model import GPT
 from gptpkg.perf import GPU_BF16_PEAK, flops_per_token, matmul_params, measure_matmul_flops, mfu
+from gptpkg.presets import model_config
 
 
 def test_flops_per_token_matches_a_hand_count_on_the_tiny_preset():

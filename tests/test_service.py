@@ -70,11 +70,10 @@ def stop(proc: subprocess.Popen) -> str:
 @pytest.fixture(scope="module")
 def packaged(tiny_onnx_export, tmp_path_factory):
     """The tiny export imported into a fresh BentoML store by `gptpkg package`."""
-    import dataclasses
 
     params, _ = tiny_onnx_export
     tmp = tmp_path_factory.mktemp("bento")
-    (tmp / "params.yaml").write_text(yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     home = tmp / "home"
     r = subprocess.run(
         [sys.executable, "-m", "gptpkg.cli", "package", "--params", str(tmp / "params.yaml")],

@@ -14,8 +14,9 @@ from helpers import Interrupted, dying
 from test_cv import handful, prepared  # noqa: F401  (fixtures)
 
 from gptpkg.checkpoint import load_checkpoint, read_config
-from gptpkg.config import ConfigError, model_config
+from gptpkg.config import ConfigError
 from gptpkg.model import GPT, GPTClassifier
+from gptpkg.presets import model_config
 from gptpkg.stages.finetune_spam import average_weights, soup_workdir
 
 

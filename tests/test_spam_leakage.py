@@ -172,8 +172,8 @@ def test_finetune_and_baseline_report_heldout_full(prepared, tmp_path):
     assert (Path(over.paths.metrics) / PREDICTIONS_FILE).is_file()  # its outputs stay under tmp_path
     n_train = len(spam_train_rows(paths, "all"))
     assert m["train_messages"] == n_train and m["steps"] == 2
-    from gptpkg.config import model_config
     from gptpkg.model import GPT, GPTClassifier
+    from gptpkg.presets import model_config
 
     tiny = GPTClassifier(GPT(model_config("tiny")), 2)
     assert m["n_trainable_params"] == tiny.num_params()  # trainable: all

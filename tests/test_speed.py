@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptpkg.config import model_config
 from gptpkg.losses import chunked_head_loss
 from gptpkg.model import GPT, GPTClassifier
+from gptpkg.presets import model_config
 from gptpkg.reference import ReferenceGPT, reference_copy
 
 
@@ -100,7 +100,7 @@ def test_fast_gpu_profile_parses_and_pads_the_vocabulary():
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_params(root / "params.yaml", profile="fast").pretrain
-    mcfg = cfg.model_config()
+    mcfg = cfg.architecture()
     assert mcfg == model_config(cfg.model, drop_rate=cfg.drop_rate, vocab_multiple=cfg.vocab_multiple)
     assert (mcfg.padded_vocab_size, cfg.max_length, cfg.precision, cfg.compile) == (50304, 1024, "bf16", True)
     assert cfg.batch_size % 8 == 0  # splits evenly over 1, 2, 4 or 8 GPUs

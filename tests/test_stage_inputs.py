@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from gptpkg.cli import main
-from gptpkg.config import ConfigError, apply_profile, load_params
+from gptpkg.config import ConfigError, load_params
+from gptpkg.profiles import apply_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,11 +6,12 @@ import torch
 from helpers import ROOT, Interrupted, dying
 
 from gptpkg import checkpoint as ckpt
-from gptpkg.config import ConfigError, TrainConfig, load_params, model_config
+from gptpkg.config import ConfigError, TrainConfig, load_params
 from gptpkg.data import TokenWindows
 from gptpkg.loggers import NullLogger
 from gptpkg.model import GPT
 from gptpkg.optim import make_optimizer, param_groups
+from gptpkg.presets import model_config
 from gptpkg.train import (
     TrainingDiverged,
     autocast_dtype,
@@ -275,7 +276,7 @@ def test_compile_auto_compiles_only_the_long_cuda_trainings():
     cuda = torch.device("cuda")
     default, small = load_params(ROOT / "params.yaml"), load_params(ROOT / "params.yaml", profile="gpt2-small")
     with torch.device("meta"):
-        mini_model, small_model = GPT(default.pretrain.model_config()), GPT(small.pretrain.model_config())
+        mini_model, small_model = GPT(default.pretrain.architecture()), GPT(small.pretrain.architecture())
     assert not should_compile("auto", cuda, planned_flops(mini_model, 824, default.pretrain))
     assert not should_compile("auto", cuda, planned_flops(mini_model, 1000, default.finetune_spam))
     assert not should_compile("auto", cuda, planned_flops(small_model, 612, small.finetune_spam))

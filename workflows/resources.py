@@ -71,7 +71,8 @@ class DvcWorkspace(ConfigurableResource):
         """Write this run's profile / overrides into params.yaml; returns the changed keys."""
         if not self.profile and not self.set:
             return []
-        from gptpkg.config import ConfigError, apply_profile
+        from gptpkg.config import ConfigError
+        from gptpkg.profiles import apply_profile
 
         try:
             return apply_profile(self.path / "params.yaml", self.profile or None, list(self.set))

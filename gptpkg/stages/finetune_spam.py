@@ -154,7 +154,7 @@ def train_classifier(
     quiet = None if ctx is None else dataclasses.replace(ctx, logger=NullLogger())
     start, members, results = copy.deepcopy(model), [], []
     for i, seed in enumerate(soup_seeds(cfg.seed, cfg.soup)):
-        member_cfg = dataclasses.replace(cfg, seed=seed)
+        member_cfg = cfg.replace(seed=seed)
         plan, collate = batching(member_cfg, lengths, classification_collate)
         member = model if i == 0 else copy.deepcopy(start)
         results.append(

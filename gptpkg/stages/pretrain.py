@@ -30,7 +30,7 @@ def run(cfg: PretrainConfig, ctx) -> dict[str, Any]:
     tok = get_tokenizer(ctx.mirror)
 
     set_seed(cfg.seed)
-    model = GPT(cfg.model_config())
+    model = GPT(cfg.architecture())
     device = resolve_device(cfg.device)
     dtype = autocast_dtype(cfg.precision, device)
     val_batches = batches_of(val_set, _collate, cfg.batch_size)
