@@ -2,9 +2,9 @@
 
 Fine-tuning a classifier unties the token embedding from the head, so the embedding's
 gradient touches only the rows of tokens in the batch: a few hundred of 50,257. Dense
-AdamW still zero-fills, clips and updates every row; skipping that made bucketed
-`cpu-mini` classifier steps 1.20x faster on the 2-core CPU (bench/finetune_batching.py
---dense-embedding-too).
+AdamW still zero-fills, clips and updates every row, the largest per-step cost of a
+bucketed CPU classifier step once padding is gone (measured with
+bench/finetune_batching.py --dense-embedding-too: docs/performance.md).
 
 `RowSparseAdamW` gives the same result as `torch.optim.AdamW` while touching only the
 rows that ever had a gradient. For a row that never had one, both moments are zero,

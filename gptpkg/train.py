@@ -95,15 +95,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 # `compile: auto` compiles only where compiling earns back its own cost: on CUDA, for a
-# stage whose planned training work (FLOPs per token x planned tokens) is at least this
-# many FLOPs. On an H200, GPT-2 small trained at ~470k tokens/s compiled and ~100k on the
-# textbook path, and compiling took ~40 s: earned back after ~5M tokens, ~4e15 FLOPs (a
-# lower bound: the eager fast path is quicker than the textbook one). The default stages
-# plan under 1e14 FLOPs (their compiled pretraining took 43 s on the H200, eager 33 s) and
-# the gpt2-small fine-tunings under 2e15: eager; the gpt2-small pretraining ~7e15:
-# compiled. `bench/gpu_check.sh` times both ways. On CPU, compiling the default
-# pretraining gains ~1.14x tokens per CPU-second after ~47 CPU-seconds of compiling, a few
-# percent of the stage, with other numerics than the README's figures: auto stays eager.
+# stage whose planned training work (FLOPs per token x planned tokens) reaches this many
+# FLOPs. Below it the compile time outweighs the faster steps (short trainings, and the
+# fine-tunings' varying lengths recompile); on CPU the gain is a few percent at best, with
+# other numerics than the README's figures, so auto stays eager there. The measurements
+# behind the threshold: docs/performance.md, "compile: auto"; `bench/gpu_check.sh` times
+# both ways.
 COMPILE_MIN_FLOPS = 4e15
 
 
