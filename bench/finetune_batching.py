@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -43,13 +44,13 @@ from gptpkg.data import (  # noqa: E402
     read_instructions,
     split_instructions,
 )
-from gptpkg.finetune import batching  # noqa: E402
+from gptpkg.finetune import finetune_plan  # noqa: E402
 from gptpkg.loggers import NullLogger  # noqa: E402
 from gptpkg.metrics import classification_metrics  # noqa: E402
 from gptpkg.model import GPT  # noqa: E402
 from gptpkg.perf import keep_freed_memory  # noqa: E402
 from gptpkg.tokenizer import get_tokenizer  # noqa: E402
-from gptpkg.train import batches_of, classification_loss, fit, lm_loss, mean_loss  # noqa: E402
+from gptpkg.train import RunPlan, Task, batches_of, classification_loss, fit, lm_loss, mean_loss  # noqa: E402
 
 # What `fit` takes as `ctx`: no logging, no resume, no progress bars.
 QUIET = SimpleNamespace(logger=NullLogger(), resume=False, progress=False)
@@ -61,9 +62,17 @@ def run_name(mode: str, sparse_embedding: bool) -> str:
     return mode if sparse_embedding else f"{mode}+dense_embedding"
 
 
-def plan_for(mode: str, lengths: list[int], cfg: TrainConfig, collate):
-    """(batch plan, collate) as a fine-tuning section with `batching: mode` gets them."""
-    return batching(SimpleNamespace(batching=mode, batch_size=cfg.batch_size, seed=cfg.seed), lengths, collate)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Section(TrainConfig):
+    """The keys of a fine-tuning section that its run plan reads besides TrainConfig's."""
+
+    batching: Batching = "bucketed"
+    max_length: int = 1024  # the padding cap of a compiled plan (these runs do not compile)
+
+
+def plan_for(mode: str, model, train_set, cfg: TrainConfig, collate) -> RunPlan:
+    """The run plan a fine-tuning section with `batching: mode` gets."""
+    return finetune_plan(Section(**dataclasses.asdict(cfg), batching=mode), model, train_set, collate)
 
 
 def accuracy(model, dataset) -> float:
@@ -108,14 +117,14 @@ def spam(args, mirror: Path, tok) -> dict:
     for rep in range(args.reps):
         for mode, emb in runs:
             rep_cfg = replace(cfg, seed=args.seed + rep, sparse_embedding=emb)  # each repetition its own batch order
-            plan, collate = plan_for(mode, lengths, rep_cfg, classification_collate)
             model = copy.deepcopy(base)
-            r = fit(model, sets["train"], collate, rep_cfg, loss_fn=classification_loss(), batch_plan=plan, ctx=QUIET)
+            plan = plan_for(mode, model, sets["train"], rep_cfg, classification_collate)
+            r = fit(model, plan, Task(sets["train"], classification_loss()), QUIET)
             mode = run_name(mode, emb)
             rates[mode].append(r.examples_seen / r.wall_time_s)
             row = out.setdefault(mode, {})
             row["padded_tokens_per_epoch"] = padded_tokens(
-                plan(0), lengths, max(lengths) if mode.startswith("pad_longest") else None
+                plan.batches(0), lengths, max(lengths) if mode.startswith("pad_longest") else None
             )
             for part in ("val", "test"):
                 row.setdefault(f"{part}_accuracy", []).append(accuracy(model, sets[part]))
@@ -152,13 +161,13 @@ def instruct(args, mirror: Path, tok) -> dict:
     for rep in range(args.reps):
         rep_cfg = replace(cfg, seed=args.seed + rep)
         for mode in rates:
-            plan, train_collate = plan_for(mode, lengths, rep_cfg, collate)
             model = copy.deepcopy(base)
-            r = fit(model, train, train_collate, rep_cfg, loss_fn=lm_loss, batch_plan=plan, ctx=QUIET)
+            plan = plan_for(mode, model, train, rep_cfg, collate)
+            r = fit(model, plan, Task(train, lm_loss), QUIET)
             rates[mode].append(r.examples_seen / r.wall_time_s)
             row = out.setdefault(mode, {})
             pad = max(lengths) + 1 if mode == "pad_longest" else None
-            row["padded_tokens_per_epoch"] = padded_tokens(plan(0), [n + 1 for n in lengths], pad)
+            row["padded_tokens_per_epoch"] = padded_tokens(plan.batches(0), [n + 1 for n in lengths], pad)
             row.setdefault("val_loss", []).append(mean_loss(model, val_batches, lm_loss, torch.device("cpu")))
             print(
                 f"instruct rep {rep + 1} {mode}: {rates[mode][-1]:.2f} examples/s, val loss {row['val_loss'][-1]:.4f}",
