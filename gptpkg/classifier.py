@@ -21,10 +21,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import save_checkpoint
 from .config import ConfigError, SpamConfig
 from .data import SPAM_LABELS, ClassificationDataset, classification_collate, stratified_group_folds
-from .distributed import barrier, env_context, is_main_process
+from .distributed import is_main_process
 from .files import write_json
 from .finetune import finetune_plan, initial_model
 from .loggers import NullLogger
@@ -34,6 +33,7 @@ from .prepare import heldout_full_rows, read_spam_split, spam_train_rows, text_k
 from .tokenizer import PAD_ID, get_tokenizer
 from .train import (
     FitResult,
+    Progress,
     RunContext,
     RunPlan,
     Task,
@@ -42,6 +42,7 @@ from .train import (
     classification_loss,
     fit,
     mean_loss,
+    save,
     set_seed,
 )
 
@@ -152,20 +153,9 @@ def train_classifier(model: GPT, plan: RunPlan, task: Task, ctx: RunContext | No
     average_weights(model, members)  # reads every member (model included) before writing model
     del members
     model.set_logit_offset(offset)
-    if task.checkpoint_dir is not None:
-        if is_main_process():
-            save_checkpoint(
-                task.checkpoint_dir,
-                model,
-                meta={
-                    **task.meta,
-                    "step": results[0].steps,
-                    "params": cfg.training_params(),
-                    "soup": soup_seeds(cfg.seed, cfg.soup),
-                },
-            )
-            shutil.rmtree(work, ignore_errors=True)
-        barrier(env_context())
+    save(model, plan, task, Progress(step=results[0].steps), soup=soup_seeds(cfg.seed, cfg.soup))
+    if work is not None and plan.dist.is_main:
+        shutil.rmtree(work, ignore_errors=True)
     wall, tokens = sum(r.wall_time_s for r in results), sum(r.tokens_seen for r in results)
     # steps: the schedule of each member (as in the history); the rest: all members
     return FitResult(

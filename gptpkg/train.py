@@ -435,19 +435,26 @@ def restore(model: nn.Module, optimizer, plan: RunPlan, checkpoint_dir: str | Pa
     )
 
 
-def save(model: nn.Module, plan: RunPlan, task: Task, progress: Progress, optimizer, final: bool) -> None:
-    """A resumable checkpoint in `task.checkpoint_dir` (nothing when None), written by
-    rank 0 while the other ranks wait (`final`: without timings, so the same run writes
-    the same bytes)."""
+def save(
+    model: nn.Module, plan: RunPlan, task: Task, progress: Progress, optimizer=None, final: bool = True, **extra_meta
+) -> None:
+    """The one way a trained model folder is written (`task.checkpoint_dir`; nothing when
+    None): by rank 0 while the other ranks wait. config.json's meta is `task.meta`, the
+    step, the training params (what `--resume` compares), then `extra_meta`. With the
+    `optimizer` it is resumable: trainer.pt holds the optimizer, the RNG and `progress`
+    (`final`: without timings, so the same run writes the same bytes)."""
     if task.checkpoint_dir is None:
         return
     if plan.dist.is_main:
-        optim.flush(optimizer)
+        trainer = None
+        if optimizer is not None:
+            optim.flush(optimizer)
+            trainer = {**progress.state(final), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
         ckpt.save_checkpoint(
             task.checkpoint_dir,
             model,
-            meta={**task.meta, "step": progress.step, "params": plan.cfg.training_params()},
-            trainer_state={**progress.state(final), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
+            meta={**task.meta, "step": progress.step, "params": plan.cfg.training_params(), **extra_meta},
+            trainer_state=trainer,
         )
     distributed.barrier(plan.dist)
 
