@@ -58,11 +58,12 @@ class RowSparseAdamW(torch.optim.Optimizer):
         if not st:
             st["step"] = 0
             # Moments of touched rows, packed: slot i holds row rows_by_slot[i], so the
-            # update reads and writes them without a gather or scatter.
+            # update reads and writes them without a gather or scatter. Zeros, not empty:
+            # unused slots are saved in trainer.pt too, which must not hold stale memory.
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             st["slot"] = torch.full((p.shape[0],), -1, dtype=torch.long, device=p.device)
-            st["rows_by_slot"] = torch.empty(p.shape[0], dtype=torch.long, device=p.device)
+            st["rows_by_slot"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
             st["n_touched"] = 0
             st["decay"] = 1.0  # product of every step's 1 - lr * wd so far
             st["stamp"] = torch.ones(p.shape[0], dtype=torch.float64, device=p.device)
