@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptpkg.config import Batching, TrainConfig  # noqa: E402
+from gptpkg.config import Batching, TrainConfig, key  # noqa: E402
 from gptpkg.data import (  # noqa: E402
     ClassificationDataset,
     InstructionDataset,
@@ -41,15 +41,15 @@ from gptpkg.data import (  # noqa: E402
     read_instructions,
     split_instructions,
 )
-from gptpkg.finetune import batching  # noqa: E402
+from gptpkg.finetune import finetune_plan  # noqa: E402
 from gptpkg.loggers import NullLogger  # noqa: E402
 from gptpkg.metrics import classification_metrics  # noqa: E402
 from gptpkg.model import GPT, GPTClassifier  # noqa: E402
 from gptpkg.perf import keep_freed_memory  # noqa: E402
-from gptpkg.presets import model_config
+from gptpkg.presets import model_config  # noqa: E402
 from gptpkg.stages.finetune_spam import predict_proba  # noqa: E402
 from gptpkg.tokenizer import get_tokenizer  # noqa: E402
-from gptpkg.train import batches_of, classification_loss, fit, lm_loss, mean_loss  # noqa: E402
+from gptpkg.train import RunPlan, Task, batches_of, classification_loss, fit, lm_loss, mean_loss  # noqa: E402
 
 # What `fit` takes as `ctx`: no logging, no resume, no progress bars.
 QUIET = SimpleNamespace(logger=NullLogger(), resume=False, progress=False)
@@ -61,9 +61,16 @@ def run_name(mode: str, sparse_embedding: bool) -> str:
     return mode if sparse_embedding else f"{mode}+dense_embedding"
 
 
-def plan_for(mode: str, lengths: list[int], cfg: TrainConfig, collate):
-    """(batch plan, collate) as a fine-tuning section with `batching: mode` gets them."""
-    return batching(SimpleNamespace(batching=mode, batch_size=cfg.batch_size, seed=cfg.seed), lengths, collate)
+class Section(TrainConfig):
+    """The keys of a fine-tuning section that its run plan reads besides TrainConfig's."""
+
+    batching: Batching = key("how batches are drawn", default="bucketed")
+    max_length: int = key("the padding cap of a compiled plan (these runs do not compile)", default=1024)
+
+
+def plan_for(mode: str, model, train_set, cfg: TrainConfig, collate) -> RunPlan:
+    """The run plan a fine-tuning section with `batching: mode` gets."""
+    return finetune_plan(Section(**cfg.model_dump(), batching=mode), model, train_set, collate)
 
 
 def accuracy(model, dataset) -> float:
@@ -108,14 +115,14 @@ def spam(args, mirror: Path, tok) -> dict:
     for rep in range(args.reps):
         for mode, emb in runs:
             rep_cfg = cfg.replace(seed=args.seed + rep, sparse_embedding=emb)  # each repetition its own batch order
-            plan, collate = plan_for(mode, lengths, rep_cfg, classification_collate)
             model = copy.deepcopy(base)
-            r = fit(model, sets["train"], collate, rep_cfg, loss_fn=classification_loss(), batch_plan=plan, ctx=QUIET)
+            plan = plan_for(mode, model, sets["train"], rep_cfg, classification_collate)
+            r = fit(model, plan, Task(sets["train"], classification_loss()), QUIET)
             mode = run_name(mode, emb)
             rates[mode].append(r.examples_seen / r.wall_time_s)
             row = out.setdefault(mode, {})
             row["padded_tokens_per_epoch"] = padded_tokens(
-                plan(0), lengths, max(lengths) if mode.startswith("pad_longest") else None
+                plan.batches(0), lengths, max(lengths) if mode.startswith("pad_longest") else None
             )
             for part in ("val", "test"):
                 row.setdefault(f"{part}_accuracy", []).append(accuracy(model, sets[part]))
@@ -152,13 +159,13 @@ def instruct(args, mirror: Path, tok) -> dict:
     for rep in range(args.reps):
         rep_cfg = cfg.replace(seed=args.seed + rep)
         for mode in rates:
-            plan, train_collate = plan_for(mode, lengths, rep_cfg, collate)
             model = copy.deepcopy(base)
-            r = fit(model, train, train_collate, rep_cfg, loss_fn=lm_loss, batch_plan=plan, ctx=QUIET)
+            plan = plan_for(mode, model, train, rep_cfg, collate)
+            r = fit(model, plan, Task(train, lm_loss), QUIET)
             rates[mode].append(r.examples_seen / r.wall_time_s)
             row = out.setdefault(mode, {})
             pad = max(lengths) + 1 if mode == "pad_longest" else None
-            row["padded_tokens_per_epoch"] = padded_tokens(plan(0), [n + 1 for n in lengths], pad)
+            row["padded_tokens_per_epoch"] = padded_tokens(plan.batches(0), [n + 1 for n in lengths], pad)
             row.setdefault("val_loss", []).append(mean_loss(model, val_batches, lm_loss, torch.device("cpu")))
             print(
                 f"instruct rep {rep + 1} {mode}: {rates[mode][-1]:.2f} examples/s, val loss {row['val_loss'][-1]:.4f}",
@@ -173,8 +180,8 @@ def speedups(out: dict, rates: dict[str, list[float]]) -> None:
     for mode in rates:
         out[mode]["examples_per_s_median"] = statistics.median(rates[mode])
         out[mode]["examples_per_s_all"] = rates[mode]
-        for key in [k for k in out[mode] if isinstance(out[mode][k], list) and not k.endswith("_all")]:
-            out[mode][f"{key}_mean"] = statistics.mean(out[mode][key])  # over the repetitions' seeds
+        for name in [k for k in out[mode] if isinstance(out[mode][k], list) and not k.endswith("_all")]:
+            out[mode][f"{name}_mean"] = statistics.mean(out[mode][name])  # over the repetitions' seeds
     for ref in ("pad_longest", "shuffled", "pad_longest+dense_embedding"):
         if ref in rates:
             for mode in rates:

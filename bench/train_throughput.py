@@ -169,7 +169,7 @@ def rss_child(args_json: str) -> None:
     """One `fit` run in this process; print its peak RSS (MiB) as JSON. VmHWM, not
     ru_maxrss: Linux carries the parent's RSS at fork into ru_maxrss across exec."""
     from gptpkg.data import TokenWindows
-    from gptpkg.train import fit
+    from gptpkg.train import Task, fit, plan_run
 
     a = json.loads(args_json)
     torch.set_num_threads(a["threads"])
@@ -189,7 +189,7 @@ def rss_child(args_json: str) -> None:
         compile=False,
     )
     t = time.perf_counter()
-    result = fit(model, data, stack, tcfg, ctx=QUIET)
+    result = fit(model, plan_run(tcfg, model, data, stack), Task(data), QUIET)
     with open("/proc/self/status") as f:
         hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     print(json.dumps({"peak_rss_mib": hwm_kib / 1024, "tokens_per_s": result.tokens_seen / (time.perf_counter() - t)}))

@@ -1,8 +1,9 @@
-"""What both fine-tunings share: the model they start from, and their batches."""
+"""What both fine-tunings share: the model they start from, and their run plan (batches)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from .config import ConfigError
 from .data import IGNORE_INDEX, PAD_ID
 from .model import GPT
 from .presets import model_config
-from .train import batch_plan_for, resolve_device, should_compile
+from .train import RunPlan, batch_plan_for, plan_run
 
 
 def initial_model(cfg, section: str, pretrained: str) -> GPT:
@@ -53,19 +54,22 @@ def initial_model(cfg, section: str, pretrained: str) -> GPT:
 LENGTH_MULTIPLE = 8
 
 
-def batching(cfg, lengths: list[int], collate: Callable):
-    """(batch plan, collate) for the section's `batching`: `bucketed` groups similar
-    lengths; `shuffled` draws random batches padded to their longest; `pad_longest` (the
-    book's) pads every example to the longest in the training set. Compiled, each batch
-    is padded further to a multiple of LENGTH_MULTIPLE tokens (at most `max_length`):
-    padding after the last real token changes no result (causal attention, last-token
-    pooling, ignored targets)."""
-    plan = batch_plan_for(cfg.batching, lengths, cfg.batch_size, cfg.seed)
+def finetune_plan(cfg, model: GPT, train_set, collate: Callable) -> RunPlan:
+    """The run plan of a fine-tuning (`cfg`: its params section; `train_set[i]["input_ids"]`
+    the token ids of item i), batched as the section's `batching` says: `bucketed` groups
+    similar lengths; `shuffled` draws random batches padded to their longest; `pad_longest`
+    (the book's) pads every example to the longest in the training set. Where the plan
+    compiles, each batch is padded further to a multiple of LENGTH_MULTIPLE tokens (at
+    most `max_length`): padding after the last real token changes no result (causal
+    attention, last-token pooling, ignored targets)."""
+    lengths = [len(train_set[i]["input_ids"]) for i in range(len(train_set))]
     if cfg.batching == "pad_longest":
         collate = partial(collate, pad_to=max(lengths))
-    if should_compile(cfg.compile, resolve_device(cfg.device)):
-        collate = partial(padded_to_multiple, collate, LENGTH_MULTIPLE, cfg.max_length)
-    return plan, collate
+    batches = batch_plan_for(cfg.batching, lengths, cfg.batch_size, cfg.seed)
+    plan = plan_run(cfg, model, train_set, collate, batches, dynamic=True)
+    if not plan.compiled:
+        return plan
+    return replace(plan, collate=partial(padded_to_multiple, collate, LENGTH_MULTIPLE, cfg.max_length))
 
 
 def padded_to_multiple(collate: Callable, multiple: int, max_length: int, items: list) -> dict:

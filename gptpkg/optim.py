@@ -2,9 +2,9 @@
 
 Fine-tuning a classifier unties the token embedding from the head, so the embedding's
 gradient touches only the rows of tokens in the batch: a few hundred of 50,257. Dense
-AdamW still zero-fills, clips and updates every row; skipping that made bucketed
-`cpu-mini` classifier steps 1.20x faster on the 2-core CPU (bench/finetune_batching.py
---dense-embedding-too).
+AdamW still zero-fills, clips and updates every row, the largest per-step cost of a
+bucketed CPU classifier step once padding is gone (measured with
+bench/finetune_batching.py --dense-embedding-too: docs/performance.md).
 
 `RowSparseAdamW` gives the same result as `torch.optim.AdamW` while touching only the
 rows that ever had a gradient. For a row that never had one, both moments are zero,
@@ -58,11 +58,12 @@ class RowSparseAdamW(torch.optim.Optimizer):
         if not st:
             st["step"] = 0
             # Moments of touched rows, packed: slot i holds row rows_by_slot[i], so the
-            # update reads and writes them without a gather or scatter.
+            # update reads and writes them without a gather or scatter. Zeros, not empty:
+            # unused slots are saved in trainer.pt too, which must not hold stale memory.
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             st["slot"] = torch.full((p.shape[0],), -1, dtype=torch.long, device=p.device)
-            st["rows_by_slot"] = torch.empty(p.shape[0], dtype=torch.long, device=p.device)
+            st["rows_by_slot"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
             st["n_touched"] = 0
             st["decay"] = 1.0  # product of every step's 1 - lr * wd so far
             st["stamp"] = torch.ones(p.shape[0], dtype=torch.float64, device=p.device)

@@ -3,7 +3,9 @@
 `fit` owns: AdamW (`optim.make_optimizer`), linear warmup + cosine decay, gradient
 accumulation and clipping, bf16 autocast and `torch.compile` on CUDA, periodic eval,
 progress with tokens/s, atomic checkpoints and resume, and a loud stop on a non-finite
-loss. What differs between trainings is the loss and the eval, passed in.
+loss. What is decided before the first step (device, precision, DDP, steps, compile,
+batches) is a `RunPlan`, made once by `plan_run`; what differs between trainings (data,
+loss, eval, checkpoint folder) is a `Task`: `fit(model, plan, task, ctx)`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -70,15 +72,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 # `compile: auto` compiles only where compiling earns back its own cost: on CUDA, for a
-# stage whose planned training work (FLOPs per token x planned tokens) is at least this
-# many FLOPs. On an H200, GPT-2 small trained at ~470k tokens/s compiled and ~100k on the
-# textbook path, and compiling took ~40 s: earned back after ~5M tokens, ~4e15 FLOPs (a
-# lower bound: the eager fast path is quicker than the textbook one). The default stages
-# plan under 1e14 FLOPs (their compiled pretraining took 43 s on the H200, eager 33 s) and
-# the gpt2-small fine-tunings under 2e15: eager; the gpt2-small pretraining ~7e15:
-# compiled. `bench/gpu_check.sh` times both ways. On CPU, compiling the default
-# pretraining gains ~1.14x tokens per CPU-second after ~47 CPU-seconds of compiling, a few
-# percent of the stage, with other numerics than the README's figures: auto stays eager.
+# stage whose planned training work (FLOPs per token x planned tokens) reaches this many
+# FLOPs. Below it the compile time outweighs the faster steps (short trainings, and the
+# fine-tunings' varying lengths recompile); on CPU the gain is a few percent at best, with
+# other numerics than the README's figures, so auto stays eager there. The measurements
+# behind the threshold: docs/performance.md, "compile: auto"; `bench/gpu_check.sh` times
+# both ways.
 COMPILE_MIN_FLOPS = 4e15
 
 
@@ -180,6 +179,93 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 # ---------------------------------------------------------------------------------
+# The run plan: every decision made before the first step, made once
+
+
+class RunContext(Protocol):
+    """What `fit` reads from a stage's context (a `stages.StageContext`)."""
+
+    logger: MetricLogger
+    resume: bool  # continue from the task's checkpoint
+    progress: bool  # progress bars
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """How a training runs, decided once by `plan_run` (and, for the fine-tunings, its
+    collate by `finetune.finetune_plan`, which reads `compiled`); `fit` only reads it."""
+
+    cfg: TrainConfig  # the stage's params section
+    dist: distributed.DistContext
+    device: torch.device  # this rank's
+    dtype: torch.dtype | None  # autocast's; None = fp32
+    batches: BatchPlan  # epoch -> its micro-batches (lists of training-set indices)
+    collate: Callable[[list], dict]  # training items -> a batch of tensors
+    steps: int  # optimizer steps
+    flops: float  # planned training FLOPs (`planned_flops`), what compile auto weighs
+    compiled: bool  # train through torch.compile
+    dynamic: bool | None  # torch.compile's: True = one graph for varying shapes
+
+
+def total_steps(n_batches_per_epoch: int, cfg: TrainConfig) -> int:
+    per_epoch = n_batches_per_epoch // cfg.grad_accum_steps
+    if per_epoch < 1 and cfg.max_steps == 0:
+        raise ValueError(
+            f"an epoch has {n_batches_per_epoch} micro-batches, fewer than "
+            f"grad_accum_steps={cfg.grad_accum_steps}: no optimizer step would run"
+        )
+    steps = math.ceil(cfg.epochs * per_epoch) if cfg.epochs else cfg.max_steps
+    if cfg.max_steps:
+        steps = min(steps, cfg.max_steps)
+    return max(1, steps)
+
+
+def plan_run(
+    cfg: TrainConfig,
+    model: nn.Module,
+    train_set,
+    collate: Callable[[list], dict],
+    batches: BatchPlan | None = None,
+    dynamic: bool | None = None,
+) -> RunPlan:
+    """The plan for training `model` on `train_set` as `cfg` says: joins the process group
+    under torchrun (`distributed.setup`). `batches` defaults to `shuffled_batches`;
+    `dynamic` is torch.compile's: True for batches whose shapes vary (the fine-tunings),
+    None specializes on the first shape (pretraining's are fixed)."""
+    dist_ctx, device = distributed.setup(resolve_device(cfg.device))
+    batches = batches or shuffled_batches(len(train_set), cfg.batch_size, cfg.seed)
+    steps = total_steps(len(batches(0)), cfg)
+    flops = planned_flops(model, steps, cfg)
+    return RunPlan(
+        cfg=cfg,
+        dist=dist_ctx,
+        device=device,
+        dtype=autocast_dtype(cfg.precision, device),
+        batches=batches,
+        collate=collate,
+        steps=steps,
+        flops=flops,
+        compiled=should_compile(cfg.compile, device, flops),
+        dynamic=dynamic,
+    )
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a training learns from and what it leaves: `fit`'s other half beside the plan."""
+
+    train_set: Any  # len() and [i] -> an item the plan's collate takes
+    loss_fn: LossFn = lm_loss
+    eval_fn: EvalFn | None = None  # every cfg.eval_every steps and at the end
+    # Runs once training is over, before the final checkpoint (e.g. a decision rule that
+    # training must not see).
+    finalize: Callable[[nn.Module], None] | None = None
+    checkpoint_dir: str | Path | None = None  # None: no checkpoints, no resume
+    meta: dict[str, Any] = field(default_factory=dict)  # into the checkpoint's config.json
+    desc: str = "train"  # the progress bar's label
+
+
+# ---------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -232,19 +318,6 @@ class FitResult:
     @property
     def final(self) -> dict[str, Any]:
         return self.history[-1] if self.history else {}
-
-
-def total_steps(n_batches_per_epoch: int, cfg: TrainConfig) -> int:
-    per_epoch = n_batches_per_epoch // cfg.grad_accum_steps
-    if per_epoch < 1 and cfg.max_steps == 0:
-        raise ValueError(
-            f"an epoch has {n_batches_per_epoch} micro-batches, fewer than "
-            f"grad_accum_steps={cfg.grad_accum_steps}: no optimizer step would run"
-        )
-    steps = math.ceil(cfg.epochs * per_epoch) if cfg.epochs else cfg.max_steps
-    if cfg.max_steps:
-        steps = min(steps, cfg.max_steps)
-    return max(1, steps)
 
 
 def set_seed(seed: int) -> None:
@@ -317,16 +390,14 @@ class Window:
         return self.tokens / max(time.perf_counter() - self.t0, 1e-9)
 
 
-def restore(
-    checkpoint_dir: str | Path, model: nn.Module, optimizer, cfg: TrainConfig, device: torch.device
-) -> Progress | None:
+def restore(model: nn.Module, optimizer, plan: RunPlan, checkpoint_dir: str | Path) -> Progress | None:
     """Load a resumable checkpoint into `model` and `optimizer`; None when there is none.
-    It must have been trained with the same training params as `cfg`."""
+    It must have been trained with the same training params as `plan.cfg`."""
     state = ckpt.load_trainer_state(checkpoint_dir)
     if state is None:
         return None
-    ckpt.check_same_training(checkpoint_dir, cfg.training_params())
-    saved, _ = ckpt.load_checkpoint(checkpoint_dir, map_location=device)
+    ckpt.check_same_training(checkpoint_dir, plan.cfg.training_params())
+    saved, _ = ckpt.load_checkpoint(checkpoint_dir, map_location=plan.device)
     ckpt.unwrap(model).load_state_dict(saved.state_dict())
     optim.load_optimizer_state(optimizer, state["optimizer"])
     torch.set_rng_state(state["rng"])
@@ -340,55 +411,54 @@ def restore(
 
 
 def save(
-    checkpoint_dir: str | Path | None,
-    model: nn.Module,
-    optimizer,
-    progress: Progress,
-    cfg: TrainConfig,
-    meta: dict[str, Any] | None,
-    dist_ctx,
-    final: bool,
+    model: nn.Module, plan: RunPlan, task: Task, progress: Progress, optimizer=None, final: bool = True, **extra_meta
 ) -> None:
-    """A resumable checkpoint, written by rank 0 while the other ranks wait."""
-    if checkpoint_dir is None:
+    """The one way a trained model folder is written (`task.checkpoint_dir`; nothing when
+    None): by rank 0 while the other ranks wait. config.json's meta is `task.meta`, the
+    step, the training params (what `--resume` compares), then `extra_meta`. With the
+    `optimizer` it is resumable: trainer.pt holds the optimizer, the RNG and `progress`
+    (`final`: without timings, so the same run writes the same bytes)."""
+    if task.checkpoint_dir is None:
         return
-    if dist_ctx.is_main:
-        optim.flush(optimizer)
+    if plan.dist.is_main:
+        trainer = None
+        if optimizer is not None:
+            optim.flush(optimizer)
+            trainer = {**progress.state(final), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
         ckpt.save_checkpoint(
-            checkpoint_dir,
+            task.checkpoint_dir,
             model,
-            meta={**(meta or {}), "step": progress.step, "params": cfg.training_params()},
-            trainer_state={**progress.state(final), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
+            meta={**task.meta, "step": progress.step, "params": plan.cfg.training_params(), **extra_meta},
+            trainer_state=trainer,
         )
-    distributed.barrier(dist_ctx)
+    distributed.barrier(plan.dist)
+
+
+def train_batches(plan: RunPlan, train_set, skip: int) -> Iterator[dict]:
+    """The plan's micro-batches after the first `skip`, this rank's slice of each,
+    collated and on the device."""
+    for idx in _micro_batches(plan.batches, skip):
+        if plan.dist.enabled:
+            idx = distributed.shard(idx, plan.dist)
+        yield to_device(plan.collate([train_set[i] for i in idx]), plan.device)
 
 
 def train_step(
-    run_model: nn.Module,
-    micro: Iterator[list[int]],
-    train_set,
-    collate: Callable,
-    loss_fn: LossFn,
-    cfg: TrainConfig,
-    dist_ctx,
-    device: torch.device,
-    dtype,
+    run_model: nn.Module, batches: Iterator[dict], loss_fn: LossFn, plan: RunPlan
 ) -> tuple[torch.Tensor, int, int]:
-    """Forward and backward over `grad_accum_steps` micro-batches: (mean loss on the
-    device, tokens, examples), the counts over all ranks."""
-    step_loss, tokens, examples = torch.zeros((), device=device), 0, 0
-    for k in range(cfg.grad_accum_steps):
-        idx = next(micro)
-        if dist_ctx.enabled:
-            idx = distributed.shard(idx, dist_ctx)
-        batch = to_device(collate([train_set[i] for i in idx]), device)
+    """Forward and backward over `grad_accum_steps` micro-batches of `batches`: (mean
+    loss on the device, tokens, examples), the counts over all ranks."""
+    accum, dist_ctx = plan.cfg.grad_accum_steps, plan.dist
+    step_loss, tokens, examples = torch.zeros((), device=plan.device), 0, 0
+    for k in range(accum):
+        batch = next(batches)
         # DDP: average gradients across ranks only on the last micro-batch.
-        sync = k == cfg.grad_accum_steps - 1 or not dist_ctx.enabled
+        sync = k == accum - 1 or not dist_ctx.enabled
         with contextlib.nullcontext() if sync else run_model.no_sync():
-            with autocast(device, dtype):
+            with autocast(plan.device, plan.dtype):
                 loss, n_tok = loss_fn(run_model, batch)
-            (loss / cfg.grad_accum_steps).backward()
-        step_loss += loss.detach() / cfg.grad_accum_steps
+            (loss / accum).backward()
+        step_loss += loss.detach() / accum
         tokens += n_tok * dist_ctx.world_size  # every rank trains on an equal slice
         examples += batch["input_ids"].shape[0] * dist_ctx.world_size
     return step_loss, tokens, examples
@@ -442,32 +512,15 @@ class LossLog:
         self.pending.clear()
 
 
-def fit(
-    model: nn.Module,
-    train_set,
-    collate: Callable[[list], dict],
-    cfg: TrainConfig,
-    loss_fn: LossFn = lm_loss,
-    eval_fn: EvalFn | None = None,
-    batch_plan: BatchPlan | None = None,
-    checkpoint_dir: str | Path | None = None,
-    meta: dict[str, Any] | None = None,
-    finalize: Callable[[nn.Module], None] | None = None,
-    ctx=None,
-    desc: str = "train",
-    dynamic: bool | None = None,
-) -> FitResult:
-    """Train `model` in place on `train_set` and return its history.
+def fit(model: nn.Module, plan: RunPlan, task: Task, ctx: RunContext | None = None) -> FitResult:
+    """Train `model` in place on `task.train_set` as `plan` says and return its history.
 
-    `eval_fn(model)` returns metrics (e.g. val loss) every `cfg.eval_every` steps and at
-    the end. With `checkpoint_dir`, a resumable checkpoint is written every
-    `cfg.checkpoint_every` steps and at the end; `ctx.resume` continues from it.
-    `finalize(model)` runs once training is over, before the final checkpoint is
-    written (e.g. a decision rule that training must not see). `ctx` (a StageContext;
-    None = no logger, no resume, progress bars) brings the logger, resume and progress.
-
-    `dynamic` is torch.compile's: True compiles one graph for batches whose shapes vary
-    (the fine-tunings); None specializes on the first shape (pretraining's are fixed).
+    `task.eval_fn(model)` returns metrics (e.g. val loss) every `cfg.eval_every` steps and
+    at the end. With `task.checkpoint_dir`, a resumable checkpoint is written every
+    `cfg.checkpoint_every` steps and at the end (`save`); `ctx.resume` continues from it.
+    `task.finalize(model)` runs once training is over, before the final checkpoint is
+    written. `ctx` (None = no logger, no resume, progress bars) brings the logger, resume
+    and progress.
 
     Under `torchrun` (WORLD_SIZE > 1) it trains with DDP: every micro-batch of the plan
     is a global batch, each rank trains on its slice, gradients are averaged; the loss
@@ -477,25 +530,25 @@ def fit(
     """
     from tqdm.auto import tqdm
 
-    dist_ctx, device = distributed.setup(resolve_device(cfg.device))
+    cfg, dist_ctx, device, steps = plan.cfg, plan.dist, plan.device, plan.steps
     logger: MetricLogger = (ctx.logger if ctx is not None else NullLogger()) if dist_ctx.is_main else NullLogger()
-    dtype = autocast_dtype(cfg.precision, device)
     model.to(device).train()
-    plan = batch_plan or shuffled_batches(len(train_set), cfg.batch_size, cfg.seed)
-    steps = total_steps(len(plan(0)), cfg)
-    flops = planned_flops(model, steps, cfg)
-    compiled = should_compile(cfg.compile, device, flops)
     if cfg.compile == "auto" and device.type == "cuda" and dist_ctx.is_main:
-        choice = "compiled" if compiled else "eager"
-        print(f"{desc}: compile auto -> {choice} ({flops:.1e} planned FLOPs; compiles from {COMPILE_MIN_FLOPS:.0e})")
-    optimizer, sparse = optim.make_optimizer(model, cfg, device, not dist_ctx.enabled, compiled)
-    resume = ctx is not None and ctx.resume and checkpoint_dir is not None
-    progress = (restore(checkpoint_dir, model, optimizer, cfg, device) if resume else None) or Progress()
+        choice = "compiled" if plan.compiled else "eager"
+        print(
+            f"{task.desc}: compile auto -> {choice} ({plan.flops:.1e} planned FLOPs; "
+            f"compiles from {COMPILE_MIN_FLOPS:.0e})"
+        )
+    optimizer, sparse = optim.make_optimizer(model, cfg, device, not dist_ctx.enabled, plan.compiled)
+    resume = ctx is not None and ctx.resume and task.checkpoint_dir is not None
+    progress = (restore(model, optimizer, plan, task.checkpoint_dir) if resume else None) or Progress()
     if not progress.step:
         set_seed(cfg.seed + dist_ctx.rank)  # distinct dropout masks per rank
     # After resume: DDP broadcasts rank 0's weights to every rank when it wraps.
-    run_model = distributed.wrap(torch.compile(model, dynamic=dynamic) if compiled else model, dist_ctx, device)
-    micro = _micro_batches(plan, progress.step * cfg.grad_accum_steps)
+    run_model = distributed.wrap(
+        torch.compile(model, dynamic=plan.dynamic) if plan.compiled else model, dist_ctx, device
+    )
+    batches = train_batches(plan, task.train_set, progress.step * cfg.grad_accum_steps)
 
     def evaluate(window: Window | None) -> None:
         row: dict[str, Any] = dict(
@@ -503,11 +556,11 @@ def fit(
         )
         if window is not None:
             row.update(train_loss=window.mean_loss, tokens_per_s=window.tokens_per_s)
-        if eval_fn is not None:
+        if task.eval_fn is not None:
             optim.flush(optimizer)
             model.eval()
-            with torch.no_grad(), autocast(device, dtype):
-                row.update(distributed.mean_metrics(eval_fn(model), dist_ctx, device))
+            with torch.no_grad(), autocast(device, plan.dtype):
+                row.update(distributed.mean_metrics(task.eval_fn(model), dist_ctx, device))
             model.train()
         row["elapsed_s"] = progress.elapsed_s()
         progress.history.append(row)
@@ -515,22 +568,22 @@ def fit(
 
     show = dist_ctx.is_main and (ctx is None or ctx.progress)
     window = Window()
-    losses = LossLog(loss_read_every(device), dist_ctx, logger, checkpoint_dir)
+    losses = LossLog(loss_read_every(device), dist_ctx, logger, task.checkpoint_dir)
 
     def is_eval_step(step: int) -> bool:
         return bool(cfg.eval_every and step % cfg.eval_every == 0) or step == steps
 
     with (
         sparse,
-        tqdm(total=steps, initial=progress.step, desc=desc, disable=None if show else True, dynamic_ncols=True) as bar,
+        tqdm(
+            total=steps, initial=progress.step, desc=task.desc, disable=None if show else True, dynamic_ncols=True
+        ) as bar,
     ):
         while progress.step < steps:
             lr = lr_at(progress.step, steps, cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            loss, tokens, examples = train_step(
-                run_model, micro, train_set, collate, loss_fn, cfg, dist_ctx, device, dtype
-            )
+            loss, tokens, examples = train_step(run_model, batches, task.loss_fn, plan)
             if cfg.grad_clip > 0:
                 optim.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -548,11 +601,11 @@ def fit(
                 evaluate(window)
                 window = Window()
             if checkpoint_now and progress.step != steps:
-                save(checkpoint_dir, model, optimizer, progress, cfg, meta, dist_ctx, final=False)
+                save(model, plan, task, progress, optimizer, final=False)
     if not progress.history:  # resumed a finished run
         evaluate(None)
     wall = progress.elapsed_s()
-    if finalize is not None:
-        finalize(model)
-    save(checkpoint_dir, model, optimizer, progress, cfg, meta, dist_ctx, final=True)
-    return replace(progress.result(wall), compiled=compiled)
+    if task.finalize is not None:
+        task.finalize(model)
+    save(model, plan, task, progress, optimizer, final=True)
+    return replace(progress.result(wall), compiled=plan.compiled)

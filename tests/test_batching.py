@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from functools import partial
 from statistics import mean
@@ -12,9 +13,9 @@ from helpers import params_in
 
 from gptpkg.config import ConfigError, TrainConfig
 from gptpkg.data import classification_collate, instruction_collate
-from gptpkg.finetune import batching
+from gptpkg.finetune import LENGTH_MULTIPLE, finetune_plan
 from gptpkg.loggers import NullLogger
-from gptpkg.train import batch_plan_for, bucketed_batches, shuffled_batches
+from gptpkg.train import Task, batch_plan_for, bucketed_batches, plan_run, shuffled_batches
 
 _rng = random.Random(0)
 LENGTHS = [_rng.randint(3, 120) for _ in range(1000)]
@@ -56,6 +57,23 @@ def test_bucketed_plan_groups_lengths_and_cuts_padding():
     assert firsts != sorted(firsts)
 
 
+def _tiny_model():
+    from gptpkg.config import model_config
+    from gptpkg.model import GPT
+
+    return GPT(model_config("tiny"))
+
+
+def _items(lengths):
+    return [{"input_ids": [1] * n, "label": 0, "prompt_len": 1} for n in lengths]
+
+
+def batching(cfg, lengths, collate):
+    """(batch plan, collate) of the fine-tuning plan for items of these lengths."""
+    plan = finetune_plan(cfg, _tiny_model(), _items(lengths), collate)
+    return plan.batches, plan.collate
+
+
 def test_batching_settings_and_errors(tmp_path):
     lengths = [5, 9, 2, 7, 3, 11, 4, 8]
     sets = ["finetune_spam.batch_size=4", "finetune_instruct.batch_size=4"]
@@ -80,6 +98,20 @@ def test_batching_settings_and_errors(tmp_path):
             params_in(tmp_path, f"{section}.batching=sorted")
 
 
+def test_the_padding_to_a_length_multiple_follows_the_plans_compile_decision(tmp_path):
+    """The fine-tunings pad batch lengths to LENGTH_MULTIPLE exactly when their run plan
+    compiles; the plan makes the compile decision once (here on CPU: compile true pads,
+    auto and false do not)."""
+    lengths = [5, 9, 2, 7, 3, 11, 4, 8]
+    items = [{"input_ids": [1] * 3, "label": 0}, {"input_ids": [1] * 5, "label": 1}]
+    for setting, compiled in (("true", True), ("auto", False), ("false", False)):
+        cfg = params_in(tmp_path, "finetune_spam.batch_size=4", f"finetune_spam.compile={setting}").finetune_spam
+        plan = finetune_plan(cfg, _tiny_model(), _items(lengths), classification_collate)
+        assert plan.compiled is compiled and plan.dynamic is True
+        assert plan.collate(items)["input_ids"].shape == (2, LENGTH_MULTIPLE if compiled else 5)
+        assert plan.steps == math.ceil(cfg.epochs * len(plan.batches(0)))  # one micro-batch a step
+
+
 def test_fit_with_a_bucketed_plan_resumes_to_the_same_weights(tmp_path):
     import torch
 
@@ -100,8 +132,11 @@ def test_fit_with_a_bucketed_plan_resumes_to_the_same_weights(tmp_path):
         torch.manual_seed(0)
         return GPTClassifier(GPT(model_config("tiny", vocab_size=500, drop_rate=0.0)), 2)
 
+    def run(m, loss_fn, ctx, checkpoint_dir=None):
+        return fit(m, plan_run(cfg, m, data, collate, plan), Task(data, loss_fn, checkpoint_dir=checkpoint_dir), ctx)
+
     straight = model()
-    fit(straight, data, collate, cfg, classification_loss(), batch_plan=plan, ctx=quiet)
+    run(straight, classification_loss(), quiet)
 
     calls = {"n": 0}
     base_loss = classification_loss()
@@ -113,27 +148,9 @@ def test_fit_with_a_bucketed_plan_resumes_to_the_same_weights(tmp_path):
         return base_loss(m, batch)
 
     with pytest.raises(KeyboardInterrupt):
-        fit(
-            model(),
-            data,
-            collate,
-            cfg,
-            crash_after_three_steps,
-            batch_plan=plan,
-            checkpoint_dir=tmp_path / "ck",
-            ctx=quiet,
-        )
+        run(model(), crash_after_three_steps, quiet, tmp_path / "ck")
     resumed = model()
-    r = fit(
-        resumed,
-        data,
-        collate,
-        cfg,
-        base_loss,
-        batch_plan=plan,
-        checkpoint_dir=tmp_path / "ck",
-        ctx=SimpleNamespace(logger=NullLogger(), resume=True, progress=False),
-    )
+    r = run(resumed, base_loss, SimpleNamespace(logger=NullLogger(), resume=True, progress=False), tmp_path / "ck")
     assert r.steps == 6 and r.examples_seen == sum(len(b) for b in (plan(0) + plan(1))[:6])
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)

@@ -185,7 +185,7 @@ def test_cross_validate_trains_each_fold_on_the_others_from_the_same_init(handfu
     from gptpkg.model import GPT, GPTClassifier
     from gptpkg.presets import model_config
     from gptpkg.stages.finetune_spam import cross_validate, predict_proba
-    from gptpkg.train import classification_loss, fit
+    from gptpkg.train import Task, classification_loss, fit, plan_run
 
     _, parts = handful
     rows = parts["train"]
@@ -199,7 +199,7 @@ def test_cross_validate_trains_each_fold_on_the_others_from_the_same_init(handfu
     def train_fn(model, subset):
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # a fresh copy of init
         trained = [tok.decode(ids) for ids in subset.ids]
-        fit(model, subset, classification_collate, cfg, loss_fn=classification_loss(None))
+        fit(model, plan_run(cfg, model, subset, classification_collate), Task(subset, classification_loss(None)))
         seen.append((trained, []))
 
     def predict_fn(model, subset):

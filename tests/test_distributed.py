@@ -52,7 +52,7 @@ def _collate(items):
 
 
 def _train(out: Path, rank: int):
-    from gptpkg.train import fit
+    from gptpkg.train import Task, fit, plan_run
 
     torch.manual_seed(0)
     model = GPT(model_config("tiny", vocab_size=500, context_length=16, drop_rate=0.0))
@@ -64,12 +64,9 @@ def _train(out: Path, rank: int):
 
     result = fit(
         model,
-        data,
-        _collate,
-        CFG,
-        eval_fn=eval_fn,
-        checkpoint_dir=out / "ckpt",
-        ctx=SimpleNamespace(logger=FileLogger(out / f"log{rank}.jsonl"), resume=False, progress=False),
+        plan_run(CFG, model, data, _collate),
+        Task(data, eval_fn=eval_fn, checkpoint_dir=out / "ckpt"),
+        SimpleNamespace(logger=FileLogger(out / f"log{rank}.jsonl"), resume=False, progress=False),
     )
     torch.save(model.state_dict(), out / f"weights{rank}.pt")
     (out / f"result{rank}.json").write_text(

@@ -14,7 +14,7 @@ from gptpkg.loggers import NullLogger
 from gptpkg.model import GPT, GPTClassifier
 from gptpkg.optim import OptimizerSet, RowSparseAdamW, clip_grad_norm_, make_optimizer, row_sparse_embedding
 from gptpkg.presets import model_config
-from gptpkg.train import classification_loss, fit
+from gptpkg.train import Task, classification_loss, fit, plan_run
 
 CPU = torch.device("cpu")
 
@@ -22,6 +22,11 @@ CPU = torch.device("cpu")
 def quiet(resume=False):
     """What `fit` reads from a StageContext: no logging, no progress bar."""
     return SimpleNamespace(logger=NullLogger(), resume=resume, progress=False)
+
+
+def run_fit(model, data, cfg, ctx=None, **task):
+    """`fit` on the plan `plan_run` makes from `cfg`, with a Task of `data` and `task`."""
+    return fit(model, plan_run(cfg, model, data, _collate), Task(data, **task), ctx)
 
 
 def test_row_sparse_adamw_matches_adamw_with_decay_a_schedule_and_rows_joining_late():
@@ -126,10 +131,9 @@ def test_fit_gives_a_classifier_the_same_weights_with_the_row_sparse_embedding()
     for sparse in (True, False):
         model = _classifier()
         assert (row_sparse_embedding(model, sparse, CPU, True, False) is not None) == sparse
-        fit(
+        run_fit(
             model,
             _texts(),
-            _collate,
             cfg.replace(sparse_embedding=sparse),
             loss_fn=classification_loss([1.0, 2.0]),
             ctx=quiet(),
@@ -183,13 +187,12 @@ def test_an_interrupted_row_sparse_run_resumes_to_the_same_weights_and_refuses_a
         checkpoint_every=4,
     )
     full = _classifier()
-    fit(full, _texts(), _collate, cfg, loss_fn=classification_loss(), ctx=quiet())
+    run_fit(full, _texts(), cfg, loss_fn=classification_loss(), ctx=quiet())
 
     with pytest.raises(Interrupted):  # killed during step 6, after the checkpoint of step 4
-        fit(
+        run_fit(
             _classifier(),
             _texts(),
-            _collate,
             cfg,
             loss_fn=dying(classification_loss(), 6),
             checkpoint_dir=tmp_path,
@@ -199,10 +202,9 @@ def test_an_interrupted_row_sparse_run_resumes_to_the_same_weights_and_refuses_a
     assert state["step"] == 4 and state["optimizer"]["kinds"] == ["AdamW", "RowSparseAdamW"]
     # sparse_embedding is a training param: --resume refuses another value ...
     with pytest.raises(ConfigError, match=r"other values for \['sparse_embedding'\]"):
-        fit(
+        run_fit(
             _classifier(),
             _texts(),
-            _collate,
             cfg.replace(sparse_embedding=False),
             loss_fn=classification_loss(),
             checkpoint_dir=tmp_path,
@@ -213,10 +215,9 @@ def test_an_interrupted_row_sparse_run_resumes_to_the_same_weights_and_refuses_a
     frozen = _classifier()
     frozen.set_trainable("head")
     with pytest.raises(GptpkgError, match=r"written by \['AdamW', 'RowSparseAdamW'\].*uses \['AdamW'\]"):
-        fit(
+        run_fit(
             frozen,
             _texts(),
-            _collate,
             cfg,
             loss_fn=classification_loss(),
             checkpoint_dir=tmp_path,
@@ -224,9 +225,7 @@ def test_an_interrupted_row_sparse_run_resumes_to_the_same_weights_and_refuses_a
         )
     # ... the same layout continues to the uninterrupted run's weights.
     resumed = _classifier(seed=99)
-    fit(
-        resumed, _texts(), _collate, cfg, loss_fn=classification_loss(), checkpoint_dir=tmp_path, ctx=quiet(resume=True)
-    )
+    run_fit(resumed, _texts(), cfg, loss_fn=classification_loss(), checkpoint_dir=tmp_path, ctx=quiet(resume=True))
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
 
@@ -236,3 +235,15 @@ def test_sparse_embedding_setting_is_checked():
         with pytest.raises(ConfigError, match=r"params.finetune_spam.sparse_embedding: expected true\|false"):
             TrainConfig.parse({"sparse_embedding": bad}, "params.finetune_spam")
     assert TrainConfig.parse({"sparse_embedding": False}, "params.finetune_spam").sparse_embedding is False
+
+
+def test_a_row_sparse_run_writes_the_same_trainer_state_bytes_twice(tmp_path):
+    """The optimizer state in a final checkpoint is a pipeline output: the same run
+    writes the same bytes, slots of rows never touched included."""
+    cfg = TrainConfig(lr=3e-3, epochs=0, max_steps=3, batch_size=4, eval_every=0, device="cpu", compile=False)
+    for name in ("a", "b"):
+        junk = torch.full((1 << 20,), 7, dtype=torch.long)  # leave non-zero memory behind to reuse
+        del junk
+        run_fit(_classifier(), _texts(), cfg, loss_fn=classification_loss(), checkpoint_dir=tmp_path / name)
+    assert ckpt.load_trainer_state(tmp_path / "a")["optimizer"]["kinds"] == ["AdamW", "RowSparseAdamW"]
+    assert (tmp_path / "a" / "trainer.pt").read_bytes() == (tmp_path / "b" / "trainer.pt").read_bytes()

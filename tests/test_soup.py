@@ -58,7 +58,15 @@ def test_a_soup_is_the_mean_of_its_members_each_a_plain_fine_tuning(handful, mon
         real_rmtree(path, **kw)
 
     monkeypatch.setattr(clf.shutil, "rmtree", keep_members)
+    saves, real_save = [], clf.save
+
+    def record_save(model, plan, task, progress, *a, **extra_meta):  # the one save `fit` uses too
+        saves.append((Path(task.checkpoint_dir), extra_meta))
+        return real_save(model, plan, task, progress, *a, **extra_meta)
+
+    monkeypatch.setattr(clf, "save", record_save)
     run_stage("finetune_spam", p, progress=False)
+    assert saves == [(out, {"soup": [123, 124]})]
     assert not work.exists()
     assert sorted(kept) == ["member-1", "member-2"]
     (w1, s1), (w2, s2) = kept["member-1"], kept["member-2"]

@@ -13,6 +13,7 @@ from gptpkg.model import GPT
 from gptpkg.optim import make_optimizer, param_groups
 from gptpkg.presets import model_config
 from gptpkg.train import (
+    Task,
     TrainingDiverged,
     autocast_dtype,
     batches_of,
@@ -20,6 +21,7 @@ from gptpkg.train import (
     lm_loss,
     lr_at,
     mean_loss,
+    plan_run,
     planned_flops,
     should_compile,
     shuffled_batches,
@@ -34,6 +36,12 @@ def quiet(resume=False):
 
 def collate(items):
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def run_fit(model, data, c, batch_plan=None, ctx=None, **task):
+    """`fit` on the plan `plan_run` makes from `c` (and `batch_plan`), with a Task of
+    `data` and the `task` fields."""
+    return fit(model, plan_run(c, model, data, collate, batch_plan), Task(data, **task), ctx)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +64,7 @@ def test_a_few_hundred_steps_lower_the_loss_well_below_its_start(verdict_ids):
     model = tiny_model()
     start = mean_loss(model, batches_of(data, collate, 16), lm_loss, torch.device("cpu"))
     assert abs(start - math.log(50257)) < 0.5  # untrained: about uniform
-    result = fit(model, data, collate, cfg(max_steps=200, batch_size=2, lr=5e-3, eval_every=0), ctx=quiet())
+    result = run_fit(model, data, cfg(max_steps=200, batch_size=2, lr=5e-3, eval_every=0), ctx=quiet())
     end = mean_loss(model, batches_of(data, collate, 16), lm_loss, torch.device("cpu"))
     assert result.steps == 200
     assert end < start - 3.0, (start, end)
@@ -65,23 +73,22 @@ def test_a_few_hundred_steps_lower_the_loss_well_below_its_start(verdict_ids):
 
 def test_same_seed_same_losses(verdict_ids):
     data = TokenWindows(verdict_ids, 16, 16)
-    runs = [fit(tiny_model(), data, collate, cfg(), ctx=quiet()).history for _ in range(2)]
+    runs = [run_fit(tiny_model(), data, cfg(), ctx=quiet()).history for _ in range(2)]
     assert [r["train_loss"] for r in runs[0]] == [r["train_loss"] for r in runs[1]]
-    other = fit(tiny_model(), data, collate, cfg(seed=8), ctx=quiet()).history
+    other = run_fit(tiny_model(), data, cfg(seed=8), ctx=quiet()).history
     assert [r["train_loss"] for r in other] != [r["train_loss"] for r in runs[0]]
 
 
 def test_resume_continues_from_the_saved_step_with_the_same_optimizer_state(verdict_ids, tmp_path):
     data = TokenWindows(verdict_ids, 16, 16)
     full = tiny_model()
-    ref = fit(full, data, collate, cfg(max_steps=10, eval_every=5), ctx=quiet())
+    ref = run_fit(full, data, cfg(max_steps=10, eval_every=5), ctx=quiet())
 
     # an interrupted run: same schedule, checkpoint every 5 steps, killed during step 7
     with pytest.raises(Interrupted):
-        fit(
+        run_fit(
             tiny_model(),
             data,
-            collate,
             cfg(max_steps=10, eval_every=5, checkpoint_every=5),
             loss_fn=dying(lm_loss, 7),
             checkpoint_dir=tmp_path / "ck",
@@ -93,10 +100,9 @@ def test_resume_continues_from_the_saved_step_with_the_same_optimizer_state(verd
     # fit refuses to continue it under other training params, and leaves it as it was
     before = (tmp_path / "ck" / "model.safetensors").read_bytes()
     with pytest.raises(ConfigError, match=r"--resume: .* other values for \['lr', 'max_steps'\]"):
-        fit(
+        run_fit(
             tiny_model(),
             data,
-            collate,
             cfg(max_steps=12, eval_every=5, checkpoint_every=5, lr=2e-3),
             checkpoint_dir=tmp_path / "ck",
             ctx=quiet(resume=True),
@@ -104,10 +110,9 @@ def test_resume_continues_from_the_saved_step_with_the_same_optimizer_state(verd
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
 
     resumed = tiny_model(seed=999)  # weights are replaced by the checkpoint's
-    out = fit(
+    out = run_fit(
         resumed,
         data,
-        collate,
         cfg(max_steps=10, eval_every=5, checkpoint_every=5),
         checkpoint_dir=tmp_path / "ck",
         ctx=quiet(resume=True),
@@ -132,7 +137,7 @@ def test_checkpoint_every_n_steps(verdict_ids, tmp_path, monkeypatch):
         return real(target, model, meta, trainer_state)
 
     monkeypatch.setattr(ckpt, "save_checkpoint", spy)
-    fit(tiny_model(), data, collate, cfg(max_steps=7, checkpoint_every=3), checkpoint_dir=tmp_path / "c", ctx=quiet())
+    run_fit(tiny_model(), data, cfg(max_steps=7, checkpoint_every=3), checkpoint_dir=tmp_path / "c", ctx=quiet())
     assert seen == [3, 6, 7]
     model, config = ckpt.load_checkpoint(tmp_path / "c")
     assert config["meta"]["step"] == 7
@@ -143,7 +148,7 @@ def test_checkpoint_every_n_steps(verdict_ids, tmp_path, monkeypatch):
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(verdict_ids, tmp_path):
     data = TokenWindows(verdict_ids, 16, 16)
     model = tiny_model()
-    fit(model, data, collate, cfg(max_steps=2), checkpoint_dir=tmp_path / "ck", ctx=quiet())
+    run_fit(model, data, cfg(max_steps=2), checkpoint_dir=tmp_path / "ck", ctx=quiet())
     before = (tmp_path / "ck" / "model.safetensors").read_bytes()
 
     def nan_loss(m, batch):
@@ -151,9 +156,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(verdict
         return loss * float("nan"), n
 
     with pytest.raises(TrainingDiverged, match="loss became nan at step 1"):
-        fit(
-            tiny_model(), data, collate, cfg(max_steps=4), loss_fn=nan_loss, checkpoint_dir=tmp_path / "ck", ctx=quiet()
-        )
+        run_fit(tiny_model(), data, cfg(max_steps=4), loss_fn=nan_loss, checkpoint_dir=tmp_path / "ck", ctx=quiet())
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
 
 
@@ -175,10 +178,9 @@ def test_reading_the_loss_every_few_steps_trains_the_same_weights(verdict_ids, m
     for every in (1, 4):
         monkeypatch.setitem(train.LOSS_READ_EVERY, "cpu", every)
         model, log = tiny_model(), StepLog()
-        result = fit(
+        result = run_fit(
             model,
             data,
-            collate,
             cfg(max_steps=11, eval_every=5),
             ctx=SimpleNamespace(logger=log, resume=False, progress=False),
         )
@@ -204,10 +206,9 @@ def test_a_nan_loss_read_late_names_the_step_it_came_at(verdict_ids, tmp_path, m
         return (loss * float("nan") if calls["n"] >= 2 else loss), n
 
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 2 .*steps 3-4 ran after it"):
-        fit(
+        run_fit(
             tiny_model(),
             data,
-            collate,
             cfg(max_steps=8, eval_every=0, checkpoint_every=6),
             loss_fn=nan_from_step_2,
             checkpoint_dir=tmp_path / "ck",
@@ -220,15 +221,14 @@ def test_gradient_accumulation_matches_a_larger_batch(verdict_ids):
     data = TokenWindows(verdict_ids, 16, 16)
     a, b = tiny_model(), tiny_model()
     plan = shuffled_batches(len(data), 8, 7)
-    fit(a, data, collate, cfg(batch_size=8, max_steps=3, grad_clip=0), batch_plan=plan, ctx=quiet())
+    run_fit(a, data, cfg(batch_size=8, max_steps=3, grad_clip=0), batch_plan=plan, ctx=quiet())
 
     def halves(epoch):  # the same 8-example batches, each split in two micro-batches
         return [half for batch in plan(epoch) for half in (batch[:4], batch[4:])]
 
-    fit(
+    run_fit(
         b,
         data,
-        collate,
         cfg(batch_size=4, grad_accum_steps=2, max_steps=3, grad_clip=0),
         batch_plan=halves,
         ctx=quiet(),
@@ -286,7 +286,7 @@ def test_compile_auto_compiles_only_the_long_cuda_trainings():
 
 def test_bf16_autocast_trains_on_cpu(verdict_ids):
     data = TokenWindows(verdict_ids, 16, 16)
-    out = fit(tiny_model(), data, collate, cfg(precision="bf16", max_steps=3), ctx=quiet())
+    out = run_fit(tiny_model(), data, cfg(precision="bf16", max_steps=3), ctx=quiet())
     assert math.isfinite(out.history[-1]["train_loss"])
 
 
@@ -302,6 +302,6 @@ def test_final_checkpoint_is_byte_identical_for_the_same_seed(verdict_ids, tmp_p
     """Timings stay out of the final checkpoint, so DVC sees the same output hash."""
     data = TokenWindows(verdict_ids, 16, 16)
     for name in ("a", "b"):
-        fit(tiny_model(), data, collate, cfg(max_steps=4, eval_every=2), checkpoint_dir=tmp_path / name, ctx=quiet())
+        run_fit(tiny_model(), data, cfg(max_steps=4, eval_every=2), checkpoint_dir=tmp_path / name, ctx=quiet())
     for f in ("model.safetensors", "config.json", "trainer.pt"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f

@@ -17,12 +17,12 @@ from ..answers import item_scores, mean_scores
 from ..config import InstructConfig
 from ..data import InstructionDataset, format_prompt, instruction_collate
 from ..files import write_json
-from ..finetune import batching, initial_model
+from ..finetune import finetune_plan, initial_model
 from ..generate import generate_text
 from ..plots import write_item_scores
 from ..prepared import read_instruct_split
 from ..tokenizer import get_tokenizer
-from ..train import autocast_dtype, batches_of, fit, lm_loss, mean_loss, resolve_device, set_seed
+from ..train import Task, batches_of, fit, lm_loss, mean_loss, set_seed
 
 
 def run(cfg: InstructConfig, ctx) -> dict[str, Any]:
@@ -33,29 +33,23 @@ def run(cfg: InstructConfig, ctx) -> dict[str, Any]:
     splits = {p: read_instruct_split(paths, p) for p in ("train", "val", "test")}
     sets = {p: InstructionDataset(rows, tok) for p, rows in splits.items()}
     collate = partial(instruction_collate, allowed_max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
-    device = resolve_device(cfg.device)
-    dtype = autocast_dtype(cfg.precision, device)
+    plan = finetune_plan(cfg, model, sets["train"], collate)
+    device, dtype = plan.device, plan.dtype
     model.to(device)
     eval_sets = {p: batches_of(sets[p], collate, cfg.batch_size) for p in ("train", "val", "test")}
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         return {"val_loss": mean_loss(m, eval_sets["val"], lm_loss, device, cfg.eval_batches, dtype)}
 
-    plan, train_collate = batching(cfg, [len(it["input_ids"]) for it in sets["train"].items], collate)
-    result = fit(
-        model,
+    task = Task(
         sets["train"],
-        train_collate,
-        cfg,
-        loss_fn=lm_loss,
-        eval_fn=evaluate,
-        batch_plan=plan,
+        lm_loss,
+        evaluate,
         checkpoint_dir=paths.instruct_model,
         meta={"stage": "finetune_instruct"},
-        ctx=ctx,
         desc="finetune_instruct",
-        dynamic=True,
     )
+    result = fit(model, plan, task, ctx)
     # train loss over eval_batches (0 = all) batches: a full pass over the train split costs
     # more than the training itself on CPU; val and test are always complete.
     metrics: dict[str, Any] = {

@@ -21,12 +21,11 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import save_checkpoint
 from ..config import ConfigError, SpamConfig
 from ..data import SPAM_LABELS, ClassificationDataset, classification_collate, stratified_group_folds
-from ..distributed import barrier, env_context, is_main_process
+from ..distributed import is_main_process
 from ..files import write_json
-from ..finetune import batching, initial_model
+from ..finetune import finetune_plan, initial_model
 from ..loggers import NullLogger
 from ..metrics import at_spam_share, classification_metrics
 from ..model import GPTClassifier
@@ -34,13 +33,16 @@ from ..prepared import heldout_full_rows, read_spam_split, spam_train_rows, text
 from ..tokenizer import PAD_ID, get_tokenizer
 from ..train import (
     FitResult,
+    Progress,
+    RunContext,
+    RunPlan,
+    Task,
     autocast,
-    autocast_dtype,
     batches_of,
     classification_loss,
     fit,
     mean_loss,
-    resolve_device,
+    save,
     set_seed,
 )
 
@@ -115,82 +117,49 @@ def soup_workdir(checkpoint_dir: str | Path) -> Path:
     return p.with_name(p.name + ".soup")
 
 
-def train_classifier(
-    model: GPTClassifier,
-    dataset: ClassificationDataset,
-    cfg: SpamConfig,
-    ctx,
-    eval_fn=None,
-    checkpoint_dir: str | Path | None = None,
-    meta: dict | None = None,
-    desc: str = "finetune_spam",
-) -> FitResult:
+def spam_plan(cfg: SpamConfig, model: GPTClassifier, dataset: ClassificationDataset) -> RunPlan:
+    """The run plan of one fine-tuning of `model` on `dataset`."""
+    return finetune_plan(cfg, model, dataset, classification_collate)
+
+
+def spam_task(dataset: ClassificationDataset, cfg: SpamConfig, **kw) -> Task:
+    """A fine-tuning on `dataset` with the section's class-weighted loss; `kw`: the other
+    `Task` fields."""
+    return Task(dataset, classification_loss(cfg.class_weights), desc="finetune_spam", **kw)
+
+
+def train_classifier(model: GPTClassifier, plan: RunPlan, task: Task, ctx: RunContext | None) -> FitResult:
     """The one training setup, for the final classifier and every CV fold: `cfg.soup`
-    fine-tunings of copies of `model` through `fit`, averaged into `model`, then the
+    fine-tunings of copies of `model` through `fit` (`plan`: the first's, `plan.cfg` the
+    SpamConfig; `task.train_set` a ClassificationDataset), averaged into `model`, then the
     decision offset (which training never sees; the checkpoint holds it). Only the first
     member evaluates and logs: its curve is the stage's history."""
+    cfg = plan.cfg  # the SpamConfig the plan was made from
     share = cfg.decision_spam_share
-    offset = None if share is None else [0.0, decision_offset(dataset.labels, cfg.class_weights, share)]
-    lengths = [len(ids) for ids in dataset.ids]
-    loss_fn = classification_loss(cfg.class_weights)
+    offset = None if share is None else [0.0, decision_offset(task.train_set.labels, cfg.class_weights, share)]
     if cfg.soup == 1:
-        plan, collate = batching(cfg, lengths, classification_collate)
-        return fit(
-            model,
-            dataset,
-            collate,
-            cfg,
-            loss_fn,
-            eval_fn,
-            plan,
-            checkpoint_dir,
-            meta,
-            finalize=lambda m: m.set_logit_offset(offset),
-            ctx=ctx,
-            desc=desc,
-            dynamic=True,
-        )
-    work = soup_workdir(checkpoint_dir) if checkpoint_dir is not None else None
+        return fit(model, plan, dataclasses.replace(task, finalize=lambda m: m.set_logit_offset(offset)), ctx)
+    work = soup_workdir(task.checkpoint_dir) if task.checkpoint_dir is not None else None
     quiet = None if ctx is None else dataclasses.replace(ctx, logger=NullLogger())
     start, members, results = copy.deepcopy(model), [], []
     for i, seed in enumerate(soup_seeds(cfg.seed, cfg.soup)):
-        member_cfg = cfg.replace(seed=seed)
-        plan, collate = batching(member_cfg, lengths, classification_collate)
         member = model if i == 0 else copy.deepcopy(start)
-        results.append(
-            fit(
-                member,
-                dataset,
-                collate,
-                member_cfg,
-                loss_fn,
-                eval_fn if i == 0 else None,
-                plan,
-                None if work is None else work / f"member-{i + 1}",
-                meta,
-                ctx=ctx if i == 0 else quiet,
-                desc=f"{desc} soup {i + 1}/{cfg.soup}",
-                dynamic=True,
-            )
+        member_task = dataclasses.replace(
+            task,
+            eval_fn=task.eval_fn if i == 0 else None,
+            finalize=None,
+            checkpoint_dir=None if work is None else work / f"member-{i + 1}",
+            desc=f"{task.desc} soup {i + 1}/{cfg.soup}",
         )
+        member_plan = plan if i == 0 else spam_plan(cfg.replace(seed=seed), member, task.train_set)
+        results.append(fit(member, member_plan, member_task, ctx if i == 0 else quiet))
         members.append(member)
     average_weights(model, members)  # reads every member (model included) before writing model
     del members
     model.set_logit_offset(offset)
-    if checkpoint_dir is not None:
-        if is_main_process():
-            save_checkpoint(
-                checkpoint_dir,
-                model,
-                meta={
-                    **(meta or {}),
-                    "step": results[0].steps,
-                    "params": cfg.training_params(),
-                    "soup": soup_seeds(cfg.seed, cfg.soup),
-                },
-            )
-            shutil.rmtree(work, ignore_errors=True)
-        barrier(env_context())
+    save(model, plan, task, Progress(step=results[0].steps), soup=soup_seeds(cfg.seed, cfg.soup))
+    if work is not None and plan.dist.is_main:
+        shutil.rmtree(work, ignore_errors=True)
     wall, tokens = sum(r.wall_time_s for r in results), sum(r.tokens_seen for r in results)
     # steps: the schedule of each member (as in the history); the rest: all members
     return FitResult(
@@ -267,8 +236,8 @@ def run(cfg: SpamConfig, ctx) -> dict[str, Any]:
     if cfg.cv_folds:
         check_cv_folds(cfg.cv_folds, rows["train"])
     sets = {p: ClassificationDataset(r, tok, cfg.max_length) for p, r in rows.items()}
-    device = resolve_device(cfg.device)
-    dtype = autocast_dtype(cfg.precision, device)
+    plan = spam_plan(cfg, model, sets["train"])
+    device, dtype = plan.device, plan.dtype
     model.to(device)
     init = copy.deepcopy(model) if cfg.cv_folds else None  # every CV fold starts from this
     loss_fn = classification_loss(cfg.class_weights)
@@ -289,9 +258,8 @@ def run(cfg: SpamConfig, ctx) -> dict[str, Any]:
         "pad_id": PAD_ID,
         "decision_spam_share": cfg.decision_spam_share,
     }
-    result = train_classifier(
-        model, sets["train"], cfg, ctx, eval_fn=evaluate, checkpoint_dir=paths.spam_classifier, meta=meta
-    )
+    task = spam_task(sets["train"], cfg, eval_fn=evaluate, checkpoint_dir=paths.spam_classifier, meta=meta)
+    result = train_classifier(model, plan, task, ctx)
     metrics: dict[str, Any] = {
         "steps": result.steps,
         "wall_time_s": result.wall_time_s,
@@ -315,7 +283,7 @@ def run(cfg: SpamConfig, ctx) -> dict[str, Any]:
             [t for t, _ in rows["train"]],
             cfg.cv_folds,
             cfg.seed,
-            lambda m, ds: train_classifier(m, ds, cfg, quiet),
+            lambda m, ds: train_classifier(m, spam_plan(cfg, m, ds), spam_task(ds, cfg), quiet),
             predict,
         )
         metrics.update(cv_metrics, cv_wall_time_s=time.perf_counter() - t0)

@@ -14,7 +14,7 @@ from ..generate import generate_text
 from ..model import GPT
 from ..perf import training_mfu
 from ..prepared import read_corpus
-from ..train import autocast_dtype, batches_of, fit, lm_loss, mean_loss, resolve_device, set_seed
+from ..train import Task, batches_of, fit, lm_loss, mean_loss, plan_run, set_seed
 
 
 def _collate(items: list[dict]) -> dict:
@@ -31,8 +31,8 @@ def run(cfg: PretrainConfig, ctx) -> dict[str, Any]:
 
     set_seed(cfg.seed)
     model = GPT(cfg.architecture())
-    device = resolve_device(cfg.device)
-    dtype = autocast_dtype(cfg.precision, device)
+    plan = plan_run(cfg, model, train_set, _collate)
+    device, dtype = plan.device, plan.dtype
     val_batches = batches_of(val_set, _collate, cfg.batch_size)
     initial_val = mean_loss(model.to(device), val_batches, lm_loss, device, cfg.eval_batches, dtype)
     samples: list[dict[str, Any]] = []
@@ -43,18 +43,15 @@ def run(cfg: PretrainConfig, ctx) -> dict[str, Any]:
         samples.append({"eval": len(samples), "prompt": cfg.sample_prompt, "generation": text})
         return {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
 
-    result = fit(
-        model,
+    task = Task(
         train_set,
-        _collate,
-        cfg,
-        loss_fn=lm_loss,
-        eval_fn=evaluate,
+        lm_loss,
+        evaluate,
         checkpoint_dir=paths.pretrained,
         meta={"stage": "pretrain", "corpus": cfg.corpus},
-        ctx=ctx,
         desc="pretrain",
     )
+    result = fit(model, plan, task, ctx)
     ctx.logger.log_table("samples", ["eval", "prompt", "generation"], [list(s.values()) for s in samples])
     final = result.final
     speed = {}
