@@ -13,12 +13,14 @@ One run, one exported model file, four contenders:
 
 Load comes from `wrk` (1 thread, closed loop, keep-alive) running a Lua script that POSTs
 /classify bodies of real SMS texts: 1, 8 and 32 connections with one text per request,
-and 8 connections with 16 texts per request. Each server starts on 127.0.0.1 (a free
-port), is warmed up, measured under each load, and stopped; the contenders take turns
-within each repeat (the order flips every repeat) and the table shows medians over
-repeats. Server CPU is utime+stime of the server's process tree during a load: in cores,
-in ms per request, and the share of it spent in the busiest process (how evenly the
-workers share the connections). wrk's own CPU is in the JSON (client_cpu_cores).
+and 8 connections with 16 texts per request. In each repeat all servers start on
+127.0.0.1 (free ports) and are warmed up; then each load runs against each server in
+turn (the order flips from load to load and from repeat to repeat), so the contenders of
+one load are measured seconds apart on a machine whose load changes; the idle ones wait.
+The table shows medians over repeats. Server CPU is utime+stime of the server's process
+tree during a load: in cores, in ms per request, and the share of it spent in the busiest
+process (how evenly the workers share the connections). wrk's own CPU is in the JSON
+(client_cpu_cores).
 
     GPTPKG_DATA_MIRROR=../shared/data PYTHONPATH=. python bench/bench_service.py [--quick]
 
@@ -204,7 +206,7 @@ def medians(runs: list[dict]) -> dict:
 
 def metrics_cost(runs: dict) -> dict:
     """Per load: service / service-metrics-off for req/s and CPU ms per request, one ratio
-    per repeat (the two ran back to back, so the machine's state is shared) and the median."""
+    per repeat (the two ran seconds apart, on much the same machine state) and the median."""
     out = {}
     for key in runs["service"]:
         pairs = list(zip(runs["service"][key], runs["service-metrics-off"][key]))
@@ -349,18 +351,23 @@ def main() -> None:
         bodies[1].write_text("".join(json.dumps({"texts": [t]}) + "\n" for t in texts))
         bodies[16].write_text("".join(json.dumps({"texts": rng.sample(texts, 16)}) + "\n" for _ in texts))
         for rep in range(args.repeats):
-            for server in servers if rep % 2 == 0 else servers[::-1]:
-                log = tmp / f"{server}.log"
-                proc, url = start_server(server, model_file, extra_env, log)
-                try:
-                    wrk(url, bodies[1], 8, 1 if args.quick else 3, tmp / "load.lua")  # warm-up
-                    for c, k in LOADS:
+            order = servers if rep % 2 == 0 else servers[::-1]
+            started: dict = {}
+            try:
+                for server in order:
+                    started[server] = start_server(server, model_file, extra_env, tmp / f"{server}.log")
+                    wrk(started[server][1], bodies[1], 8, 1 if args.quick else 3, tmp / "load.lua")  # warm-up
+                for i, (c, k) in enumerate(LOADS):
+                    for server in order if i % 2 == 0 else order[::-1]:
+                        proc, url = started[server]
                         r = load_run(proc, url, bodies[k], c, k, args.duration, tmp / "load.lua")
                         runs[server][f"{c}x{k}"].append(r)
                         print(f"repeat {rep + 1} {server} {c}x{k}: {r}", flush=True)
                         if r["errors"]:
-                            print("  the server's last log lines:", *log.read_text().splitlines()[-20:], sep="\n  ")
-                finally:
+                            lines = (tmp / f"{server}.log").read_text().splitlines()[-20:]
+                            print("  the server's last log lines:", *lines, sep="\n  ")
+            finally:
+                for proc, _ in started.values():
                     stop_group(proc)
             for name in limits:
                 limits[name].append(in_process_limit(model_file, texts, LIMITS[name], args.duration))
