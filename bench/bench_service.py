@@ -1,8 +1,11 @@
 """The spam service against a minimal peer and the in-process limit, side by side.
 
-One run, one exported model file, three contenders:
+One run, one exported model file, four contenders:
 - service: `bentoml serve serving.service:SpamClassifier` with its shipped defaults (only
   GPTPKG_MODEL_PATH is set; `--env KEY=VALUE` adds settings for lever studies);
+- service-metrics-off: the same with GPTPKG_METRICS=off, so the cost of the Prometheus
+  metrics (on by default) is measured in the same run: the JSON's "metrics_cost" holds
+  the service / service-metrics-off ratios of each repeat and their medians;
 - peer: bench/peer_server.py, a Starlette app under uvicorn (2 workers, ONNX Runtime 1
   thread, predict inline in the async handler), the same /classify contract;
 - in-process: `OnnxSpamClassifier.predict` without HTTP in 2 processes, 1 text per call
@@ -10,14 +13,20 @@ One run, one exported model file, three contenders:
 
 Load comes from `wrk` (1 thread, closed loop, keep-alive) running a Lua script that POSTs
 /classify bodies of real SMS texts: 1, 8 and 32 connections with one text per request,
-and 8 connections with 16 texts per request. Each server starts on 127.0.0.1 (a free
-port), is warmed up, measured under each load, and stopped; the contenders take turns
-within each repeat (the order flips every repeat) and the table shows medians over
-repeats. Server CPU is utime+stime of the server's process tree during a load: in cores,
-in ms per request, and the share of it spent in the busiest process (how evenly the
-workers share the connections). wrk's own CPU is in the JSON (client_cpu_cores).
+and 8 connections with 16 texts per request. In each repeat all servers start on
+127.0.0.1 (free ports) and are warmed up; then each load runs against each server in
+turn (the order flips from load to load and from repeat to repeat), so the contenders of
+one load are measured seconds apart on a machine whose load changes; the idle ones wait.
+The table shows medians over repeats. Server CPU is utime+stime of the server's process
+tree during a load: in cores, in ms per request, and the share of it spent in the busiest
+process (how evenly the workers share the connections). wrk's own CPU is in the JSON
+(client_cpu_cores).
 
     GPTPKG_DATA_MIRROR=../shared/data PYTHONPATH=. python bench/bench_service.py [--quick]
+
+`--contract SECONDS` instead runs schemathesis (`st run URL/docs.json --checks all`) for
+that long against the service (shipped defaults plus `--env`) and reports its failures:
+the OpenAPI spec against what the server answers.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ from helpers import free_port, stop_group, wait_ready  # noqa: E402
 from gptpkg.onnx_classifier import FP32_FILE, INT8_FILE, OnnxSpamClassifier  # noqa: E402
 
 LOADS = ((1, 1), (8, 1), (32, 1), (8, 16))  # (connections, texts per request)
-SERVERS = ("service", "peer")
+SERVERS = ("service", "service-metrics-off", "peer")
 LIMITS = {"batch 1": 1, "batch 32, length-sorted": 32}  # in-process: texts per call
 LUA = r"""
 local reqs, n, i, threads = {}, 0, 0, {}
@@ -90,8 +99,10 @@ def start_server(kind: str, model_file: Path, extra_env: dict[str, str], log: Pa
         BENTOML_DO_NOT_TRACK="true",
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
-    if kind == "service":
+    if kind.startswith("service"):
         env.update(extra_env)
+        if kind == "service-metrics-off":
+            env["GPTPKG_METRICS"] = "off"
         bentoml = str(Path(sys.executable).parent / "bentoml")
         argv = [bentoml, "serve", "serving.service:SpamClassifier", "--host", "127.0.0.1", "--port", str(port)]
     else:
@@ -193,6 +204,20 @@ def medians(runs: list[dict]) -> dict:
     }
 
 
+def metrics_cost(runs: dict) -> dict:
+    """Per load: service / service-metrics-off for req/s and CPU ms per request, one ratio
+    per repeat (the two ran seconds apart, on much the same machine state) and the median."""
+    out = {}
+    for key in runs["service"]:
+        pairs = list(zip(runs["service"][key], runs["service-metrics-off"][key]))
+        cost = {}
+        for field in ("req_per_s", "server_cpu_ms_per_req", "p99_ms"):
+            ratios = [round(on[field] / off[field], 3) for on, off in pairs if off[field]]
+            cost[field] = {"median": round(statistics.median(ratios), 3) if ratios else None, "repeats": ratios}
+        out[key] = cost
+    return out
+
+
 def table(res: dict) -> str:
     rows = [
         "| server | connections | texts/request | req/s | texts/s | p50 ms | p99 ms | max ms | errors "
@@ -214,12 +239,56 @@ def table(res: dict) -> str:
     if {"service", "peer"} <= med.keys():
         s, p = med["service"]["32x1"], med["peer"]["32x1"]
         notes.append(f"service / peer at 32 connections: {s['req_per_s'] / p['req_per_s']:.2f}x req/s")
+    for key, cost in res.get("metrics_cost", {}).items():
+        c, k = key.split("x")
+        r, cpu = cost["req_per_s"], cost["server_cpu_ms_per_req"]
+        notes.append(
+            f"metrics on / off, {c} connections x {k} texts: {r['median']:.2f}x req/s (repeats {r['repeats']}), "
+            f"{cpu['median']:.2f}x CPU ms/request"
+        )
     if "in-process" in med:
         limit = med["in-process"]["batch 32, length-sorted"]["texts_per_s"]
         for server in res["servers"]:
             share = med[server]["8x16"]["texts_per_s"] / limit
             notes.append(f"{server}, 8 x 16 texts: {share:.0%} of the in-process length-sorted limit")
     return "\n".join(rows + [""] + [f"- {n}" for n in notes])
+
+
+def contract(model_file: Path, extra_env: dict[str, str], seconds: int, out: Path) -> None:
+    """schemathesis, every check, for `seconds` against a started service; SystemExit(1)
+    when it reports a failure."""
+    st = Path(sys.executable).parent / "schemathesis"
+    if not st.is_file():
+        raise SystemExit(f"{st}: not found (schemathesis is in the dev extra: pip install -e '.[dev]')")
+    with tempfile.TemporaryDirectory(prefix="gptpkg-contract-") as tmp:
+        log = Path(tmp) / "service.log"
+        proc, url = start_server("service", model_file, extra_env, log)
+        try:
+            argv = [str(st), "run", f"{url}/docs.json", "--url", url, "--checks", "all", "--max-time", str(seconds)]
+            argv += ["--generation-database", "none", "--no-color"]
+            t0 = time.monotonic()
+            r = subprocess.run(argv, cwd=tmp, capture_output=True, text=True, timeout=seconds + 300)
+            wall = time.monotonic() - t0
+        finally:
+            stop_group(proc)
+    print(r.stdout[-8000:], r.stderr[-2000:], sep="\n")
+    summary = [line.strip() for line in r.stdout.splitlines() if "generated" in line or line.startswith("Seed:")]
+    res = {
+        "commit": commit(),
+        "model_file": str(model_file),
+        "service_env": extra_env,
+        "max_time_s": seconds,
+        "wall_s": round(wall, 1),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "schemathesis_exit_code": r.returncode,
+        "summary": summary,
+        "command": " ".join(["schemathesis", "run", "URL/docs.json", "--url", "URL", *argv[5:]]),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"{res['commit']}: schemathesis exit {r.returncode}, {'; '.join(summary)}; JSON: {out}")
+    if r.returncode:
+        raise SystemExit(1)
 
 
 def commit() -> str:
@@ -241,6 +310,7 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=20, help="seconds per load")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke test: 3 s per load, 1 repeat")
+    ap.add_argument("--contract", type=int, metavar="SECONDS", help="run schemathesis for SECONDS instead")
     ap.add_argument("--out", help="the JSON (default: bench/results/service.json; $TMPDIR/... with --quick)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
@@ -250,11 +320,12 @@ def main() -> None:
         raise SystemExit(f"--env: expected KEY=VALUE, got {args.env}")
     if args.quick:
         args.duration, args.repeats = 3, 1
-    args.out = args.out or (
-        Path(tempfile.gettempdir()) / "gptpkg-service-quick.json" if args.quick else BENCH / "results" / "service.json"
-    )
+    default_out = BENCH / "results" / ("service_contract.json" if args.contract else "service.json")
+    args.out = args.out or (Path(tempfile.gettempdir()) / "gptpkg-service-quick.json" if args.quick else default_out)
     if not (1 <= args.duration <= 600 and 1 <= args.repeats <= 20):
         raise SystemExit("--duration 1..600 s and --repeats 1..20: a bounded load")
+    if args.contract is not None and not 1 <= args.contract <= 3600:
+        raise SystemExit("--contract 1..3600 s: a bounded run")
 
     default = ROOT / "models" / "onnx"
     folder = Path(args.model_dir) if args.model_dir else default
@@ -265,6 +336,8 @@ def main() -> None:
         build(folder, args.checkpoint)
     if not model_file.is_file():
         raise SystemExit(f"{model_file}: not found (the export's int8 gate may have dropped it)")
+    if args.contract:
+        return contract(model_file, extra_env, args.contract, Path(args.out))
     texts = sms_texts(1000)
     servers = [s for s in SERVERS if s in args.servers]
     runs: dict = {s: {f"{c}x{k}": [] for c, k in LOADS} for s in servers}
@@ -278,18 +351,23 @@ def main() -> None:
         bodies[1].write_text("".join(json.dumps({"texts": [t]}) + "\n" for t in texts))
         bodies[16].write_text("".join(json.dumps({"texts": rng.sample(texts, 16)}) + "\n" for _ in texts))
         for rep in range(args.repeats):
-            for server in servers if rep % 2 == 0 else servers[::-1]:
-                log = tmp / f"{server}.log"
-                proc, url = start_server(server, model_file, extra_env, log)
-                try:
-                    wrk(url, bodies[1], 8, 1 if args.quick else 3, tmp / "load.lua")  # warm-up
-                    for c, k in LOADS:
+            order = servers if rep % 2 == 0 else servers[::-1]
+            started: dict = {}
+            try:
+                for server in order:
+                    started[server] = start_server(server, model_file, extra_env, tmp / f"{server}.log")
+                    wrk(started[server][1], bodies[1], 8, 1 if args.quick else 3, tmp / "load.lua")  # warm-up
+                for i, (c, k) in enumerate(LOADS):
+                    for server in order if i % 2 == 0 else order[::-1]:
+                        proc, url = started[server]
                         r = load_run(proc, url, bodies[k], c, k, args.duration, tmp / "load.lua")
                         runs[server][f"{c}x{k}"].append(r)
                         print(f"repeat {rep + 1} {server} {c}x{k}: {r}", flush=True)
                         if r["errors"]:
-                            print("  the server's last log lines:", *log.read_text().splitlines()[-20:], sep="\n  ")
-                finally:
+                            lines = (tmp / f"{server}.log").read_text().splitlines()[-20:]
+                            print("  the server's last log lines:", *lines, sep="\n  ")
+            finally:
+                for proc, _ in started.values():
                     stop_group(proc)
             for name in limits:
                 limits[name].append(in_process_limit(model_file, texts, LIMITS[name], args.duration))
@@ -298,6 +376,7 @@ def main() -> None:
     median = {s: {key: medians(rs) for key, rs in loads.items()} for s, loads in runs.items()}
     if limits:
         median["in-process"] = {name: medians(rs) for name, rs in limits.items()}
+    cost = metrics_cost(runs) if {"service", "service-metrics-off"} <= runs.keys() else {}
     res = {
         "commit": commit(),
         "model_file": str(model_file),
@@ -309,6 +388,7 @@ def main() -> None:
         "wrk": "1 thread, closed loop, keep-alive, 10 s timeout",
         "servers": servers,
         "median": median,
+        "metrics_cost": cost,
         "runs": {**runs, "in-process": limits},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

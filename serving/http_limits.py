@@ -1,5 +1,6 @@
 """ASGI middleware in front of the BentoML app: the request-body bound and the media type
-of the classify routes, and the error responses they add to the OpenAPI spec."""
+of the classify routes, and the error responses they add to the OpenAPI spec, which it
+also makes say what /metrics is (or drop it when metrics are off)."""
 
 from __future__ import annotations
 
@@ -42,10 +43,11 @@ class RequestLimits:
     (else 413). The body is counted while it streams in, chunked or not: reading stops
     and 413 is answered as soon as the bound is passed, so no body larger than the bound
     is ever held. One answer in ROTATE_EVERY says `Connection: close`. GET /docs.json
-    gets these answers added to every route in `routes`."""
+    gets these answers added to every route in `routes`, and /metrics as it is served
+    (`metrics`: BentoML serves it) or not at all."""
 
-    def __init__(self, app, routes: tuple[str, ...], max_bytes: int) -> None:
-        self.app, self.routes, self.max_bytes = app, routes, max_bytes
+    def __init__(self, app, routes: tuple[str, ...], max_bytes: int, metrics: bool) -> None:
+        self.app, self.routes, self.max_bytes, self.metrics = app, routes, max_bytes, metrics
         self._spec: bytes | None = None
 
     async def __call__(self, scope, receive, send) -> None:
@@ -105,7 +107,8 @@ class RequestLimits:
             await self.app(scope, receive, keep)
             if start.get("status") != 200:
                 return await _reject(send, 500, "Failed to generate OpenAPI spec")
-            self._spec = json.dumps(with_errors(json.loads(b"".join(parts)), self.routes)).encode()
+            spec = with_metrics(with_errors(json.loads(b"".join(parts)), self.routes), self.metrics)
+            self._spec = json.dumps(spec).encode()
         await _send(send, 200, self._spec)
 
 
@@ -119,6 +122,18 @@ def with_errors(spec: dict, routes: tuple[str, ...]) -> dict:
         responses = spec["paths"][route]["post"]["responses"]
         for status, description in ERRORS.items():
             responses[status] = {"description": description, "content": {"application/json": {"schema": ref}}}
+    return spec
+
+
+def with_metrics(spec: dict, served: bool) -> dict:
+    """`spec` with GET /metrics documented as the Prometheus text BentoML serves when
+    `served`, else without /metrics (BentoML lists it either way, and then answers 404)."""
+    if not served:
+        spec["paths"].pop("/metrics", None)
+        return spec
+    ok = spec["paths"]["/metrics"]["get"]["responses"]["200"]
+    ok["description"] = "Prometheus text exposition format: the service's counters, histograms and gauges"
+    ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
     return spec
 
 

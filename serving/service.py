@@ -4,7 +4,8 @@
 
 Routes: POST /classify {"texts": [...]} -> [{"label", "spam_probability"}, ...], POST
 /classify_text {"text": "..."} -> one such object; and BentoML's /livez, /readyz,
-/metrics, plus the OpenAPI page at / (spec at /docs.json).
+/metrics (Prometheus text, unless GPTPKG_METRICS=off), plus the OpenAPI page at / (spec
+at /docs.json).
 
 Settings are `GPTPKG_*` environment variables (serving/settings.py). The model is the
 declared BentoML model `GPTPKG_MODEL_TAG` (written by `gptpkg package`; `bentoml build`
@@ -20,8 +21,13 @@ not depend on which other texts share its batch.
 
 Speed: the API methods are async and run ONNX Runtime inline on the worker's event loop
 (one intra-op thread, one worker per core), so a request never waits for a thread-pool
-hop; BentoML's access log, metrics and tracing are off by default (GPTPKG_METRICS=on,
-GPTPKG_TRACING=on bring the last two back). docs/performance.md: what each one measured.
+hop; BentoML's access log and tracing are off by default (GPTPKG_TRACING=on brings the
+spans back), its Prometheus metrics are on. docs/performance.md: what each one measured.
+
+Metrics: BentoML's per-route series (bentoml_service_request_total by status,
+bentoml_service_request_duration_seconds, bentoml_service_request_in_progress), with
+latency buckets set for this model's millisecond answers, and gptpkg_model_info (the
+served model's tag, variant and device as labels, value 1) from prometheus_client.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import bentoml
 from bentoml.validators import ContentType
 from pydantic import BaseModel, Field, StringConstraints
 
-from gptpkg.onnx_classifier import FP32_FILE, ModelUnavailable, OnnxSpamClassifier
+from gptpkg.onnx_classifier import CUDA, FP32_FILE, INT8_FILE, ModelUnavailable, OnnxSpamClassifier
 from serving.http_limits import RequestLimits, max_body_bytes
 from serving.settings import Settings, SettingsError, load_settings
 
@@ -68,6 +74,29 @@ def model_file(settings: Settings, stored: bentoml.Model | None) -> Path:
     return Path(stored.path) / stored.info.metadata.get("onnx_file", FP32_FILE)
 
 
+def model_info(settings: Settings, stored: bentoml.Model | None, path: Path) -> dict[str, str]:
+    """The labels of gptpkg_model_info: the store tag resolved to its version (the path
+    when serving from source) and the variant `gptpkg package` recorded (else the file's)."""
+    variant = "int8" if path.name == INT8_FILE else "fp32"
+    if settings.model_path or stored is None:
+        return {"model_tag": str(path), "variant": variant}
+    return {"model_tag": str(stored.tag), "variant": str(stored.info.metadata.get("variant", variant))}
+
+
+def export_model_info(labels: dict[str, str]) -> None:
+    """Set gptpkg_model_info{labels} to 1 in this worker's share of BentoML's metrics."""
+    # Imported here, in the worker, not at module load: BentoML points prometheus_client at
+    # its multiprocess folder (PROMETHEUS_MULTIPROC_DIR) when the worker starts, after this
+    # module is imported, and a client imported before that keeps its values in-process,
+    # where /metrics never sees them. "max": one series for all workers (all say 1).
+    import prometheus_client
+
+    gauge = prometheus_client.Gauge(
+        "gptpkg_model_info", "The model this service serves (value 1)", list(labels), multiprocess_mode="max"
+    )
+    gauge.labels(**labels).set(1)
+
+
 # Declared unless the development override is set (which a Bento refuses, above), so
 # `bentoml build` packs it and a Bento serves it.
 MODEL = None if SETTINGS.model_path else bentoml.models.BentoModel(SETTINGS.model_tag)
@@ -87,6 +116,10 @@ class Prediction(BaseModel):
 
 
 ROUTES = ("/classify", "/classify_text")
+# Request latency histogram bounds, in seconds: Prometheus' default buckets start at 5 ms,
+# coarser than a one-text answer of this model (docs/performance.md), so a p50 or p99 read
+# from them would be a bucket bound; these resolve 0.5 ms up to the 30 s request timeout.
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # The media type stated up front spares BentoML deriving it from the JSON schema of the
 # output model on every response.
 JSON = ContentType("application/json")
@@ -97,7 +130,7 @@ JSON = ContentType("application/json")
     workers=SETTINGS.workers,
     traffic={"timeout": 30},
     logging={"access": {"enabled": False}},
-    metrics={"enabled": SETTINGS.metrics},
+    metrics={"enabled": SETTINGS.metrics, "duration": {"buckets": list(LATENCY_BUCKETS_S)}},
     tracing={} if SETTINGS.tracing else {"excluded_urls": list(ROUTES)},
 )
 class SpamClassifier:
@@ -105,10 +138,14 @@ class SpamClassifier:
         model_ref = MODEL
 
     def __init__(self) -> None:
-        path = model_file(SETTINGS, self.model_ref if MODEL else None)  # the store entry BentoML resolved
+        stored = self.model_ref if MODEL else None  # the store entry BentoML resolved
+        path = model_file(SETTINGS, stored)
         self.clf = OnnxSpamClassifier(path, device=SETTINGS.device, threads=SETTINGS.ort_threads)
         if tuple(self.clf.labels) != ("ham", "spam"):
             raise ModelUnavailable(f"{path}: labels {self.clf.labels}, expected ['ham', 'spam']")
+        if SETTINGS.metrics:
+            device = "cuda" if self.clf.providers[0] == CUDA else "cpu"
+            export_model_info({**model_info(SETTINGS, stored, path), "device": device})
         # One run before the worker reports ready, so its first request does not pay the
         # session's first-run set-up (a replacement worker takes traffic at full speed).
         self.clf.predict(["warm-up"])
@@ -142,4 +179,5 @@ SpamClassifier.add_asgi_middleware(
     RequestLimits,
     routes=ROUTES,
     max_bytes=max_body_bytes(SETTINGS.max_texts, SETTINGS.max_text_chars),
+    metrics=SETTINGS.metrics,
 )

@@ -40,9 +40,11 @@ class Settings(BaseSettings):
     workers: Annotated[Annotated[int, Field(ge=1)] | Literal["cpu_count"], _expects("an integer >= 1 or cpu_count")] = (
         "cpu_count"
     )
-    # BentoML's per-request telemetry on the classify routes: Prometheus metrics at /metrics,
-    # OpenTelemetry spans. Off by default: together they cost more CPU than the model.
-    metrics: Annotated[bool, _expects("on|off")] = False
+    # BentoML's Prometheus metrics at /metrics (per-route request counts by status, latency
+    # histograms, in-flight requests) and the served model's labels: on, for operators.
+    metrics: Annotated[bool, _expects("on|off")] = True
+    # OpenTelemetry spans of the classify routes: off, as BentoML has no exporter set by
+    # default and the spans cost CPU per request (docs/performance.md).
     tracing: Annotated[bool, _expects("on|off")] = False
     batching: Annotated[bool, _expects("on|off")] = False
     max_batch_size: Annotated[int, Field(ge=1), _expects("an integer >= 1")] = 64
