@@ -79,6 +79,11 @@ def export_classifier(model, meta: ModelMeta, out: Path, opset: int) -> None:
             external_data=False,
             verbose=False,
         )
+    # Each node records its source location (absolute file paths, line numbers): dropped,
+    # so the file's bytes, its sha256 and its BentoML tag depend on the weights and the
+    # code, not on the folder the project was checked out in.
+    for node in program.model.graph:
+        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
     program.model.metadata_props.update(meta.to_props())
     program.save(str(out), external_data=False)
 

@@ -46,6 +46,16 @@ def test_parity_on_the_test_split(tiny_onnx_export):
     assert m["opset"] >= 17
 
 
+def test_the_file_does_not_depend_on_where_the_code_lives(tiny_onnx_export):
+    """No source location in the graph: the same weights give the same bytes (and so the
+    same sha256 and BentoML tag) from any checkout."""
+    params, _ = tiny_onnx_export
+    model = onnx.load(str(Path(params.paths.onnx) / FP32_FILE))
+    texts = [p.value for n in model.graph.node for p in n.metadata_props]
+    assert texts, "the exporter's node metadata (module scopes) is expected to stay"
+    assert not [v for v in texts if str(ROOT) in v or "site-packages" in v]
+
+
 def test_dynamic_batch_and_length_match_torch(tiny_onnx_export):
     params, _ = tiny_onnx_export
     model, _ = load_checkpoint(params.paths.spam_classifier)
