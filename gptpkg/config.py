@@ -235,7 +235,7 @@ class PrepareConfig(Section):
 
     seed: int = key("seed of the spam split")
     pretrain_train_ratio: float = key(
-        "share of the pretraining documents in the training split; the rest (whole documents) is validation",
+        "share of each pretraining source that trains (its first characters, as in the book); the rest is validation",
         expected="a share in (0, 1)",
         gt=0,
         lt=1,
