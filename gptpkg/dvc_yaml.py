@@ -191,13 +191,14 @@ def stage_lines(stage: Stage) -> list[str]:
     lines = [f"  {stage.name}:", f"    cmd: {CMD.format(name=stage.name)}", "    deps:"]
     lines += [f"      - {dvc_path(d)}" for d in stage.deps] + [f"      - {f}" for f in code_deps(stage)]
     lines += ["    params:"] + [f"      - {stage.params_section}.{k}" for k in section_keys(stage)]
-    if stage.outs:
-        lines.append("    outs:")
-        for o in stage.outs:
-            lines += _entry(o)
-    lines.append("    metrics:")
-    for m in stage.metrics:
-        lines += _entry(Out(m, cache=False))
+    figures, record = stage.metrics
+    # `dvc metrics show/diff` compare the figures only: the record (timings, W&B run
+    # folder, hashes) differs on every run and is kept as a plain uncached output.
+    lines.append("    outs:")
+    for o in (*stage.outs, *([] if stage.figures else [Out(figures, cache=False)]), Out(record, cache=False)):
+        lines += _entry(o)
+    if stage.figures:
+        lines += ["    metrics:", *_entry(Out(figures, cache=False))]
     if stage.images:
         lines.append("    plots:")
         for p in stage.images:
