@@ -84,6 +84,17 @@ def packaged(tiny_onnx_export, tmp_path_factory):
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
+    # the service serves the promoted version (package alone changes nothing it serves)
+    r = subprocess.run(
+        [sys.executable, "-m", "gptpkg.cli", "promote", "--params", str(tmp / "params.yaml")],
+        cwd=tmp,
+        env={**service_env(home), "WANDB_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "is now gptpkg-spam-classifier-served:latest" in r.stdout, r.stdout
     return home, Path(params.paths.onnx) / FP32_FILE
 
 
@@ -253,7 +264,10 @@ def test_settings_name_the_variable_and_the_expected_value(monkeypatch):
 
 def test_refuses_bad_settings(packaged):
     out = _refused(service_env(packaged[0], GPTPKG_MAX_TEXTS="0"))
-    assert "GPTPKG_MAX_TEXTS='0': expected an integer >= 1" in out
+    # one line naming the variable, no traceback (GPTPKG_DEBUG=1 shows it)
+    assert "spam_classifier: error: GPTPKG_MAX_TEXTS='0': expected an integer >= 1" in out
+    assert "Traceback" not in out, out
+    assert "Traceback" in _refused(service_env(packaged[0], GPTPKG_MAX_TEXTS="0", GPTPKG_DEBUG="1"))
 
 
 def test_provider_choice():
