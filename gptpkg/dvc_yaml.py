@@ -193,9 +193,11 @@ def stage_lines(stage: Stage) -> list[str]:
     lines += ["    params:"] + [f"      - {stage.params_section}.{k}" for k in section_keys(stage)]
     figures, record = stage.metrics
     # `dvc metrics show/diff` compare the figures only: the record (timings, W&B run
-    # folder, hashes) differs on every run and is kept as a plain uncached output.
+    # folder, hashes), which differs on every run, is a cached output, as is a record-only
+    # metrics file. Cached, not `cache: false`: DVC's run cache restores a cached stage's
+    # outputs, so a rerun of an unchanged stage gives the same dvc.lock entry.
     lines.append("    outs:")
-    for o in (*stage.outs, *([] if stage.figures else [Out(figures, cache=False)]), Out(record, cache=False)):
+    for o in (*stage.outs, *([] if stage.figures else [Out(figures)]), Out(record)):
         lines += _entry(o)
     if stage.figures:
         lines += ["    metrics:", *_entry(Out(figures, cache=False))]

@@ -47,7 +47,7 @@ class Stage:
     wandb: bool = False  # opens a W&B run although it trains nothing (it logs the model it exports)
     # Whether {metrics}/<stage>.json holds figures a user compares across experiments
     # (losses, accuracies, parity): dvc.yaml `metrics:`. Else it is a record (file sources,
-    # split counts, the BentoML tag), kept in git as an uncached output.
+    # split counts, the BentoML tag), a cached output like the record.
     figures: bool = True
 
     @property
