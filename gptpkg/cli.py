@@ -150,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file is out of date")
     d.set_defaults(stage=None)
 
+    pm = sub.add_parser(
+        "promote",
+        help="make one packaged model version the one the service serves",
+        description="copy a packaged BentoML model version to <name>-served (the service's default "
+        "model), alias it 'served' in W&B and tag its commit spam-classifier-onnx#served#N",
+    )
+    pm.add_argument("tag", nargs="?", default=None, help="BentoML model tag (default: the one package recorded)")
+    pm.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    pm.set_defaults(stage=None)
+
     i = sub.add_parser(
         "presets",
         help="list the model presets with their parameter counts",
@@ -243,8 +253,30 @@ def _dvc_yaml(args) -> int:
     return 0
 
 
+def _promote(args) -> int:
+    from .config import load_params
+    from .promote import promote
+
+    for line in promote(load_params(args.params), args.tag):
+        print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every error a user can cause ends as one line naming it; GPTPKG_DEBUG=1 shows the traceback."""
     args = build_parser().parse_args(argv)
+    from .errors import GptpkgError
+
+    try:
+        return _main(args)
+    except (GptpkgError, OSError) as e:
+        if os.environ.get("GPTPKG_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"gptpkg {args.stage or args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _main(args) -> int:
     if args.command == "dvc-yaml":
         return _dvc_yaml(args)
     if args.command == "generate":
@@ -260,19 +292,16 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(Path(args.output), params_markdown())
         print(f"wrote {args.output}")
         return 0
+    if args.command == "promote":
+        return _promote(args)
 
     from .config import load_params
-    from .errors import GptpkgError
     from .runner import run_stage
 
-    try:
-        params = load_params(args.params, args.overrides, args.profile)
-        metrics = run_stage(
-            args.stage, params, resume=getattr(args, "resume", False), progress=not getattr(args, "no_progress", False)
-        )
-    except (GptpkgError, FileNotFoundError) as e:
-        print(f"gptpkg {args.stage}: error: {e}", file=sys.stderr)
-        return 1
+    params = load_params(args.params, args.overrides, args.profile)
+    metrics = run_stage(
+        args.stage, params, resume=getattr(args, "resume", False), progress=not getattr(args, "no_progress", False)
+    )
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary (rank 0's), not one per rank
         print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=1, default=str))
     return 0

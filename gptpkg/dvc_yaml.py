@@ -189,13 +189,16 @@ def stage_lines(stage: Stage) -> list[str]:
     lines = [f"  {stage.name}:", f"    cmd: {CMD.format(name=stage.name)}", "    deps:"]
     lines += [f"      - {dvc_path(d)}" for d in stage.deps] + [f"      - {f}" for f in code_deps(stage)]
     lines += ["    params:"] + [f"      - {stage.params_section}.{k}" for k in section_keys(stage)]
-    if stage.outs:
-        lines.append("    outs:")
-        for o in stage.outs:
-            lines += _entry(o)
-    lines.append("    metrics:")
-    for m in stage.metrics:
-        lines += _entry(Out(m, cache=False))
+    figures, record = stage.metrics
+    # `dvc metrics show/diff` compare the figures only: the record (timings, W&B run
+    # folder, hashes), which differs on every run, is a cached output, as is a record-only
+    # metrics file. Cached, not `cache: false`: DVC's run cache restores a cached stage's
+    # outputs, so a rerun of an unchanged stage gives the same dvc.lock entry.
+    lines.append("    outs:")
+    for o in (*stage.outs, *([] if stage.figures else [Out(figures)]), Out(record)):
+        lines += _entry(o)
+    if stage.figures:
+        lines += ["    metrics:", *_entry(Out(figures, cache=False))]
     if stage.images:
         lines.append("    plots:")
         for p in stage.images:

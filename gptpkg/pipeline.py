@@ -44,6 +44,10 @@ class Stage:
     params: tuple[str, ...] | None = None  # the keys of its section that change its outputs; None = all
     checkpoint: str | None = None  # the `paths` key of the checkpoint it trains
     wandb: bool = False  # opens a W&B run although it trains nothing (it logs the model it exports)
+    # Whether {metrics}/<stage>.json holds figures a user compares across experiments
+    # (losses, accuracies, parity): dvc.yaml `metrics:`. Else it is a record (file sources,
+    # split counts, the BentoML tag), a cached output like the record.
+    figures: bool = True
 
     @property
     def params_section(self) -> str:
@@ -55,7 +59,8 @@ class Stage:
 
     @property
     def metrics(self) -> tuple[str, str]:
-        """Its metrics files: the figures `dvc metrics` compares, and the run-dependent ones."""
+        """Its metrics files: the figures (`dvc metrics` compares them when `figures`), and
+        the run's record (timings, W&B run, paths, hashes: never a DVC metric)."""
         return (f"{{metrics}}/{self.name}.json", f"{{metrics}}/runtime/{self.name}.json")
 
     def function(self) -> Callable[[Any, StageContext], dict[str, Any]]:
@@ -82,6 +87,7 @@ STAGES: dict[str, Stage] = {
             "data",
             outs=(Out("{raw}"),),
             section="data",
+            figures=False,
             params=("files",),  # where a file comes from, and how patiently, never changes it
         ),
         Stage(
@@ -90,6 +96,7 @@ STAGES: dict[str, Stage] = {
             "data",
             deps=("{raw}",),
             outs=(Out("{processed}"),),
+            figures=False,
         ),
         Stage(
             "pretrain",
@@ -164,6 +171,7 @@ STAGES: dict[str, Stage] = {
             "serving",
             deps=("{onnx}",),
             outs=_nocache("{bento_model}"),
+            figures=False,
         ),
     )
 }

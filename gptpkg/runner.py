@@ -14,9 +14,10 @@ from .loggers import MultiLogger, NullLogger, StdoutLogger, WandbLogger, wandb_f
 from .pipeline import STAGES, Stage, StageContext
 from .plots import write_stage_plots
 
-# Figures that differ from run to run (speed, wall time, the W&B run folder): written to
-# metrics/runtime/<stage>.json, so metrics/<stage>.json is identical on a rerun with the
-# same params and seed (CPU) and `dvc metrics diff` shows only real changes.
+# Figures that differ from run to run (speed, wall time, the W&B run folder) and the run's
+# record (paths, hashes, tags: any text value): written to metrics/runtime/<stage>.json, so
+# metrics/<stage>.json holds only figures, identical on a rerun with the same params and
+# seed (CPU), and `dvc metrics diff` shows only real changes.
 RUNTIME_KEYS = (
     "wall_time_s",
     "tokens_per_s",
@@ -34,9 +35,10 @@ RUNTIME_KEYS = (
 )
 
 
-def split_runtime(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(deterministic metrics, run-dependent figures)."""
-    runtime = {k: metrics[k] for k in RUNTIME_KEYS if k in metrics}
+def split_runtime(metrics: dict[str, Any], figures: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(deterministic figures, run-dependent figures and the record). A stage whose metrics
+    file is a record itself (not `figures`) keeps its text there."""
+    runtime = {k: v for k, v in metrics.items() if k in RUNTIME_KEYS or (figures and isinstance(v, str))}
     return {k: v for k, v in metrics.items() if k not in runtime}, runtime
 
 
@@ -98,7 +100,7 @@ def run_stage(name: str, params: Params, resume: bool = False, progress: bool = 
                 wb.log_artifact(getattr(paths, stage.checkpoint), name=f"{name}-checkpoint", type="model")
         metrics["stage_wall_time_s"] = time.perf_counter() - t0
         metrics["stage_cpu_time_s"] = time.process_time() - cpu0  # all threads; on a busy machine
-        stable, runtime = split_runtime(metrics)
+        stable, runtime = split_runtime(metrics, stage.figures)
         write_json(Path(paths.metrics) / f"{name}.json", stable)
         write_json(Path(paths.metrics) / "runtime" / f"{name}.json", runtime)
     finally:

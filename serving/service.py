@@ -8,7 +8,8 @@ Routes: POST /classify {"texts": [...]} -> [{"label", "spam_probability"}, ...],
 at /docs.json).
 
 Settings are `GPTPKG_*` environment variables (serving/settings.py). The model is the
-declared BentoML model `GPTPKG_MODEL_TAG` (written by `gptpkg package`; `bentoml build`
+declared BentoML model `GPTPKG_MODEL_TAG`, by default the promoted one
+(`gptpkg-spam-classifier-served:latest`, written by `gptpkg promote`; `bentoml build`
 packs it into the Bento). For development from source, `GPTPKG_MODEL_PATH` (an exported
 model.onnx, or its folder) replaces it; a Bento refuses that override, at build and at
 serve (the bentofiles set the Bento argument `bento=true`).
@@ -32,7 +33,10 @@ served model's tag, variant and device as labels, value 1) from prometheus_clien
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -40,6 +44,7 @@ import bentoml
 from bentoml.validators import ContentType
 from pydantic import BaseModel, Field, StringConstraints
 
+from gptpkg.errors import GptpkgError
 from gptpkg.onnx_classifier import CUDA, FP32_FILE, INT8_FILE, ModelUnavailable, OnnxSpamClassifier
 from serving.http_limits import RequestLimits, max_body_bytes
 from serving.settings import Settings, SettingsError, load_settings
@@ -49,12 +54,28 @@ class BentoArgs(BaseModel):
     bento: bool = False  # set by the bentofiles: true while a Bento is built and served
 
 
-SETTINGS = load_settings()
+@contextlib.contextmanager
+def _refused_in_one_line():
+    """A start the user's settings or model refuse ends as one line on stderr, exit 1:
+    BentoML would bury it in a traceback, or, serving a Bento, report a failed import of
+    the tag as a module. GPTPKG_DEBUG=1 keeps the traceback."""
+    try:
+        yield
+    except GptpkgError as e:
+        if os.environ.get("GPTPKG_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"spam_classifier: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+with _refused_in_one_line():
+    SETTINGS = load_settings()
 if bentoml.use_arguments(BentoArgs).bento and SETTINGS.model_path:
-    raise SettingsError(
-        f"GPTPKG_MODEL_PATH={SETTINGS.model_path!r}: a Bento serves the model it packs (GPTPKG_MODEL_TAG, "
-        "from the BentoML model store); the path override is for serving from source only. Unset it."
-    )
+    with _refused_in_one_line():
+        raise SettingsError(
+            f"GPTPKG_MODEL_PATH={SETTINGS.model_path!r}: a Bento serves the model it packs (GPTPKG_MODEL_TAG, "
+            "from the BentoML model store); the path override is for serving from source only. Unset it."
+        )
 
 
 def model_file(settings: Settings, stored: bentoml.Model | None) -> Path:
@@ -68,8 +89,9 @@ def model_file(settings: Settings, stored: bentoml.Model | None) -> Path:
         return path
     if stored is None:
         raise ModelUnavailable(
-            f"model {settings.model_tag!r} is not in the BentoML model store. Run `gptpkg export_onnx` and "
-            "`gptpkg package`, or set GPTPKG_MODEL_TAG / GPTPKG_MODEL_PATH (an exported model.onnx)."
+            f"model {settings.model_tag!r} is not in the BentoML model store. Run `gptpkg package` and "
+            "`gptpkg promote` (which makes a packaged version the served one), or set GPTPKG_MODEL_TAG / "
+            "GPTPKG_MODEL_PATH (an exported model.onnx)."
         )
     return Path(stored.path) / stored.info.metadata.get("onnx_file", FP32_FILE)
 
@@ -104,7 +126,8 @@ MODEL = None if SETTINGS.model_path else bentoml.models.BentoModel(SETTINGS.mode
 # a clear error when the model is missing or unreadable, instead of restarting a worker
 # that cannot start; each worker opens its own session in SpamClassifier.__init__.
 # `.stored` looks in the local store only (resolving a missing model would try BentoCloud).
-OnnxSpamClassifier(model_file(SETTINGS, MODEL.stored if MODEL else None), device="cpu")
+with _refused_in_one_line():
+    OnnxSpamClassifier(model_file(SETTINGS, MODEL.stored if MODEL else None), device="cpu")
 
 Text = Annotated[str, StringConstraints(max_length=SETTINGS.max_text_chars)]
 Texts = Annotated[list[Text], Field(min_length=1, max_length=SETTINGS.max_texts)]

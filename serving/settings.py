@@ -11,7 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gptpkg.errors import GptpkgError
 
-DEFAULT_TAG = "gptpkg-spam-classifier:latest"
+# The promoted model (`gptpkg promote`): `package` adds versions, never what is served.
+DEFAULT_TAG = "gptpkg-spam-classifier-served:latest"
 PREFIX = "GPTPKG_"
 
 

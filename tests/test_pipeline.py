@@ -94,7 +94,9 @@ def test_repro_runs_every_stage_and_writes_outputs(repo):
     assert m["pretrain"]["val_loss"] < m["pretrain"]["initial_val_loss"]
     assert 0.0 <= m["finetune_spam"]["test_accuracy"] <= 1.0
     assert m["baseline_spam"]["test_accuracy"] > 0.9
-    assert m["finetune_instruct"]["judge"] == "skipped"
+    # text (paths, hashes, the judge's state) is the run's record, not a DVC metric
+    assert json.loads((path / "metrics" / "runtime" / "finetune_instruct.json").read_text())["judge"] == "skipped"
+    assert not [k for s in STAGES if REGISTRY[s].figures for k, v in m[s].items() if isinstance(v, str)]
     for s in ("pretrain", "finetune_spam", "finetune_instruct"):
         runtime = json.loads((path / "metrics" / "runtime" / f"{s}.json").read_text())
         assert runtime["stage_wall_time_s"] > 0 and "wandb_run" in runtime
@@ -172,10 +174,32 @@ def _find(node, pred):
     return None
 
 
+def _served(path: Path) -> str:
+    code = "import bentoml; print(bentoml.models.get('gptpkg-spam-classifier-served:latest').tag)"
+    return sh(path, sys.executable, "-c", code).strip().splitlines()[-1]
+
+
 def test_exp_run_and_exp_show(repo):
+    """An experiment reruns the classifier and packages a new version, but what the service
+    serves moves only with `gptpkg promote`; `dvc metrics diff` shows figures only."""
     path, _, _ = repo
+    packaged = json.loads((path / "models" / "bento_model.json").read_text())["bento_model"]
+    sh(path, "git", "add", "-A")  # promote tags the commit whose dvc.lock built the model
+    sh(path, "git", "commit", "-qm", "the packaged model", check=False)  # (nothing new after an earlier test)
+    out = sh(path, str(BIN / "gptpkg"), "promote")
+    assert f"{packaged.replace(':', '-served:')} is now gptpkg-spam-classifier-served:latest" in out
+    assert "git: tagged HEAD spam-classifier-onnx#served#1" in out and "aliased 'served'" in out
+    served = _served(path)
     out = sh(path, str(BIN / "dvc"), "exp", "run", "-S", "finetune_spam.lr=0.001")
     assert ran(out) == ["finetune_spam", "export_onnx", "package"]
+    assert json.loads((path / "models" / "bento_model.json").read_text())["bento_model"] != packaged
+    assert _served(path) == served  # the experiment's model is stored, not served
+    diff = json.loads(sh(path, str(BIN / "dvc"), "metrics", "diff", "--all", "--json"))
+    assert "metrics/finetune_spam.json" in diff and "test_accuracy" in diff["metrics/finetune_spam.json"]
+    assert not [f for f in diff if "runtime" in f or "package" in f], sorted(diff)
+    shown = json.loads(sh(path, str(BIN / "dvc"), "metrics", "show", "--json"))
+    files = _find(shown, lambda n: isinstance(n, dict) and "metrics/finetune_spam.json" in n)
+    assert sorted(files) == sorted(f"metrics/{s}.json" for s in REGISTRY if REGISTRY[s].figures), sorted(files)
     shown = json.loads(sh(path, str(BIN / "dvc"), "exp", "show", "--json"))
 
     def is_exp(node):
@@ -290,6 +314,10 @@ def test_model_registry_artifacts(repo):
         code = f"import json, dvc.api; print(json.dumps(dvc.api.artifacts_show({name!r}, repo='.')))"
         shown = json.loads(sh(path, sys.executable, "-c", code).strip().splitlines()[-1])
         assert shown["path"] == params["paths"][key] and (path / shown["path"]).is_dir()
+    # the promoted ONNX model (test_exp_run_and_exp_show): GTO's stage tag `gptpkg promote` wrote
+    code = "import json, dvc.api; print(json.dumps(dvc.api.artifacts_show('spam-classifier-onnx', stage='served', repo='.')))"
+    shown = json.loads(sh(path, sys.executable, "-c", code).strip().splitlines()[-1])
+    assert shown["rev"] == sh(path, "git", "rev-list", "-n1", "spam-classifier-onnx#served#1").strip()
     record = json.loads((path / params["paths"]["bento_model"]).read_text())
     assert record["bento_model"] == json.loads((path / "metrics" / "package.json").read_text())["bento_model"]
 

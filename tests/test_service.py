@@ -83,6 +83,17 @@ def packaged(tiny_onnx_export, tmp_path_factory):
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
+    # the service serves the promoted version (package alone changes nothing it serves)
+    r = subprocess.run(
+        [sys.executable, "-m", "gptpkg.cli", "promote", "--params", str(tmp / "params.yaml")],
+        cwd=tmp,
+        env={**service_env(home), "WANDB_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "is now gptpkg-spam-classifier-served:latest" in r.stdout, r.stdout
     return home, Path(params.paths.onnx) / FP32_FILE
 
 
@@ -284,7 +295,7 @@ def test_metrics_count_each_answer_by_route_and_status(server):
     # the served model: its store tag resolved to the version `gptpkg package` wrote
     [(labels, value)] = [(dict(labels), v) for (n, labels), v in after.items() if n == "gptpkg_model_info"]
     assert value == 1.0
-    assert labels["model_tag"].startswith("gptpkg-spam-classifier:fp32-") and labels["variant"] == "fp32", labels
+    assert labels["model_tag"].startswith("gptpkg-spam-classifier-served:fp32-") and labels["variant"] == "fp32", labels
     assert labels["device"] == "cpu"
 
 
@@ -371,7 +382,10 @@ def test_settings_name_the_variable_and_the_expected_value(monkeypatch):
 
 def test_refuses_bad_settings(packaged):
     out = _refused(service_env(packaged[0], GPTPKG_MAX_TEXTS="0"))
-    assert "GPTPKG_MAX_TEXTS='0': expected an integer >= 1" in out
+    # one line naming the variable, no traceback (GPTPKG_DEBUG=1 shows it)
+    assert "spam_classifier: error: GPTPKG_MAX_TEXTS='0': expected an integer >= 1" in out
+    assert "Traceback" not in out, out
+    assert "Traceback" in _refused(service_env(packaged[0], GPTPKG_MAX_TEXTS="0", GPTPKG_DEBUG="1"))
 
 
 def test_provider_choice():
@@ -498,7 +512,9 @@ def test_bentoml_build_makes_a_lean_bento(packaged, bentofile, runtime):
     info = yaml.safe_load((bento / "bento.yaml").read_text())
     # the store model is declared (`bentoml export` / `containerize` take it from the store)
     [service] = info["services"]
-    assert [m["tag"].split(":")[0] for m in service["models"]] == ["gptpkg-spam-classifier"]
+    assert [m["tag"].split(":")[0] for m in service["models"]] == [
+        "gptpkg-spam-classifier-served"
+    ]  # the promoted model
     assert info["args"] == {"bento": True}
     requirements = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
     assert any(re.match(rf"{runtime}[<>=]", line) for line in requirements), requirements

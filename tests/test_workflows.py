@@ -456,6 +456,18 @@ def test_materialize_all_tiny_then_dvc_agrees(tiny_run, stage_env):
     text = (root / "params.yaml").read_text().replace("C: 10.0", "C: 1.0")
     (root / "params.yaml").write_text(text)
     dvc(root, "repro")
+    # the sensor as the daemon evaluates it, in the code location against this instance:
+    # its run request must fall inside its target
+    env = {**os.environ, "DAGSTER_HOME": str(tiny_run.home), "GPTPKG_DVC_ROOT": str(root), "PYTHONPATH": str(root)}
+    p = subprocess.run(
+        [str(BIN / "dagster"), "sensor", "preview", "dvc_lock_sensor", "-m", "workflows"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0 and "Sensor returning run requests for 1 run(s)" in p.stdout, p.stdout + p.stderr
     tick = dvc_lock_sensor(build_sensor_context(instance=instance, resources={"dvc": res}))
     (request,) = tick.run_requests
     assert request.asset_selection == [AssetKey("baseline_spam")]

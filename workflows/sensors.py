@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dagster import (
     AssetKey,
+    AssetSelection,
     DagsterInstance,
     DefaultSensorStatus,
     RunRequest,
@@ -49,6 +50,8 @@ def shell_run_stages(instance: DagsterInstance, dvc: DvcWorkspace) -> dict[str, 
     name="dvc_lock_sensor",
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.RUNNING,
+    # A sensor's run requests must fall inside its target: any stage (and its checks)
+    target=AssetSelection.all(),
     description="records stages that `dvc repro` ran outside Dagster (new dvc.lock entries DVC calls up to date)",
 )
 def dvc_lock_sensor(context: SensorEvaluationContext, dvc: DvcWorkspace):
