@@ -44,7 +44,7 @@ class RequestLimits:
     and 413 is answered as soon as the bound is passed, so no body larger than the bound
     is ever held. One answer in ROTATE_EVERY says `Connection: close`. GET /docs.json
     gets these answers added to every route in `routes`, and /metrics as it is served
-    (`metrics`: BentoML serves it) or not at all."""
+    (`metrics`: serving/metrics.py serves it) or not at all."""
 
     def __init__(self, app, routes: tuple[str, ...], max_bytes: int, metrics: bool) -> None:
         self.app, self.routes, self.max_bytes, self.metrics = app, routes, max_bytes, metrics
@@ -126,7 +126,7 @@ def with_errors(spec: dict, routes: tuple[str, ...]) -> dict:
 
 
 def with_metrics(spec: dict, served: bool) -> dict:
-    """`spec` with GET /metrics documented as the Prometheus text BentoML serves when
+    """`spec` with GET /metrics documented as the Prometheus text the service serves when
     `served`, else without /metrics (BentoML lists it either way, and then answers 404)."""
     if not served:
         spec["paths"].pop("/metrics", None)

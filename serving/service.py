@@ -3,9 +3,9 @@
     bentoml serve serving.service:SpamClassifier          # from the repo root
 
 Routes: POST /classify {"texts": [...]} -> [{"label", "spam_probability"}, ...], POST
-/classify_text {"text": "..."} -> one such object; and BentoML's /livez, /readyz,
-/metrics (Prometheus text, unless GPTPKG_METRICS=off), plus the OpenAPI page at / (spec
-at /docs.json).
+/classify_text {"text": "..."} -> one such object; BentoML's /livez, /readyz and the
+OpenAPI page at / (spec at /docs.json); /metrics (Prometheus text, unless
+GPTPKG_METRICS=off).
 
 Settings are `GPTPKG_*` environment variables (serving/settings.py). The model is the
 declared BentoML model `GPTPKG_MODEL_TAG`, by default the promoted one
@@ -23,12 +23,13 @@ not depend on which other texts share its batch.
 Speed: the API methods are async and run ONNX Runtime inline on the worker's event loop
 (one intra-op thread, one worker per core), so a request never waits for a thread-pool
 hop; BentoML's access log and tracing are off by default (GPTPKG_TRACING=on brings the
-spans back), its Prometheus metrics are on. docs/performance.md: what each one measured.
+spans back), and so are its Prometheus metrics: the service's own (serving/metrics.py)
+cost less CPU per request. docs/performance.md: what each one measured.
 
-Metrics: BentoML's per-route series (bentoml_service_request_total by status,
-bentoml_service_request_duration_seconds, bentoml_service_request_in_progress), with
-latency buckets set for this model's millisecond answers, and gptpkg_model_info (the
-served model's tag, variant and device as labels, value 1) from prometheus_client.
+Metrics (serving/metrics.py, prometheus_client): per route, a latency histogram by status
+(gptpkg_http_request_duration_seconds, its _count the answers), requests in flight
+(gptpkg_http_requests_in_flight), with buckets set for this model's millisecond answers;
+gptpkg_model_info (the served model's tag, variant and device as labels, value 1).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from pydantic import BaseModel, Field, StringConstraints
 from gptpkg.errors import GptpkgError
 from gptpkg.onnx_classifier import CUDA, FP32_FILE, INT8_FILE, ModelUnavailable, OnnxSpamClassifier
 from serving.http_limits import RequestLimits, max_body_bytes
+from serving.metrics import RequestMetrics, batch_texts_histogram, export_model_info
 from serving.settings import Settings, SettingsError, load_settings
 
 
@@ -105,20 +107,6 @@ def model_info(settings: Settings, stored: bentoml.Model | None, path: Path) -> 
     return {"model_tag": str(stored.tag), "variant": str(stored.info.metadata.get("variant", variant))}
 
 
-def export_model_info(labels: dict[str, str]) -> None:
-    """Set gptpkg_model_info{labels} to 1 in this worker's share of BentoML's metrics."""
-    # Imported here, in the worker, not at module load: BentoML points prometheus_client at
-    # its multiprocess folder (PROMETHEUS_MULTIPROC_DIR) when the worker starts, after this
-    # module is imported, and a client imported before that keeps its values in-process,
-    # where /metrics never sees them. "max": one series for all workers (all say 1).
-    import prometheus_client
-
-    gauge = prometheus_client.Gauge(
-        "gptpkg_model_info", "The model this service serves (value 1)", list(labels), multiprocess_mode="max"
-    )
-    gauge.labels(**labels).set(1)
-
-
 # Declared unless the development override is set (which a Bento refuses, above), so
 # `bentoml build` packs it and a Bento serves it.
 MODEL = None if SETTINGS.model_path else bentoml.models.BentoModel(SETTINGS.model_tag)
@@ -139,6 +127,9 @@ class Prediction(BaseModel):
 
 
 ROUTES = ("/classify", "/classify_text")
+# The paths the metrics name as routes (any other path is "other"): the API, BentoML's
+# health checks, the OpenAPI page and spec.
+SERVED_ROUTES = (*ROUTES, "/livez", "/readyz", "/healthz", "/", "/docs.json")
 # Request latency histogram bounds, in seconds: Prometheus' default buckets start at 5 ms,
 # coarser than a one-text answer of this model (docs/performance.md), so a p50 or p99 read
 # from them would be a bucket bound; these resolve 0.5 ms up to the 30 s request timeout.
@@ -153,7 +144,9 @@ JSON = ContentType("application/json")
     workers=SETTINGS.workers,
     traffic={"timeout": 30},
     logging={"access": {"enabled": False}},
-    metrics={"enabled": SETTINGS.metrics, "duration": {"buckets": list(LATENCY_BUCKETS_S)}},
+    # BentoML's metrics middleware off: RequestMetrics (serving/metrics.py) does the same
+    # work for less CPU per request and serves /metrics.
+    metrics={"enabled": False},
     tracing={} if SETTINGS.tracing else {"excluded_urls": list(ROUTES)},
 )
 class SpamClassifier:
@@ -169,6 +162,9 @@ class SpamClassifier:
         if SETTINGS.metrics:
             device = "cuda" if self.clf.providers[0] == CUDA else "cpu"
             export_model_info({**model_info(SETTINGS, stored, path), "device": device})
+        self.batch_texts = None
+        if SETTINGS.metrics and SETTINGS.batching:
+            self.batch_texts = batch_texts_histogram(SETTINGS.max_batch_size).observe
         # One run before the worker reports ready, so its first request does not pay the
         # session's first-run set-up (a replacement worker takes traffic at full speed).
         self.clf.predict(["warm-up"])
@@ -190,6 +186,8 @@ class SpamClassifier:
     )
     async def classify(self, texts: Texts) -> Annotated[list[Prediction], JSON]:
         """Classify each text; one {label, spam_probability} per text, in order."""
+        if self.batch_texts:
+            self.batch_texts(len(texts))
         return self.clf.predict(texts, batch_size=SETTINGS.max_batch_size)
 
     @bentoml.api(route="/classify_text")
@@ -198,6 +196,9 @@ class SpamClassifier:
         return self.clf.predict([text])[0]
 
 
+if SETTINGS.metrics:
+    # Added first, so it is outside RequestLimits and counts its 413 and 415 answers too.
+    SpamClassifier.add_asgi_middleware(RequestMetrics, routes=SERVED_ROUTES, buckets=LATENCY_BUCKETS_S)
 SpamClassifier.add_asgi_middleware(
     RequestLimits,
     routes=ROUTES,

@@ -41,8 +41,8 @@ class Settings(BaseSettings):
     workers: Annotated[Annotated[int, Field(ge=1)] | Literal["cpu_count"], _expects("an integer >= 1 or cpu_count")] = (
         "cpu_count"
     )
-    # BentoML's Prometheus metrics at /metrics (per-route request counts by status, latency
-    # histograms, in-flight requests) and the served model's labels: on, for operators.
+    # Prometheus metrics at /metrics (serving/metrics.py: per-route latency histograms by
+    # status, requests in flight, the served model's labels): on, for operators.
     metrics: Annotated[bool, _expects("on|off")] = True
     # OpenTelemetry spans of the classify routes: off, as BentoML has no exporter set by
     # default and the spans cost CPU per request (docs/performance.md).
