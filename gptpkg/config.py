@@ -534,15 +534,3 @@ def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = (),
     from .profiles import merged_params
 
     return Params.parse(merged_params(path, overrides or (), profile), "params")
-
-
-_PRESET_NAMES = ("ModelConfig", "PRESETS", "KNOWN_PARAM_COUNTS", "model_config")
-
-
-def __getattr__(name: str) -> Any:
-    """The preset table's names, importable from here as well: `gptpkg.presets` holds them."""
-    if name in _PRESET_NAMES:
-        from . import presets
-
-        return getattr(presets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

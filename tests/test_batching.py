@@ -58,8 +58,8 @@ def test_bucketed_plan_groups_lengths_and_cuts_padding():
 
 
 def _tiny_model():
-    from gptpkg.config import model_config
     from gptpkg.model import GPT
+    from gptpkg.presets import model_config
 
     return GPT(model_config("tiny"))
 
