@@ -42,6 +42,12 @@ def mean_scores(rows: list[dict[str, Any]], prefix: str) -> dict[str, float]:
     return {f"{prefix}{k}": sum(r[k] for r in rows) / len(rows) for k in SCORE_KEYS}
 
 
+def distinct_share(answers: Sequence[str]) -> float:
+    """The share of answers that differ from every other (case and whitespace folded): 1.0
+    when each item gets its own answer, 1/n when the model says the same thing to all."""
+    return len({_fold(a) for a in answers}) / len(answers) if answers else 0.0
+
+
 def query_text(entry: dict) -> str:
     """What the retrieval baseline matches on: the instruction and its input."""
     return f"{entry['instruction']}\n{entry.get('input', '')}"

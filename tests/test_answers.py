@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import params_in
 
-from gptpkg.answers import BASELINE_RESPONSES, item_scores, mean_scores, sample_table
+from gptpkg.answers import BASELINE_RESPONSES, distinct_share, item_scores, mean_scores, sample_table
 from gptpkg.config import BaselineInstructConfig
 from gptpkg.stages.baseline_instruct import nearest_outputs
 
@@ -29,6 +29,12 @@ def test_item_scores_are_rouge_l_f1_and_folded_exact_match():
     assert mean_scores(rows, "test_") == pytest.approx({"test_rouge_l": 2 / 3, "test_exact_match": 2 / 3})
     with pytest.raises(ValueError, match="one answer per reference"):
         item_scores(["a"], [])
+
+
+def test_distinct_share_folds_case_and_whitespace():
+    assert distinct_share([":)", ":) ", " :)", ":)"]) == 0.25
+    assert distinct_share(["Paris", "paris", "Rome", "Oslo"]) == 0.75
+    assert distinct_share([]) == 0.0
 
 
 def test_nearest_outputs_answers_with_the_closest_training_instruction():

@@ -109,6 +109,9 @@ def test_repro_runs_every_stage_and_writes_outputs(repo):
     assert sum(r["rouge_l"] for r in scores) / 110 == pytest.approx(m["finetune_instruct"]["test_rouge_l"])
     for s in ("finetune_instruct", "baseline_instruct"):
         assert {"val_rouge_l", "val_exact_match", "test_rouge_l", "test_exact_match"} <= set(m[s]), s
+        assert 1 / 110 <= m[s]["test_distinct_answers"] <= 1.0, s
+    distinct = {" ".join(r["model_response"].split()).casefold() for r in responses}
+    assert m["finetune_instruct"]["test_distinct_answers"] == pytest.approx(len(distinct) / 110)
     assert m["baseline_instruct"]["test_rouge_l"] > 0.3
     history = json.loads((path / "plots" / "finetune_spam.json").read_text())
     assert history[-1]["step"] == m["finetune_spam"]["steps"] and "val_accuracy" in history[-1]

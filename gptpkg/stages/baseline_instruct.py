@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..answers import BASELINE_RESPONSES, item_scores, mean_scores, query_text
+from ..answers import BASELINE_RESPONSES, distinct_share, item_scores, mean_scores, query_text
 from ..config import BaselineInstructConfig
 from ..files import write_json
 
@@ -38,7 +38,7 @@ def run(cfg: BaselineInstructConfig, ctx) -> dict[str, Any]:
         entries = read_instruct_split(paths, part)
         answers = nearest_outputs(train, entries, cfg)
         rows = item_scores([e["output"] for e in entries], answers)
-        metrics.update(mean_scores(rows, f"{part}_"))
+        metrics.update(mean_scores(rows, f"{part}_"), **{f"{part}_distinct_answers": distinct_share(answers)})
     responses = [
         {**{k: e.get(k, "") for k in ("instruction", "input", "output")}, "baseline_response": a, **r}
         for e, a, r in zip(entries, answers, rows)

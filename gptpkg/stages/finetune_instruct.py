@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..answers import item_scores, mean_scores
+from ..answers import distinct_share, item_scores, mean_scores
 from ..config import InstructConfig
 from ..data import InstructionDataset, format_prompt, instruction_collate
 from ..files import write_json
@@ -60,7 +60,7 @@ def run(cfg: InstructConfig, ctx) -> dict[str, Any]:
         entries = splits[part]
         answers = [answer(model, tok, e, cfg) for e in entries]
         rows = item_scores([e["output"] for e in entries], answers)
-        metrics.update(mean_scores(rows, f"{part}_"))
+        metrics.update(mean_scores(rows, f"{part}_"), **{f"{part}_distinct_answers": distinct_share(answers)})
     responses = [
         {**{k: e.get(k, "") for k in ("instruction", "input", "output")}, "model_response": a, **r}
         for e, a, r in zip(entries, answers, rows)
