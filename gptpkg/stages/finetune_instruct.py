@@ -28,7 +28,7 @@ from ..train import Task, batches_of, fit, lm_loss, mean_loss, set_seed
 def run(cfg: InstructConfig, ctx) -> dict[str, Any]:
     paths = ctx.paths
     set_seed(cfg.seed)
-    model = initial_model(cfg, "finetune_instruct", paths.pretrained)
+    model = initial_model(cfg, "finetune_instruct", paths)
     tok = get_tokenizer(ctx.mirror)
     splits = {p: read_instruct_split(paths, p) for p in ("train", "val", "test")}
     sets = {p: InstructionDataset(rows, tok) for p, rows in splits.items()}

@@ -227,7 +227,7 @@ def prediction_rows(rows: Sequence[tuple[str, int]], probs: Sequence[float]) -> 
 def run(cfg: SpamConfig, ctx) -> dict[str, Any]:
     paths = ctx.paths
     set_seed(cfg.seed)
-    model = GPTClassifier(initial_model(cfg, "finetune_spam", paths.pretrained), len(SPAM_LABELS))
+    model = GPTClassifier(initial_model(cfg, "finetune_spam", paths), len(SPAM_LABELS))
     model.set_trainable(cfg.trainable, cfg.n_blocks)
     tok = get_tokenizer(ctx.mirror)
     rows = {p: read_spam_split(paths, p) for p in ("val", "test")}
