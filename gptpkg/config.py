@@ -364,7 +364,26 @@ class WeightsConfig(Section):
     )
 
 
-class SpamConfig(TrainConfig):
+_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")  # gptpkg.lora.TARGETS
+
+
+class _FineTune(TrainConfig):
+    """The LoRA keys both fine-tunings share, read with trainable: lora (gptpkg.lora)."""
+
+    lora_rank: int = key("trainable: lora: the adapters' rank r", 16, ge=1)
+    lora_alpha: float = key("trainable: lora: the update is scaled by lora_alpha / lora_rank", 16.0, gt=0)
+    lora_dropout: float = key(
+        "trainable: lora: dropout on the adapters' input", 0.0, expected="a probability in [0, 1)", ge=0, lt=1
+    )
+    lora_targets: list[Literal[_LORA_TARGETS]] = key(  # type: ignore[valid-type]
+        "trainable: lora: the linear layers of every block that get adapters",
+        list(_LORA_TARGETS),
+        expected="a non-empty list of attn.qkv, attn.proj, mlp.fc, mlp.proj",
+        min_length=1,
+    )
+
+
+class SpamConfig(_FineTune):
     """The spam classifier: the pretrained GPT with a two-class head, fine-tuned."""
 
     init: Literal["pretrained", "openai", "scratch"] = key(
@@ -372,8 +391,9 @@ class SpamConfig(TrainConfig):
         "or scratch (the model preset)"
     )
     model: str = key("preset of the fresh model that init: scratch starts from")
-    trainable: Literal["head", "last_blocks", "all"] = key(
-        "what trains: head, last_blocks (the last n_blocks, the final norm and the head) or all"
+    trainable: Literal["head", "last_blocks", "all", "lora"] = key(
+        "what trains: head, last_blocks (the last n_blocks, the final norm and the head), all, or lora "
+        "(adapters on lora_targets, and the head; the checkpoint holds only those and names its base)"
     )
     n_blocks: int = key("transformer blocks that train with trainable: last_blocks", ge=1)
     max_length: int = key("a message's first max_length tokens are classified", ge=1)
@@ -420,6 +440,7 @@ class SpamConfig(TrainConfig):
     def _scratch_preset(self):
         if self.init == "scratch":
             _preset(self.model)
+            require(self.trainable != "lora", "trainable", "head, last_blocks or all with init: scratch", "lora")
         return self
 
 
@@ -440,12 +461,16 @@ class BaselineInstructConfig(Section):
     ngram_max: int = key(_NGRAMS, ge=1)
 
 
-class InstructConfig(TrainConfig):
+class InstructConfig(_FineTune):
     """Instruction fine-tuning: next-token loss on the instruction examples, then
     responses to the validation and test instructions."""
 
     init: Literal["pretrained", "openai"] = key(
         "the start model: pretrained (our checkpoint) or openai (OpenAI's GPT-2, from the weights stage)"
+    )
+    trainable: Literal["all", "lora"] = key(
+        "what trains: all, or lora (adapters on lora_targets; the checkpoint holds only those and names its base)",
+        "all",
     )
     max_length: int = key("tokens per example, prompt and response together; longer ones are cut", ge=2)
     mask_prompt: bool = key("true: the loss covers the response tokens only")

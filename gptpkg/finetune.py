@@ -47,6 +47,42 @@ def initial_model(cfg, section: str, paths) -> GPT:
     return model
 
 
+def start_reference(cfg, paths) -> dict:
+    """What an adapter trained from this section's start model records of its base: the
+    init, the folder and the sha256 of its weights file."""
+    from pathlib import Path
+
+    from .raw import sha256_of
+
+    if cfg.init == "openai":
+        from .hf_weights import weights_file
+
+        folder, weights = paths.openai_weights, weights_file(paths.openai_weights)
+    elif cfg.init == "pretrained":
+        folder = paths.pretrained
+        weights = Path(folder) / "model.safetensors"
+    else:
+        raise ConfigError(f"{cfg.init!r} start: trainable: lora needs a pretrained base (init: pretrained or openai)")
+    return {"init": cfg.init, "path": str(folder), "sha256": sha256_of(weights)}
+
+
+def set_trainable(model, cfg, section: str, paths) -> None:
+    """What trains, as the section's `trainable` says: lora freezes the start model and
+    adds adapters (`lora_*` keys; a classifier's head trains in full); head, last_blocks
+    and all are the classifier's `set_trainable`; all trains everything."""
+    if cfg.trainable == "lora":
+        from .lora import apply_lora
+
+        try:
+            apply_lora(
+                model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, start_reference(cfg, paths)
+            )
+        except ValueError as e:
+            raise ConfigError(f"params.{section}.{e}") from None
+    elif hasattr(model, "set_trainable"):
+        model.set_trainable(cfg.trainable, getattr(cfg, "n_blocks", 1))
+
+
 # Compiled fine-tunings pad every batch's length up to a multiple of this: with one
 # graph whose batch and length dimensions are dynamic, no batch is 1 token long (which
 # torch.compile would specialize on), and the matmuls get tile-friendly sizes.

@@ -38,6 +38,12 @@ class WeightsError(GptpkgError, RuntimeError):
     pass
 
 
+def weights_file(folder: str | Path) -> Path:
+    """The weights file of a Hugging Face gpt2 folder: model.safetensors, else pytorch_model.bin."""
+    folder = Path(folder)
+    return folder / "model.safetensors" if (folder / "model.safetensors").is_file() else folder / "pytorch_model.bin"
+
+
 def read_hf_state(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     folder = Path(folder)
     cfg_file = folder / "config.json"

@@ -50,6 +50,9 @@ class Stage:
     figures: bool = True
     # A fine-tuning: it also reads the start model its section's `init` names (START_MODELS).
     start_model: bool = False
+    # Reads the checkpoint of this section's fine-tuning: with trainable: lora that is an
+    # adapter, loaded on its base (the start model), so the base is an input too.
+    adapter_of: str = ""
     # Runs only where another stage of the pipeline reads one of its outputs (a start model
     # that no fine-tuning starts from is never built).
     on_demand: bool = False
@@ -181,6 +184,7 @@ STAGES: dict[str, Stage] = {
             deps=("{spam_classifier}", "{processed}/spam/test.jsonl"),
             outs=(Out("{onnx}"),),
             wandb=True,
+            adapter_of="finetune_spam",
         ),
         # The BentoML model store lies outside the repository ($BENTOML_HOME): DVC sees the
         # store entry's record (tag, sha256), uncached, so a fresh clone or a deleted record
@@ -205,7 +209,8 @@ def inside(path: str, parent: str) -> bool:
 def planned(params) -> dict[str, Stage]:
     """The pipeline that `params` (a `Params`) describe, in registry order: each
     fine-tuning reads the start model its `init` names, and an `on_demand` stage is kept
-    only where a kept stage reads its outputs. With init: openai for both fine-tunings
+    only where a kept stage reads its outputs; a stage that loads a LoRA adapter also
+    reads its base. With init: openai for both fine-tunings
     there is no pretrain stage; with init: pretrained, no weights stage. dvc.yaml, the
     Dagster assets and `dvc repro` all see this pipeline."""
     stages = {}
@@ -213,6 +218,8 @@ def planned(params) -> dict[str, Stage]:
         if s.start_model:
             start = START_MODELS.get(getattr(params, s.params_section).init)
             s = replace(s, deps=(start, *s.deps)) if start else s
+        if s.adapter_of and getattr(params, s.adapter_of).trainable == "lora":
+            s = replace(s, deps=(*s.deps, START_MODELS[getattr(params, s.adapter_of).init]))
         stages[s.name] = s
     reads = [d for s in stages.values() if not s.on_demand for d in s.deps]
     return {
