@@ -33,12 +33,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from gptpkg.config import Paths  # noqa: E402  (the checkout's gptpkg, installed or not)
-from gptpkg.pipeline import STAGES as REGISTRY  # noqa: E402
+from gptpkg.config import Paths, load_params  # noqa: E402  (the checkout's gptpkg, installed or not)
+from gptpkg.pipeline import planned  # noqa: E402
 
 PATH_KEYS = tuple(Paths.model_fields)
-# Every stage but `package`: the GPU machine has no BentoML.
-STAGES = tuple(s for s in REGISTRY if s != "package")
+# Every stage of the default pipeline but `package`: the GPU machine has no BentoML.
+STAGES = tuple(s for s in planned(load_params(ROOT / "params.yaml")) if s != "package")
 
 
 def run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> tuple[int, float]:

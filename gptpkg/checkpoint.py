@@ -3,6 +3,11 @@
 `n_classes` and `logit_offset`, extra metadata), plus `trainer.pt`
 (optimizer and progress, tensors only) when saved for resuming.
 
+A model fine-tuned with LoRA (gptpkg.lora) is saved as its adapter: `model.safetensors`
+holds only the trained tensors (A, B, a classifier's head) and config.json's `adapter`
+names its base (init, path, sha256 of the base's weights file); loading rebuilds the
+base from that path, checks the hash and puts the adapter on it.
+
 Folders are written under a temp name beside the target and swapped in by rename, so a
 crash mid-write never leaves a half-written checkpoint or destroys the previous one.
 """
@@ -42,17 +47,23 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def write_model(dir_: Path, model: torch.nn.Module, meta: dict[str, Any] | None = None) -> None:
     """Write weights and config into an existing folder (use inside `atomic_dir`)."""
+    from .lora import adapter_of, adapter_state
+
     model = unwrap(model)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    adapter = adapter_of(model)
+    state = adapter_state(model) if adapter else model.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     config: dict[str, Any] = {"kind": LM, "model": model.cfg.model_dump()}
     if isinstance(model, GPTClassifier):
         config["kind"] = CLASSIFIER
         config["n_classes"] = model.n_classes
         config["logit_offset"] = None if model.logit_offset is None else list(model.logit_offset)
     else:
-        if model.tied:
+        if model.tied and not adapter:
             del state["out_head.weight"]  # shares storage with tok_emb.weight
         config["tied"] = model.tied
+    if adapter:
+        config["adapter"] = adapter
     config["meta"] = meta or {}
     save_file(state, str(dir_ / WEIGHTS))
     (dir_ / CONFIG).write_text(json.dumps(config, indent=2))
@@ -104,12 +115,46 @@ def _unkinded_classifier_state(state: dict[str, torch.Tensor]) -> dict[str, torc
     }
 
 
+def _adapter_base(adapter: dict[str, Any], where: Path) -> GPT:
+    """The base model an adapter checkpoint names, its weights checked against the hash
+    recorded when the adapter was trained."""
+    from .raw import sha256_of
+
+    try:
+        init, path, want = adapter["base"]["init"], Path(adapter["base"]["path"]), adapter["base"]["sha256"]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{where}: adapter.base: expected init, path and sha256 of the base model") from None
+    if init == "openai":
+        from .hf_weights import load_openai_gpt2, weights_file
+
+        weights, load = weights_file(path), load_openai_gpt2
+    else:
+        weights, load = path / WEIGHTS, lambda p: load_checkpoint(p)[0]
+    if not weights.is_file():
+        raise CheckpointError(
+            f"{where}: the adapter's base {weights} is missing (expected the model it was trained on)"
+        )
+    got = sha256_of(weights)
+    if got != want:
+        raise CheckpointError(
+            f"{where}: the adapter's base {weights} has sha256 {got[:12]}, expected {want[:12]} (the weights it "
+            f"was trained on): restore them or fine-tune again"
+        )
+    base = load(path)
+    if not isinstance(base, GPT):
+        raise CheckpointError(f"{where}: the adapter's base {path} is not a language model")
+    return base
+
+
 def _build(config: dict[str, Any], kind: str, where: Path) -> GPT | GPTClassifier:
     try:
         mcfg = ModelConfig.parse(config["model"], f"{where}:model")
     except (KeyError, ConfigError) as e:
         raise CheckpointError(f"{where}: bad model config: {e}") from None
-    model = GPT(mcfg)
+    adapter = config.get("adapter")
+    model = GPT(mcfg) if adapter is None else _adapter_base(adapter, where)
+    if adapter is not None:
+        model.set_drop_rate(mcfg.drop_rate)
     if kind == LM:
         return model
     n = config.get("n_classes")
@@ -130,6 +175,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     config = read_config(path)
     kind = checkpoint_kind(config, path / CONFIG)
     model = _build(config, kind, path / CONFIG)
+    adapter = config.get("adapter")
     weights = path / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{path}: {WEIGHTS} missing")
@@ -142,7 +188,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     tied = isinstance(model, GPT) and model.tied
     if tied and "tok_emb.weight" in state:
         state["out_head.weight"] = state["tok_emb.weight"]
+    if adapter is not None:
+        from .lora import adapter_state, apply_lora, resize_to
+
+        try:
+            a = adapter
+            apply_lora(model, a["rank"], a["alpha"], a["dropout"], a["targets"], a["base"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path / CONFIG}: adapter: {e}") from None
+        resize_to(model, state)
+        tied = False  # the base's own tie stands; the adapter holds no embedding
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if adapter is not None:
+        missing = sorted(set(adapter_state(model)) - set(state))
     if missing or unexpected:
         raise CheckpointError(
             f"{weights} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"

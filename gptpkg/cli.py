@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         "profile",
         help="write profiles/NAME.yaml into the params file (for dvc repro)",
         description="write the keys of profiles/NAME.yaml into the params file in place "
-        "(comments kept), so `dvc repro` / `dvc exp run` run that profile",
+        "(comments kept), and dvc.yaml beside it with them (a fine-tuning's init decides whether "
+        "pretrain or weights runs), so `dvc repro` / `dvc exp run` run that profile",
     )
     pr.add_argument("name", nargs="?", default=None, help="profile name (profiles/NAME.yaml next to the params file)")
     pr.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--check exits 1 when the file differs from what they generate",
     )
     d.add_argument("--output", default="dvc.yaml", help="the file to write (default: dvc.yaml)")
+    d.add_argument("--params", default=None, help="params file (default: params.yaml beside the output)")
     d.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file is out of date")
     d.set_defaults(stage=None)
 
@@ -221,7 +223,7 @@ def _presets() -> int:
 
 def _profile(args) -> int:
     from .config import ConfigError
-    from .profiles import apply_profile
+    from .dvc_yaml import apply_profile
 
     try:
         if not args.name and not args.overrides:
@@ -245,9 +247,9 @@ def _profile(args) -> int:
 def _dvc_yaml(args) -> int:
     from .dvc_yaml import write
 
-    same = write(args.output, check=args.check)
+    same = write(args.output, check=args.check, params_file=args.params)
     if args.check and not same:
-        print(f"{args.output} differs from the stage registry: run `gptpkg dvc-yaml`", file=sys.stderr)
+        print(f"{args.output} differs from the stage registry and params.yaml: run `gptpkg dvc-yaml`", file=sys.stderr)
         return 1
     print(f"{args.output}: {'up to date' if same else 'written'}")
     return 0

@@ -186,10 +186,6 @@ _BATCHING = (
     "bucketed (similar lengths per batch), shuffled (random batches, each padded to its longest) "
     "or pad_longest (every example padded to the longest of the training set, the book's)"
 )
-_OPENAI_WEIGHTS = (
-    "local folder of OpenAI's GPT-2 weights, the Hugging Face files (config.json + model.safetensors), "
-    "read with init: openai; nothing is downloaded"
-)
 _START_DROP_RATE = "null (the start model's) or a probability in [0, 1)"
 _TERMS = "TF-IDF vocabulary size: the most frequent terms kept; 0 = all terms"
 _NGRAMS = "longest word n-gram among the TF-IDF terms"
@@ -201,6 +197,9 @@ class Paths(Section):
     raw: str = key("the fetched raw files, sha256-verified")
     processed: str = key("prepare's outputs: the token shards with their manifest, the spam and instruction splits")
     pretrained: str = key("the pretrained language model's checkpoint")
+    openai_weights: str = key(
+        "OpenAI's GPT-2 weights that `weights` obtains (config.json + model.safetensors), read by init: openai"
+    )
     spam_classifier: str = key("the fine-tuned spam classifier's checkpoint")
     instruct_model: str = key("the instruction-fine-tuned model's checkpoint")
     metrics: str = key("each stage's metrics JSON; run-dependent figures under runtime/")
@@ -351,31 +350,50 @@ class PretrainConfig(TrainConfig):
         return model_config(self.model, drop_rate=self.drop_rate, vocab_multiple=self.vocab_multiple)
 
 
-class _FineTune(TrainConfig):
-    """The rule of a fine-tuning's start model (`init`, `openai_weights`)."""
+class WeightsConfig(Section):
+    """OpenAI's GPT-2 weights for the fine-tunings that say init: openai, obtained through
+    huggingface_hub (its cache, $HF_ENDPOINT, $HF_TOKEN and $HF_HUB_OFFLINE) or copied
+    from a local folder, verified, into paths.openai_weights."""
 
-    @model_validator(mode="after")
-    def _openai_weights_given(self):
-        weights = self.openai_weights  # type: ignore[attr-defined]
-        require(
-            self.init != "openai" or bool(weights),  # type: ignore[attr-defined]
-            "openai_weights",
-            "a local folder of GPT-2 weights with init: openai",
-            weights,
-        )
-        return self
+    model: Literal["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"] = key(
+        "the size: the Hub repository openai-community/<model> (124M, 355M, 774M, 1558M parameters)"
+    )
+    revision: str = key("branch, tag or commit of the Hub repository", min_length=1)
+    local_folder: str = key(
+        "a folder holding config.json + model.safetensors to copy instead of the Hub; empty = the Hub"
+    )
+
+
+_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")  # gptpkg.lora.TARGETS
+
+
+class _FineTune(TrainConfig):
+    """The LoRA keys both fine-tunings share, read with trainable: lora (gptpkg.lora)."""
+
+    lora_rank: int = key("trainable: lora: the adapters' rank r", 16, ge=1)
+    lora_alpha: float = key("trainable: lora: the update is scaled by lora_alpha / lora_rank", 16.0, gt=0)
+    lora_dropout: float = key(
+        "trainable: lora: dropout on the adapters' input", 0.0, expected="a probability in [0, 1)", ge=0, lt=1
+    )
+    lora_targets: list[Literal[_LORA_TARGETS]] = key(  # type: ignore[valid-type]
+        "trainable: lora: the linear layers of every block that get adapters",
+        list(_LORA_TARGETS),
+        expected="a non-empty list of attn.qkv, attn.proj, mlp.fc, mlp.proj",
+        min_length=1,
+    )
 
 
 class SpamConfig(_FineTune):
     """The spam classifier: the pretrained GPT with a two-class head, fine-tuned."""
 
     init: Literal["pretrained", "openai", "scratch"] = key(
-        "the start model: pretrained (our checkpoint), openai (the openai_weights folder) or scratch (the model preset)"
+        "the start model: pretrained (our checkpoint), openai (OpenAI's GPT-2, from the weights stage) "
+        "or scratch (the model preset)"
     )
-    openai_weights: str = key(_OPENAI_WEIGHTS)
     model: str = key("preset of the fresh model that init: scratch starts from")
-    trainable: Literal["head", "last_blocks", "all"] = key(
-        "what trains: head, last_blocks (the last n_blocks, the final norm and the head) or all"
+    trainable: Literal["head", "last_blocks", "all", "lora"] = key(
+        "what trains: head, last_blocks (the last n_blocks, the final norm and the head), all, or lora "
+        "(adapters on lora_targets, and the head; the checkpoint holds only those and names its base)"
     )
     n_blocks: int = key("transformer blocks that train with trainable: last_blocks", ge=1)
     max_length: int = key("a message's first max_length tokens are classified", ge=1)
@@ -410,7 +428,7 @@ class SpamConfig(_FineTune):
         gt=0,
         lt=1,
     )
-    AFTER_TRAINING: ClassVar[frozenset[str]] = frozenset({"openai_weights", "cv_folds", "decision_spam_share"})
+    AFTER_TRAINING: ClassVar[frozenset[str]] = frozenset({"cv_folds", "decision_spam_share"})
 
     @field_validator("cv_folds")
     @classmethod
@@ -422,6 +440,7 @@ class SpamConfig(_FineTune):
     def _scratch_preset(self):
         if self.init == "scratch":
             _preset(self.model)
+            require(self.trainable != "lora", "trainable", "head, last_blocks or all with init: scratch", "lora")
         return self
 
 
@@ -447,9 +466,12 @@ class InstructConfig(_FineTune):
     responses to the validation and test instructions."""
 
     init: Literal["pretrained", "openai"] = key(
-        "the start model: pretrained (our checkpoint) or openai (the openai_weights folder)"
+        "the start model: pretrained (our checkpoint) or openai (OpenAI's GPT-2, from the weights stage)"
     )
-    openai_weights: str = key(_OPENAI_WEIGHTS)
+    trainable: Literal["all", "lora"] = key(
+        "what trains: all, or lora (adapters on lora_targets; the checkpoint holds only those and names its base)",
+        "all",
+    )
     max_length: int = key("tokens per example, prompt and response together; longer ones are cut", ge=2)
     mask_prompt: bool = key("true: the loss covers the response tokens only")
     max_new_tokens: int = key("tokens generated per validation or test response", ge=0)
@@ -470,7 +492,7 @@ class InstructConfig(_FineTune):
         "dropout while fine-tuning; null = the start model's", expected=_START_DROP_RATE, ge=0, lt=1
     )
     AFTER_TRAINING: ClassVar[frozenset[str]] = frozenset(
-        {"openai_weights", "max_new_tokens", "repetition_penalty", "no_repeat_ngram", "judge_url", "judge_model"}
+        {"max_new_tokens", "repetition_penalty", "no_repeat_ngram", "judge_url", "judge_model"}
     )
 
 
@@ -520,6 +542,7 @@ class Params(Section):
     data: DataConfig
     prepare: PrepareConfig
     pretrain: PretrainConfig
+    weights: WeightsConfig
     finetune_spam: SpamConfig
     baseline_spam: BaselineConfig
     finetune_instruct: InstructConfig

@@ -15,9 +15,9 @@ from .presets import model_config
 from .train import RunPlan, batch_plan_for, plan_run
 
 
-def initial_model(cfg, section: str, pretrained: str) -> GPT:
+def initial_model(cfg, section: str, paths) -> GPT:
     """The model a fine-tuning (`cfg`: its params section) starts from: our pretrained
-    checkpoint, local OpenAI GPT-2 weights, or (classifier only) a fresh preset, with
+    checkpoint, OpenAI's GPT-2 weights (the weights stage's), or (classifier only) a fresh preset, with
     the section's `drop_rate` (None keeps the start's: the pretraining drop_rate, 0 for
     OpenAI's weights, the preset's for scratch). Its context must hold `max_length`."""
     from pathlib import Path
@@ -25,17 +25,16 @@ def initial_model(cfg, section: str, pretrained: str) -> GPT:
     from .checkpoint import load_checkpoint
 
     if cfg.init == "pretrained":
-        model, _ = load_checkpoint(pretrained)
+        model, _ = load_checkpoint(paths.pretrained)
     elif cfg.init == "openai":
-        if not (Path(cfg.openai_weights) / "config.json").is_file():
+        if not (Path(paths.openai_weights) / "config.json").is_file():
             raise ConfigError(
-                f"params.{section}.openai_weights={cfg.openai_weights!r}: init: openai needs a local "
-                f"folder with the Hugging Face gpt2 files (config.json + model.safetensors); "
-                f"nothing is downloaded"
+                f"params.{section}.init: openai reads OpenAI's GPT-2 from {paths.openai_weights}, which lacks "
+                f"config.json: run the weights stage first (`gptpkg weights`, or `dvc repro`)"
             )
         from .hf_weights import load_openai_gpt2
 
-        model = load_openai_gpt2(cfg.openai_weights)
+        model = load_openai_gpt2(paths.openai_weights)
     else:
         model = GPT(model_config(cfg.model))
     if cfg.drop_rate is not None:
@@ -46,6 +45,42 @@ def initial_model(cfg, section: str, pretrained: str) -> GPT:
             f"{model.cfg.context_length}"
         )
     return model
+
+
+def start_reference(cfg, paths) -> dict:
+    """What an adapter trained from this section's start model records of its base: the
+    init, the folder and the sha256 of its weights file."""
+    from pathlib import Path
+
+    from .raw import sha256_of
+
+    if cfg.init == "openai":
+        from .hf_weights import weights_file
+
+        folder, weights = paths.openai_weights, weights_file(paths.openai_weights)
+    elif cfg.init == "pretrained":
+        folder = paths.pretrained
+        weights = Path(folder) / "model.safetensors"
+    else:
+        raise ConfigError(f"{cfg.init!r} start: trainable: lora needs a pretrained base (init: pretrained or openai)")
+    return {"init": cfg.init, "path": str(folder), "sha256": sha256_of(weights)}
+
+
+def set_trainable(model, cfg, section: str, paths) -> None:
+    """What trains, as the section's `trainable` says: lora freezes the start model and
+    adds adapters (`lora_*` keys; a classifier's head trains in full); head, last_blocks
+    and all are the classifier's `set_trainable`; all trains everything."""
+    if cfg.trainable == "lora":
+        from .lora import apply_lora
+
+        try:
+            apply_lora(
+                model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, start_reference(cfg, paths)
+            )
+        except ValueError as e:
+            raise ConfigError(f"params.{section}.{e}") from None
+    elif hasattr(model, "set_trainable"):
+        model.set_trainable(cfg.trainable, getattr(cfg, "n_blocks", 1))
 
 
 # Compiled fine-tunings pad every batch's length up to a multiple of this: with one

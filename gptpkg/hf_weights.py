@@ -3,7 +3,7 @@
 A folder holding `config.json` and `model.safetensors` (or `pytorch_model.bin`), keys
 such as `h.0.attn.c_attn.weight`, optionally prefixed `transformer.`. HF stores these
 projections as Conv1D, weight (in, out), so they are transposed into nn.Linear (out, in).
-Nothing is downloaded: place the files locally (e.g. `huggingface-cli download gpt2`).
+The `weights` stage obtains them (gptpkg.hub): from the Hugging Face Hub or a local folder.
 """
 
 from __future__ import annotations
@@ -36,6 +36,12 @@ _BLOCK_MAP = {
 
 class WeightsError(GptpkgError, RuntimeError):
     pass
+
+
+def weights_file(folder: str | Path) -> Path:
+    """The weights file of a Hugging Face gpt2 folder: model.safetensors, else pytorch_model.bin."""
+    folder = Path(folder)
+    return folder / "model.safetensors" if (folder / "model.safetensors").is_file() else folder / "pytorch_model.bin"
 
 
 def read_hf_state(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -47,8 +47,17 @@ def model_meta(config: dict, where: str) -> ModelMeta:
 
 def export_classifier(model, meta: ModelMeta, out: Path, opset: int) -> None:
     """Write the classifier `model` (a `GPTClassifier`) as one ONNX file with `meta` in
-    its metadata_props."""
+    its metadata_props. LoRA adapters are merged into their layers first (on a copy): the
+    graph is a plain classifier, and the parity check compares it with the adapted model."""
+    import copy
+
     import torch
+
+    from .lora import adapter_of, merge_lora
+
+    if adapter_of(model):
+        model = copy.deepcopy(model)
+        merge_lora(model)
 
     class Classify(torch.nn.Module):
         """The classifier with the graph's input names (dynamic_shapes is keyed by them)."""

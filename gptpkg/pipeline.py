@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .config import Paths
@@ -48,6 +48,14 @@ class Stage:
     # (losses, accuracies, parity): dvc.yaml `metrics:`. Else it is a record (file sources,
     # split counts, the BentoML tag), a cached output like the record.
     figures: bool = True
+    # A fine-tuning: it also reads the start model its section's `init` names (START_MODELS).
+    start_model: bool = False
+    # Reads the checkpoint of this section's fine-tuning: with trainable: lora that is an
+    # adapter, loaded on its base (the start model), so the base is an input too.
+    adapter_of: str = ""
+    # Runs only where another stage of the pipeline reads one of its outputs (a start model
+    # that no fine-tuning starts from is never built).
+    on_demand: bool = False
 
     @property
     def params_section(self) -> str:
@@ -72,6 +80,10 @@ class Stage:
 def resolve(template: str, paths: Paths) -> str:
     """A path template of the registry (`{processed}/spam`) with `paths` filled in."""
     return template.format(**paths.model_dump())
+
+
+# A fine-tuning's `init` -> the path template of the model it starts from (scratch: none).
+START_MODELS = {"pretrained": "{pretrained}", "openai": "{openai_weights}"}
 
 
 def _nocache(*paths: str) -> tuple[Out, ...]:
@@ -106,12 +118,21 @@ STAGES: dict[str, Stage] = {
             outs=(Out("{pretrained}"), Out("{metrics}/pretrain_samples.json"), *_nocache("{plots}/pretrain.json")),
             images=("{plots}/pretrain_loss.png",),
             checkpoint="pretrained",
+            on_demand=True,
+        ),
+        Stage(
+            "weights",
+            "obtain OpenAI's GPT-2 weights (Hugging Face Hub or a local folder), verified",
+            "pretraining",
+            outs=(Out("{openai_weights}"),),
+            figures=False,
+            on_demand=True,
         ),
         Stage(
             "finetune_spam",
             "fine-tune the pretrained GPT into the spam classifier",
             "classifier",
-            deps=("{pretrained}", "{processed}/spam"),
+            deps=("{processed}/spam",),
             outs=(
                 Out("{spam_classifier}"),
                 *_nocache(
@@ -122,6 +143,7 @@ STAGES: dict[str, Stage] = {
             ),
             images=("{plots}/finetune_spam_loss.png", "{plots}/finetune_spam_confusion.png"),
             checkpoint="spam_classifier",
+            start_model=True,
         ),
         Stage(
             "baseline_spam",
@@ -135,7 +157,7 @@ STAGES: dict[str, Stage] = {
             "finetune_instruct",
             "instruction-fine-tune the pretrained GPT; write test responses",
             "instruction",
-            deps=("{pretrained}", "{processed}/instruct"),
+            deps=("{processed}/instruct",),
             outs=(
                 Out("{instruct_model}"),
                 Out("{metrics}/instruct_responses.json"),
@@ -143,6 +165,7 @@ STAGES: dict[str, Stage] = {
             ),
             images=("{plots}/finetune_instruct_loss.png",),
             checkpoint="instruct_model",
+            start_model=True,
         ),
         Stage(
             "baseline_instruct",
@@ -161,6 +184,7 @@ STAGES: dict[str, Stage] = {
             deps=("{spam_classifier}", "{processed}/spam/test.jsonl"),
             outs=(Out("{onnx}"),),
             wandb=True,
+            adapter_of="finetune_spam",
         ),
         # The BentoML model store lies outside the repository ($BENTOML_HOME): DVC sees the
         # store entry's record (tag, sha256), uncached, so a fresh clone or a deleted record
@@ -182,9 +206,34 @@ def inside(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
-def upstream(stage: Stage) -> tuple[str, ...]:
-    """The stages whose outputs `stage` reads, in registry order."""
-    produced = {s.name: [o.path for o in s.outs] + list(s.metrics) + list(s.images) for s in STAGES.values()}
+def planned(params) -> dict[str, Stage]:
+    """The pipeline that `params` (a `Params`) describe, in registry order: each
+    fine-tuning reads the start model its `init` names, and an `on_demand` stage is kept
+    only where a kept stage reads its outputs; a stage that loads a LoRA adapter also
+    reads its base. With init: openai for both fine-tunings
+    there is no pretrain stage; with init: pretrained, no weights stage. dvc.yaml, the
+    Dagster assets and `dvc repro` all see this pipeline."""
+    stages = {}
+    for s in STAGES.values():
+        if s.start_model:
+            start = START_MODELS.get(getattr(params, s.params_section).init)
+            s = replace(s, deps=(start, *s.deps)) if start else s
+        if s.adapter_of and getattr(params, s.adapter_of).trainable == "lora":
+            s = replace(s, deps=(*s.deps, START_MODELS[getattr(params, s.adapter_of).init]))
+        stages[s.name] = s
+    reads = [d for s in stages.values() if not s.on_demand for d in s.deps]
+    return {
+        n: s
+        for n, s in stages.items()
+        if not s.on_demand or any(inside(d, o.path) or inside(o.path, d) for o in s.outs for d in reads)
+    }
+
+
+def upstream(stage: Stage, stages: dict[str, Stage] | None = None) -> tuple[str, ...]:
+    """The stages of `stages` (default: the registry) whose outputs `stage` reads, in order."""
+    produced = {
+        s.name: [o.path for o in s.outs] + list(s.metrics) + list(s.images) for s in (stages or STAGES).values()
+    }
     return tuple(
         n
         for n, outs in produced.items()

@@ -106,7 +106,7 @@ def test_compile_takes_yaml_booleans(value, expected):
         ("finetune_spam.decision_spam_share=1.0", r"params.finetune_spam.decision_spam_share: expected null"),
         ("finetune_spam.drop_rate=1.5", r"params.finetune_spam.drop_rate: expected null \(the start model's\)"),
         ("finetune_spam.class_weights=[1.0]", r"params.finetune_spam.class_weights: expected null or two positive"),
-        ("finetune_spam.init=openai", r"params.finetune_spam.openai_weights: expected a local folder"),
+        ("weights.model=gpt3", r"params.weights.model: expected gpt2\|gpt2-medium\|gpt2-large\|gpt2-xl, got .gpt3."),
         ("finetune_spam.train_data=nontest", r"params.finetune_spam.train_data: expected book\|all, got 'nontest'"),
         ("finetune_spam.sparse_embedding=auto", r"params.finetune_spam.sparse_embedding: expected true\|false"),
         ("prepare.spam_split=half", r"params.prepare.spam_split: expected book\|full, got 'half'"),

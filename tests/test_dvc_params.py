@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from gptpkg.config import Params
-from gptpkg.pipeline import STAGES
+from gptpkg.config import Params, load_params
+from gptpkg.pipeline import STAGES, planned
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,10 +24,11 @@ def test_dvc_yaml_check_fails_on_a_stale_file(tmp_path):
 
     stale = tmp_path / "dvc.yaml"
     stale.write_text((ROOT / "dvc.yaml").read_text().replace("gptpkg/model.py", "gptpkg/modl.py"))
-    assert main(["dvc-yaml", "--check", "--output", str(stale)]) == 1
+    params = ["--params", str(ROOT / "params.yaml")]
+    assert main(["dvc-yaml", "--check", "--output", str(stale), *params]) == 1
     assert "modl.py" in stale.read_text()  # --check writes nothing
-    assert main(["dvc-yaml", "--output", str(stale)]) == 0
-    assert main(["dvc-yaml", "--check", "--output", str(stale)]) == 0
+    assert main(["dvc-yaml", "--output", str(stale), *params]) == 0
+    assert main(["dvc-yaml", "--check", "--output", str(stale), *params]) == 0
 
 
 def test_code_deps_follow_every_import(tmp_path):
@@ -46,7 +47,8 @@ def test_code_deps_follow_every_import(tmp_path):
 
 def test_dvc_stages_are_the_registry():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert list(stages) == list(STAGES)
+    assert list(stages) == list(planned(load_params(ROOT / "params.yaml")))
+    assert set(STAGES) - set(stages) == {"weights"}  # the default fine-tunings start from our pretraining
     sections = set(Params.model_fields)
     for name, stage in stages.items():
         assert stage["cmd"].endswith(f"gptpkg {name}"), stage["cmd"]  # progress bars: tqdm decides
@@ -76,3 +78,44 @@ def test_stages_without_the_model_do_not_depend_on_it():
     for name in ("fetch", "prepare", "baseline_spam", "package"):
         deps = set(stages[name]["deps"])
         assert not deps & {"gptpkg/model.py", "gptpkg/checkpoint.py", "gptpkg/train.py"}, name
+
+
+def test_openai_init_drops_pretraining_from_dvc_and_dagster(tmp_path):
+    """With init: openai for both fine-tunings, `gptpkg profile` rewrites dvc.yaml: a
+    weights stage and no pretrain, for `dvc repro` (DVC's own graph of a real repository) and for
+    the Dagster job; back to init: pretrained, the default pipeline again."""
+    import shutil
+    import subprocess
+    import sys
+
+    from gptpkg.cli import main
+
+    for f in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / f, tmp_path / f)
+    shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
+    shutil.copytree(ROOT / "gptpkg", tmp_path / "gptpkg", ignore=shutil.ignore_patterns("__pycache__"))
+    assert main(["profile", "openai-gpt2", "--params", str(tmp_path / "params.yaml")]) == 0
+    assert main(["dvc-yaml", "--check", "--output", str(tmp_path / "dvc.yaml")]) == 0
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert "pretrain" not in stages and "weights" in stages
+    for name in ("finetune_spam", "finetune_instruct"):
+        assert stages[name]["deps"][0] == "${paths.openai_weights}"
+        assert "${paths.pretrained}" not in stages[name]["deps"]
+
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    for args in (["git", "init", "-q"], [*dvc, "init", "-q"]):
+        subprocess.run(args, cwd=tmp_path, check=True, capture_output=True)
+    dag = subprocess.run([*dvc, "dag", "--dot"], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+    assert '"weights" -> "finetune_spam"' in dag and '"weights" -> "finetune_instruct"' in dag
+    assert '"pretrain"' not in dag
+
+    from workflows.definitions import build_definitions
+
+    job = build_definitions(tmp_path).resolve_job_def("full_pipeline")
+    assets = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
+    assert "pretrain" not in assets and {"weights", "finetune_spam"} <= assets
+
+    assert main(["profile", "--params", str(tmp_path / "params.yaml"), "--set", "finetune_spam.init=pretrained"]) == 0
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert {"pretrain", "weights"} <= set(stages)  # the classifier pretrained, the instruction model OpenAI's
+    assert stages["finetune_spam"]["deps"][0] == "${paths.pretrained}"

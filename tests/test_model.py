@@ -120,8 +120,9 @@ def test_fine_tuning_drop_rate_overrides_the_checkpoint(tmp_path):
     from gptpkg.checkpoint import save_checkpoint
     from gptpkg.finetune import initial_model
 
-    save_checkpoint(tmp_path / "pre", GPT(model_config("tiny", drop_rate=0.1)))
-    pre = str(tmp_path / "pre")
+    params = params_in(tmp_path)
+    save_checkpoint(params.paths.pretrained, GPT(model_config("tiny", drop_rate=0.1)))
+    pre = params.paths
     instruct = params_in(
         tmp_path,
         "finetune_instruct.init=pretrained",
@@ -140,7 +141,7 @@ def test_fine_tuning_drop_rate_overrides_the_checkpoint(tmp_path):
         "finetune_spam.max_length=32",
         "finetune_spam.drop_rate=0.2",
     ).finetune_spam
-    scratch = initial_model(spam, "finetune_spam", "")
+    scratch = initial_model(spam, "finetune_spam", pre)
     assert scratch.cfg.drop_rate == 0.2 and scratch.blocks[0].attn.drop_rate == 0.2
     with pytest.raises(ConfigError, match=r"params.finetune_spam.drop_rate: expected null .* got 1.5"):
         params_in(tmp_path, "finetune_spam.drop_rate=1.5")

@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gptpkg.config import load_params
 from gptpkg.pipeline import STAGES as REGISTRY
+from gptpkg.pipeline import planned
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = list(REGISTRY)
+STAGES = list(planned(load_params(ROOT / "params.yaml")))  # the default pipeline: no weights stage
 
 pytestmark = pytest.mark.integration
 

@@ -259,9 +259,10 @@ def test_written_files_get_the_usual_mode(tmp_path):
 
 
 def test_openai_init_without_local_weights(project, capsys):
-    edit_params(project, "finetune_spam", init="openai", openai_weights="models/openai/gpt2")
+    edit_params(project, "finetune_spam", init="openai")
     old = sentinel(project / "models" / "spam_classifier")
     rc, err = run(["finetune_spam"], capsys)
     assert rc == 1
-    assert "params.finetune_spam.openai_weights='models/openai/gpt2'" in err and "config.json" in err
+    assert "params.finetune_spam.init: openai reads OpenAI's GPT-2 from models/openai" in err
+    assert "run the weights stage first" in err
     assert old.read_bytes() == b"earlier output"

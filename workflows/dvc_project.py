@@ -14,7 +14,7 @@ import yaml
 
 from gptpkg.config import load_params
 from gptpkg.dvc_yaml import CMD, code_deps
-from gptpkg.pipeline import STAGES, resolve, upstream
+from gptpkg.pipeline import planned, resolve, upstream
 
 ROOT_ENV = "GPTPKG_DVC_ROOT"
 
@@ -55,19 +55,21 @@ def _hash_file(h: hashlib._Hash, p: Path) -> None:
 
 
 def load_stages(root: str | Path) -> list[Stage]:
-    """The pipeline stages in registry order (dvc.yaml's), their paths resolved from
-    `root/params.yaml: paths`, relative to the DVC root."""
+    """The pipeline stages that `root/params.yaml` describes, in registry order (dvc.yaml's:
+    `gptpkg.pipeline.planned`), their paths resolved from its `paths`, relative to the DVC root."""
     root = Path(root).resolve()
     params_file = root / "params.yaml"
     if not params_file.is_file():
         raise DvcProjectError(f"no params.yaml in the DVC workspace {root} (set ${ROOT_ENV} to the project root)")
-    paths = load_params(params_file).paths
+    params = load_params(params_file)
+    paths = params.paths
+    stages = planned(params)
 
     def rel(template: str) -> str:
         return Path(os.path.normpath(resolve(template, paths))).as_posix()
 
     out = []
-    for s in STAGES.values():
+    for s in stages.values():
         cmd = CMD.format(name=s.name)
         code = code_deps(s)
         # params are DVC's business (per key, in dvc.lock): a profile written for one run
@@ -82,7 +84,7 @@ def load_stages(root: str | Path) -> list[Stage]:
             Stage(
                 s.name,
                 cmd,
-                upstream(s),
+                upstream(s, stages),
                 tuple(rel(d) for d in s.deps) + tuple(code),
                 tuple(rel(o.path) for o in s.outs) + metrics + plots,
                 metrics,

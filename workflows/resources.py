@@ -72,7 +72,7 @@ class DvcWorkspace(ConfigurableResource):
         if not self.profile and not self.set:
             return []
         from gptpkg.config import ConfigError
-        from gptpkg.profiles import apply_profile
+        from gptpkg.dvc_yaml import apply_profile
 
         try:
             return apply_profile(self.path / "params.yaml", self.profile or None, list(self.set))

@@ -17,7 +17,7 @@ from ..answers import distinct_share, item_scores, mean_scores
 from ..config import InstructConfig
 from ..data import InstructionDataset, format_prompt, instruction_collate
 from ..files import write_json
-from ..finetune import finetune_plan, initial_model
+from ..finetune import finetune_plan, initial_model, set_trainable
 from ..generate import generate_text
 from ..plots import write_item_scores
 from ..prepared import read_instruct_split
@@ -28,7 +28,8 @@ from ..train import Task, batches_of, fit, lm_loss, mean_loss, set_seed
 def run(cfg: InstructConfig, ctx) -> dict[str, Any]:
     paths = ctx.paths
     set_seed(cfg.seed)
-    model = initial_model(cfg, "finetune_instruct", paths.pretrained)
+    model = initial_model(cfg, "finetune_instruct", paths)
+    set_trainable(model, cfg, "finetune_instruct", paths)
     tok = get_tokenizer(ctx.mirror)
     splits = {p: read_instruct_split(paths, p) for p in ("train", "val", "test")}
     sets = {p: InstructionDataset(rows, tok) for p, rows in splits.items()}
@@ -76,6 +77,7 @@ def run(cfg: InstructConfig, ctx) -> dict[str, Any]:
             "wall_time_s": result.wall_time_s,
             "tokens_per_s": result.tokens_per_s,
             "compiled": result.compiled,
+            "n_trainable_params": model.num_params(trainable_only=True),
             "history": result.history,
             "test_perplexity": math.exp(min(metrics["test_loss"], 50.0)),
         }

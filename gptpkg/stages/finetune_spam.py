@@ -25,8 +25,9 @@ from ..config import ConfigError, SpamConfig
 from ..data import SPAM_LABELS, ClassificationDataset, classification_collate, stratified_group_folds
 from ..distributed import is_main_process
 from ..files import write_json
-from ..finetune import finetune_plan, initial_model
+from ..finetune import finetune_plan, initial_model, set_trainable
 from ..loggers import NullLogger
+from ..lora import adapter_of, average_adapters
 from ..metrics import at_spam_share, classification_metrics
 from ..model import GPTClassifier
 from ..prepared import heldout_full_rows, read_spam_split, spam_train_rows, text_key, traffic_metrics
@@ -154,7 +155,10 @@ def train_classifier(model: GPTClassifier, plan: RunPlan, task: Task, ctx: RunCo
         member_plan = plan if i == 0 else spam_plan(cfg.replace(seed=seed), member, task.train_set)
         results.append(fit(member, member_plan, member_task, ctx if i == 0 else quiet))
         members.append(member)
-    average_weights(model, members)  # reads every member (model included) before writing model
+    if adapter_of(model):  # one adapter of rank soup * r: exactly the mean of the members' updates
+        average_adapters(model, members)
+    else:
+        average_weights(model, members)  # reads every member (model included) before writing model
     del members
     model.set_logit_offset(offset)
     save(model, plan, task, Progress(step=results[0].steps), soup=soup_seeds(cfg.seed, cfg.soup))
@@ -227,8 +231,8 @@ def prediction_rows(rows: Sequence[tuple[str, int]], probs: Sequence[float]) -> 
 def run(cfg: SpamConfig, ctx) -> dict[str, Any]:
     paths = ctx.paths
     set_seed(cfg.seed)
-    model = GPTClassifier(initial_model(cfg, "finetune_spam", paths.pretrained), len(SPAM_LABELS))
-    model.set_trainable(cfg.trainable, cfg.n_blocks)
+    model = GPTClassifier(initial_model(cfg, "finetune_spam", paths), len(SPAM_LABELS))
+    set_trainable(model, cfg, "finetune_spam", paths)
     tok = get_tokenizer(ctx.mirror)
     rows = {p: read_spam_split(paths, p) for p in ("val", "test")}
     rows["train"] = spam_train_rows(paths, cfg.train_data)
