@@ -91,6 +91,24 @@ class ShardWriter:
         return self.records
 
 
+def write_manifest(folder: Path, sources: dict[str, Any], shard_tokens: int) -> None:
+    """`manifest.json`: the sources' entries (`corpus.write_shards`), the format, the tokenizer."""
+    from .files import write_json
+    from .tokenizer import EOT_ID
+
+    tokenizer = {"name": "gpt2", "n_vocab": EOT_ID + 1, "eot_id": EOT_ID}
+    write_json(
+        folder / MANIFEST,
+        {
+            "version": VERSION,
+            "dtype": "uint16",
+            "shard_tokens": shard_tokens,
+            "tokenizer": tokenizer,
+            "sources": sources,
+        },
+    )
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     f = Path(folder) / MANIFEST
     if not f.is_file():

@@ -31,9 +31,9 @@ def run(cfg: PrepareConfig, ctx) -> dict[str, Any]:
         split_instructions,
         split_text,
     )
-    from ..files import atomic_dir, write_json
+    from ..files import atomic_dir
     from ..raw import verify_file
-    from ..shards import MANIFEST, VERSION
+    from ..shards import write_manifest
 
     raw = Path(ctx.paths.raw)
     metrics: dict[str, Any] = {}
@@ -71,20 +71,14 @@ def run(cfg: PrepareConfig, ctx) -> dict[str, Any]:
     with atomic_dir(ctx.paths.processed) as tmp:
         shard_dir = tmp / "corpus"
         shard_dir.mkdir()
-        manifest: dict[str, Any] = {
-            "version": VERSION,
-            "dtype": "uint16",
-            "shard_tokens": cfg.shard_tokens,
-            "tokenizer": {"name": "gpt2", "n_vocab": 50257, "eot_id": 50256},
-            "sources": {},
-        }
+        entries: dict[str, Any] = {}
         at = 0
         for name, us in sources.items():
             entry = write_shards(
                 shard_dir, name, done[at : at + len(us)], cache, 1 - cfg.pretrain_train_ratio, cfg.shard_tokens
             )
             at += len(us)
-            manifest["sources"][name] = entry
+            entries[name] = entry
             for part in ("train", "val"):
                 metrics[f"tokens/{name}.{part}"] = entry[part]["tokens"]
             if name == CORPUS_SOURCE:
@@ -92,7 +86,7 @@ def run(cfg: PrepareConfig, ctx) -> dict[str, Any]:
                 metrics["corpus/documents"] = entry["documents"]
                 for what, n in entry["skipped"].items():
                     metrics[f"corpus/{what}"] = n
-        write_json(shard_dir / MANIFEST, manifest)
+        write_manifest(shard_dir, entries, cfg.shard_tokens)
         (tmp / "spam").mkdir()
         # "all": every message of the collection (5,574), from which finetune_spam's
         # train_data=all and the held-out figures are drawn.
