@@ -195,6 +195,13 @@ class Paths(Section):
     """Every file and folder the pipeline reads or writes, declared once."""
 
     raw: str = key("the fetched raw files, sha256-verified")
+    corpus: str = key(
+        "your own text for pretraining (the source `corpus`): .txt/.md files (one document each), .jsonl "
+        "(a text field per line), .parquet (a text column), optionally .gz/.zst; `dvc add` it"
+    )
+    token_cache: str = key(
+        "tokens of every file prepare has tokenized, by content hash (outside DVC's outputs; safe to delete)"
+    )
     processed: str = key("prepare's outputs: the token shards with their manifest, the spam and instruction splits")
     pretrained: str = key("the pretrained language model's checkpoint")
     openai_weights: str = key(
@@ -234,7 +241,8 @@ class PrepareConfig(Section):
 
     seed: int = key("seed of the spam split")
     pretrain_train_ratio: float = key(
-        "share of each pretraining source that trains (its first characters, as in the book); the rest is validation",
+        "share of each pretraining source that trains: of a single text its first characters (the book's cut), "
+        "of a source of many documents whole documents (chosen by a hash of their text); the rest validates",
         expected="a share in (0, 1)",
         gt=0,
         lt=1,
@@ -244,6 +252,15 @@ class PrepareConfig(Section):
         "full: every message, stratified"
     )
     instruct_seed: int = key("seed of the instruction split")
+    workers: int = key(
+        "processes that tokenize the pretraining sources; 0 = one per core", expected="0 (every core) or >= 1", ge=0
+    )
+    shard_tokens: int = key(
+        "tokens per token shard file (uint16: 2 bytes a token)",
+        expected="an integer in [1024, 2**31)",
+        ge=1024,
+        lt=2**31,
+    )
 
 
 class TrainConfig(Section):
@@ -318,9 +335,9 @@ class PretrainConfig(TrainConfig):
     vocab_multiple: int = key(
         "pad the vocabulary to a multiple of this: 64 on GPUs (50257 -> 50304 tiles the head matmul); 1 = none", ge=1
     )
-    corpus: list[Literal["the-verdict.txt", "tinyshakespeare.txt", "sms", "instructions"]] = key(
+    corpus: list[Literal["the-verdict.txt", "tinyshakespeare.txt", "sms", "instructions", "corpus"]] = key(
         "the sources: the-verdict.txt, tinyshakespeare.txt, sms (every SMS message holding no spam test text), "
-        "instructions (the instruction training split)",
+        "instructions (the instruction training split), corpus (your own text: the paths.corpus folder)",
         expected="a non-empty list of sources",
         min_length=1,
     )

@@ -34,10 +34,15 @@ class DataError(GptpkgError, ValueError):
 
 class TokenWindows(Dataset):
     """Sliding windows over one token stream: input ids[i:i+L], targets ids[i+1:i+L+1],
-    for i = 0, stride, 2*stride, ... (the book's GPTDatasetV1)."""
+    for i = 0, stride, 2*stride, ... (the book's GPTDatasetV1). The stream is a
+    `shards.TokenStream` (memory-mapped shards: a window is copied out when asked for,
+    never the stream) or a sequence of ids."""
 
-    def __init__(self, ids: torch.Tensor | Sequence[int], max_length: int, stride: int) -> None:
-        ids = torch.as_tensor(ids, dtype=torch.long)
+    def __init__(self, ids, max_length: int, stride: int) -> None:
+        from .shards import TokenStream
+
+        if not isinstance(ids, TokenStream):
+            ids = TokenStream([torch.as_tensor(ids, dtype=torch.long).numpy()])
         if max_length < 1 or stride < 1:
             raise DataError(f"max_length and stride must be >= 1, got {max_length}, {stride}")
         if len(ids) < max_length + 1:
@@ -45,15 +50,17 @@ class TokenWindows(Dataset):
                 f"a token stream of {len(ids)} tokens is too short for one window of "
                 f"max_length={max_length} (needs {max_length + 1})"
             )
-        self.ids, self.max_length = ids, max_length
-        self.starts = list(range(0, len(ids) - max_length, stride))
+        self.ids, self.max_length, self.stride = ids, max_length, stride
+        self.n = len(range(0, len(ids) - max_length, stride))
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return self.n
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        s = self.starts[i]
-        chunk = self.ids[s : s + self.max_length + 1]
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        s = i * self.stride
+        chunk = torch.from_numpy(self.ids.read(s, s + self.max_length + 1))
         return {"input_ids": chunk[:-1], "targets": chunk[1:]}
 
 

@@ -104,11 +104,13 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "prepare",
-            "tokenize once; write pretraining token arrays, spam and instruction splits",
+            "tokenize once; write pretraining token shards, spam and instruction splits",
             "data",
-            deps=("{raw}",),
+            deps=("{raw}", "{corpus}"),
             outs=(Out("{processed}"),),
             figures=False,
+            # how many processes tokenize never changes the shards
+            params=("seed", "pretrain_train_ratio", "spam_split", "instruct_seed", "shard_tokens"),
         ),
         Stage(
             "pretrain",

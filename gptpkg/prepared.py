@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import Paths
 from .data import DataError
+from .shards import TokenStream, corrupt, split_stream
 
 # Sources a pretraining corpus can name: raw text files, the SMS messages outside the
 # spam test split, and the instruction split's training records in the prompt format
@@ -15,6 +16,7 @@ from .data import DataError
 TEXT_SOURCES = ("the-verdict.txt", "tinyshakespeare.txt")
 SMS_SOURCE = "sms"
 INSTRUCTIONS_SOURCE = "instructions"
+CORPUS_SOURCE = "corpus"  # the user's own folder (paths.corpus)
 
 
 def text_key(text: str) -> str:
@@ -32,18 +34,38 @@ def contains_any(text: str, keys: set[str]) -> bool:
     return any(h in k for h in keys)
 
 
-def read_spam_split(paths: Paths, part: str) -> list[tuple[str, int]]:
-    f = Path(paths.processed) / "spam" / f"{part}.jsonl"
+def _prepared_text(f: Path) -> str:
     if not f.is_file():
         raise FileNotFoundError(f"{f} missing; run the prepare stage first")
-    return [(r["text"], int(r["label"])) for r in map(json.loads, f.read_text(encoding="utf-8").splitlines()) if r]
+    try:
+        return f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise corrupt(f, f"not UTF-8 ({e})") from None
+
+
+def read_spam_split(paths: Paths, part: str) -> list[tuple[str, int]]:
+    f = Path(paths.processed) / "spam" / f"{part}.jsonl"
+    rows = []
+    for n, line in enumerate(_prepared_text(f).splitlines(), 1):
+        if not line:
+            continue
+        try:
+            r = json.loads(line)
+            rows.append((str(r["text"]), int(r["label"])))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise corrupt(f, f"line {n} is not a {{text, label}} record ({type(e).__name__}: {e})") from None
+    return rows
 
 
 def read_instruct_split(paths: Paths, part: str) -> list[dict]:
     f = Path(paths.processed) / "instruct" / f"{part}.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"{f} missing; run the prepare stage first")
-    return json.loads(f.read_text(encoding="utf-8"))
+    try:
+        rows = json.loads(_prepared_text(f))
+    except json.JSONDecodeError as e:
+        raise corrupt(f, f"not valid JSON ({e}): truncated?") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise corrupt(f, "not a JSON list of instruction records")
+    return rows
 
 
 def spam_train_rows(paths: Paths, train_data: str) -> list[tuple[str, int]]:
@@ -76,22 +98,14 @@ def traffic_metrics(paths: Paths, metrics: dict) -> dict[str, float]:
     }
 
 
-def read_corpus(paths: Paths, sources: list[str], part: str):
-    """Token ids of the chosen sources for `part`, joined by <|endoftext|>."""
-    import numpy as np
-
-    from .tokenizer import EOT_ID
-
-    pieces = []
-    for s in sources:
-        f = Path(paths.processed) / "corpus" / f"{s}.{part}.npy"
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} missing; run the prepare stage first")
-        pieces += [np.load(f).astype(np.int64), np.asarray([EOT_ID], dtype=np.int64)]
-    ids = np.concatenate(pieces[:-1])
-    if len(ids) <= len(sources) - 1:  # nothing but separators
+def read_corpus(paths: Paths, sources: list[str], part: str) -> TokenStream:
+    """The `part` split of the chosen sources, one stream over their memory-mapped token
+    shards (every document ends with <|endoftext|>); shards checked against the manifest."""
+    stream = split_stream(Path(paths.processed) / "corpus", sources, part)
+    if not len(stream):
+        hint = f" (put your text in {paths.corpus} and rerun prepare)" if CORPUS_SOURCE in sources else ""
         raise DataError(
             f"params.pretrain.corpus {sources}: the {part} split in {paths.processed}/corpus "
-            f"holds no tokens; choose other sources or rerun prepare"
+            f"holds no tokens; choose other sources or rerun prepare{hint}"
         )
-    return ids
+    return stream

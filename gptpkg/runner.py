@@ -32,6 +32,7 @@ RUNTIME_KEYS = (
     "gpu",
     "export_s",
     "compiled",
+    "tokenized_units",
 )
 
 

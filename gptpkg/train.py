@@ -32,8 +32,9 @@ from .losses import classification_loss as classification_loss  # where stages h
 from .perf import flops_per_token
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
-# A batch plan maps an epoch number to that epoch's list of micro-batches (index lists).
-BatchPlan = Callable[[int], list[list[int]]]
+# A batch plan maps an epoch number to that epoch's micro-batches (index lists): a list,
+# or a sequence that cuts them on demand (`EpochBatches`).
+BatchPlan = Callable[[int], Sequence[list[int]]]
 
 
 class TrainingDiverged(GptpkgError, RuntimeError):
@@ -110,15 +111,39 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 # Batches
 
 
+class EpochBatches(Sequence):
+    """One epoch's micro-batches of a permutation, cut on demand: 8 bytes an example
+    (the permutation), never a list of every batch, so the order of a corpus of
+    millions of windows costs little memory."""
+
+    def __init__(self, perm: torch.Tensor, batch_size: int) -> None:
+        self.perm, self.batch_size = perm, batch_size
+
+    def __len__(self) -> int:
+        return len(self.perm) // self.batch_size
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return self.perm[i * self.batch_size : (i + 1) * self.batch_size].tolist()
+
+    def __eq__(self, other) -> bool:  # equal batches in the same order, as a list's
+        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
+
+    __hash__ = None
+
+
 def shuffled_batches(n: int, batch_size: int, seed: int) -> BatchPlan:
     """Each epoch a fresh permutation (seeded by seed + epoch), cut into full batches."""
     if n < batch_size:
         raise ValueError(f"training set has {n} examples, fewer than batch_size={batch_size}")
 
-    def plan(epoch: int) -> list[list[int]]:
+    def plan(epoch: int) -> EpochBatches:
         g = torch.Generator().manual_seed(seed + epoch)
-        perm = torch.randperm(n, generator=g).tolist()
-        return [perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+        return EpochBatches(torch.randperm(n, generator=g), batch_size)
 
     return plan
 
@@ -169,13 +194,25 @@ def _micro_batches(plan: BatchPlan, skip: int) -> Iterator[list[int]]:
         if skip >= len(batches):
             skip -= len(batches)
         else:
-            yield from batches[skip:]
+            for i in range(skip, len(batches)):
+                yield batches[i]
             skip = 0
         epoch += 1
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch's tensors on `device`; to CUDA from pinned memory, so the copy runs
+    beside the GPU's work instead of before it."""
+    pin = device.type == "cuda"
+
+    def move(v):
+        if not torch.is_tensor(v):
+            return v
+        if pin and v.device.type == "cpu":
+            v = v.pin_memory()
+        return v.to(device, non_blocking=True)
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------
@@ -293,12 +330,28 @@ def mean_loss(
     return total / max(n, 1)
 
 
-def batches_of(dataset, collate: Callable, batch_size: int) -> list[dict]:
+class Batches(Sequence):
+    """A dataset in order, collated into batches of `batch_size` when read (for eval):
+    a validation split of any size costs one batch of memory at a time."""
+
+    def __init__(self, dataset, collate: Callable, batch_size: int) -> None:
+        self.dataset, self.collate, self.batch_size = dataset, collate, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        lo = i * self.batch_size
+        return self.collate([self.dataset[j] for j in range(lo, min(lo + self.batch_size, len(self.dataset)))])
+
+
+def batches_of(dataset, collate: Callable, batch_size: int) -> Batches:
     """The dataset in order, collated into batches (for eval)."""
-    return [
-        collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
-        for i in range(0, len(dataset), batch_size)
-    ]
+    return Batches(dataset, collate, batch_size)
 
 
 # ---------------------------------------------------------------------------------
@@ -339,10 +392,13 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
     elapsed: float = 0.0  # seconds trained by earlier processes (resume)
     started: float = field(default_factory=time.perf_counter)
+    # The loader's position: micro-batches of the batch plan consumed so far.
+    micro_batches: int = 0
 
-    def advance(self, tokens: int, examples: int) -> None:
-        """One optimizer step done."""
+    def advance(self, tokens: int, examples: int, micro_batches: int) -> None:
+        """One optimizer step done, over `micro_batches` of the plan."""
         self.step, self.tokens, self.examples = self.step + 1, self.tokens + tokens, self.examples + examples
+        self.micro_batches += micro_batches
 
     def result(self, wall_time_s: float) -> FitResult:
         return FitResult(
@@ -357,9 +413,10 @@ class Progress:
     def elapsed_s(self) -> float:
         return self.elapsed + time.perf_counter() - self.started
 
-    def state(self, final: bool) -> dict[str, Any]:
+    def state(self, final: bool, train_examples: int) -> dict[str, Any]:
         """The trainer state to save. The final one is a pipeline output: timings are
-        left out, so the same params and seed give byte-identical files."""
+        left out, so the same params and seed give byte-identical files. `loader` is
+        where the batch plan stands, and over how many training examples (windows)."""
         history = (
             [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in self.history] if final else self.history
         )
@@ -369,6 +426,7 @@ class Progress:
             "examples": self.examples,
             "history": history,
             "elapsed": 0.0 if final else self.elapsed_s(),
+            "loader": {"micro_batches": self.micro_batches, "examples": train_examples},
         }
 
 
@@ -390,13 +448,25 @@ class Window:
         return self.tokens / max(time.perf_counter() - self.t0, 1e-9)
 
 
-def restore(model: nn.Module, optimizer, plan: RunPlan, checkpoint_dir: str | Path) -> Progress | None:
+class DataChanged(GptpkgError, ValueError):
+    """`--resume` onto training data other than the checkpoint's."""
+
+
+def restore(model: nn.Module, optimizer, plan: RunPlan, task: Task) -> Progress | None:
     """Load a resumable checkpoint into `model` and `optimizer`; None when there is none.
-    It must have been trained with the same training params as `plan.cfg`."""
+    It must have been trained with the same training params as `plan.cfg`, on a
+    training set of the same size; the loader continues where it stood."""
+    checkpoint_dir = task.checkpoint_dir
     state = ckpt.load_trainer_state(checkpoint_dir)
     if state is None:
         return None
     ckpt.check_same_training(checkpoint_dir, plan.cfg.training_params())
+    loader = state.get("loader", {"micro_batches": int(state["step"]) * plan.cfg.grad_accum_steps})
+    if loader.get("examples", len(task.train_set)) != len(task.train_set):
+        raise DataChanged(
+            f"{checkpoint_dir}: trained on {loader['examples']} training examples, the data now holds "
+            f"{len(task.train_set)}: the training data changed (prepare ran again?); run without --resume"
+        )
     saved, _ = ckpt.load_checkpoint(checkpoint_dir, map_location=plan.device)
     ckpt.unwrap(model).load_state_dict(saved.state_dict())
     optim.load_optimizer_state(optimizer, state["optimizer"])
@@ -407,6 +477,7 @@ def restore(model: nn.Module, optimizer, plan: RunPlan, checkpoint_dir: str | Pa
         examples=int(state["examples"]),
         history=list(state["history"]),
         elapsed=float(state["elapsed"]),
+        micro_batches=int(loader["micro_batches"]),
     )
 
 
@@ -424,7 +495,11 @@ def save(
         trainer = None
         if optimizer is not None:
             optim.flush(optimizer)
-            trainer = {**progress.state(final), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+            trainer = {
+                **progress.state(final, len(task.train_set)),
+                "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(),
+            }
         ckpt.save_checkpoint(
             task.checkpoint_dir,
             model,
@@ -541,14 +616,14 @@ def fit(model: nn.Module, plan: RunPlan, task: Task, ctx: RunContext | None = No
         )
     optimizer, sparse = optim.make_optimizer(model, cfg, device, not dist_ctx.enabled, plan.compiled)
     resume = ctx is not None and ctx.resume and task.checkpoint_dir is not None
-    progress = (restore(model, optimizer, plan, task.checkpoint_dir) if resume else None) or Progress()
+    progress = (restore(model, optimizer, plan, task) if resume else None) or Progress()
     if not progress.step:
         set_seed(cfg.seed + dist_ctx.rank)  # distinct dropout masks per rank
     # After resume: DDP broadcasts rank 0's weights to every rank when it wraps.
     run_model = distributed.wrap(
         torch.compile(model, dynamic=plan.dynamic) if plan.compiled else model, dist_ctx, device
     )
-    batches = train_batches(plan, task.train_set, progress.step * cfg.grad_accum_steps)
+    batches = train_batches(plan, task.train_set, progress.micro_batches)
 
     def evaluate(window: Window | None) -> None:
         row: dict[str, Any] = dict(
@@ -588,7 +663,7 @@ def fit(model: nn.Module, plan: RunPlan, task: Task, ctx: RunContext | None = No
                 optim.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            progress.advance(tokens, examples)
+            progress.advance(tokens, examples, cfg.grad_accum_steps)
             losses.add(loss, lr, tokens)
             bar.update(1)
             eval_now = is_eval_step(progress.step)

@@ -66,7 +66,7 @@ def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("project")
     for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
-    for name in ("profiles", "gptpkg"):
+    for name in ("profiles", "gptpkg", "data/corpus"):  # data/corpus: empty (.gitkeep), the user's text goes there
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / ".dvc").mkdir()
     for name in ("config", ".gitignore"):

@@ -1,6 +1,8 @@
 """The `prepare` stage: tokenize once.
 
-Writes pretraining token arrays per corpus source (train/val), the spam splits
+Writes the pretraining sources as token shards with a manifest (`gptpkg.shards`): the
+bundled texts and the user's corpus folder (`paths.corpus`) go through the same path
+(`gptpkg.corpus`: parallel workers, a content-hash cache). Then the spam splits
 (train/val/test, plus every message as `all`) and the instruction splits. The spam test
 split is never part of any training data: pretraining's SMS corpus and the classifier's
 `all` training data leave out every message that holds a test text.
@@ -9,16 +11,16 @@ split is never part of any training data: pretraining's SMS corpus and the class
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..config import PrepareConfig
-from ..prepared import INSTRUCTIONS_SOURCE, SMS_SOURCE, TEXT_SOURCES, contains_any, text_key
+from ..prepared import CORPUS_SOURCE, INSTRUCTIONS_SOURCE, SMS_SOURCE, TEXT_SOURCES, contains_any, text_key
 
 
 def run(cfg: PrepareConfig, ctx) -> dict[str, Any]:
-    import numpy as np
-
+    from ..corpus import Unit, corpus_files, default_workers, tokenize_units, write_shards
     from ..data import (
         book_spam_splits,
         format_prompt,
@@ -31,31 +33,60 @@ def run(cfg: PrepareConfig, ctx) -> dict[str, Any]:
     )
     from ..files import atomic_dir
     from ..raw import verify_file
-    from ..tokenizer import END_OF_TEXT, get_tokenizer
+    from ..shards import write_manifest
 
     raw = Path(ctx.paths.raw)
-    tok = get_tokenizer(ctx.mirror)
     metrics: dict[str, Any] = {}
     sms_file = verify_file(raw / "SMSSpamCollection", "SMSSpamCollection")
     splits = (book_spam_splits if cfg.spam_split == "book" else full_spam_splits)(sms_file, seed=cfg.seed)
     test_keys = {text_key(t) for t, _ in splits.test}
     messages = read_sms_spam(sms_file)
     sms_corpus = [t for t, _ in messages if not contains_any(t, test_keys)]
-    texts = {name: verify_file(raw / name, name).read_text(encoding="utf-8") for name in TEXT_SOURCES}
-    texts[SMS_SOURCE] = END_OF_TEXT.join(sms_corpus)
     instructions = split_instructions(
         read_instructions(verify_file(raw / "instruction-data.json", "instruction-data.json")), cfg.instruct_seed
     )
+    # A single text keeps the book's character cut; many documents split by whole documents.
+    sources: dict[str, list[Unit]] = {}
+    for name in TEXT_SOURCES:
+        train, val = split_text(verify_file(raw / name, name).read_text(encoding="utf-8"), cfg.pretrain_train_ratio)
+        sources[name] = [Unit(name, docs=((train, "train"), (val, "val")))]
+    sources[SMS_SOURCE] = [Unit(SMS_SOURCE, docs=tuple((t, None) for t in sms_corpus))]
     # Training records only: the instruction val/test splits never reach pretraining.
-    texts[INSTRUCTIONS_SOURCE] = END_OF_TEXT.join(format_prompt(e) + format_response(e) for e in instructions["train"])
+    records = tuple((format_prompt(e) + format_response(e), None) for e in instructions["train"])
+    sources[INSTRUCTIONS_SOURCE] = [Unit(INSTRUCTIONS_SOURCE, docs=records)]
+    folder = Path(ctx.paths.corpus)
+    files = corpus_files(folder)
+    if files is None:
+        print(f"prepare: no corpus folder {folder}: the source `corpus` is empty", file=sys.stderr)
+    sources[CORPUS_SOURCE] = [Unit(f.relative_to(folder).as_posix(), path=str(f)) for f in files or ()]
+
+    units = [u for us in sources.values() for u in us]
+    cache = Path(ctx.paths.token_cache)
+    done = tokenize_units(units, cache, cfg.workers or default_workers(), ctx.mirror)
+    metrics["tokenized_units"] = sum(not r["cached"] for r in done)
+    for r in done:
+        for note in r["notes"]:
+            print(f"prepare: skipped or repaired: {note}", file=sys.stderr)
 
     with atomic_dir(ctx.paths.processed) as tmp:
-        (tmp / "corpus").mkdir()
-        for name, text in texts.items():
-            for part, t in zip(("train", "val"), split_text(text, cfg.pretrain_train_ratio)):
-                ids = np.asarray(tok.encode(t, allowed_special={END_OF_TEXT}), dtype=np.uint16)
-                np.save(tmp / "corpus" / f"{name}.{part}.npy", ids)
-                metrics[f"tokens/{name}.{part}"] = len(ids)
+        shard_dir = tmp / "corpus"
+        shard_dir.mkdir()
+        entries: dict[str, Any] = {}
+        at = 0
+        for name, us in sources.items():
+            entry = write_shards(
+                shard_dir, name, done[at : at + len(us)], cache, 1 - cfg.pretrain_train_ratio, cfg.shard_tokens
+            )
+            at += len(us)
+            entries[name] = entry
+            for part in ("train", "val"):
+                metrics[f"tokens/{name}.{part}"] = entry[part]["tokens"]
+            if name == CORPUS_SOURCE:
+                metrics["corpus/files"] = entry["files"]
+                metrics["corpus/documents"] = entry["documents"]
+                for what, n in entry["skipped"].items():
+                    metrics[f"corpus/{what}"] = n
+        write_manifest(shard_dir, entries, cfg.shard_tokens)
         (tmp / "spam").mkdir()
         # "all": every message of the collection (5,574), from which finetune_spam's
         # train_data=all and the held-out figures are drawn.
