@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="no progress bars (by default they show on a terminal, and log lines elsewhere)",
         )
+        p.add_argument(
+            "--out",
+            metavar="DIR",
+            default=None,
+            help="a try that leaves the pipeline's outputs alone: write this stage's outputs, metrics, plots "
+            "and W&B runs under DIR (DIR/models/pretrained, ...); read an input from DIR where an earlier "
+            "--out DIR run wrote it, else from its pipeline path",
+        )
         if stage.checkpoint:
             p.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
 
@@ -177,6 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("output", nargs="?", default=str(DOC), help=f"the file to write (default: {DOC})")
     d.set_defaults(stage=None)
     return parser
+
+
+def scratch_params(params: Params, stage: str, out: Path) -> Params:
+    """`params` for a `--out DIR` try of `stage`: the `paths` the stage writes moved under
+    `out`, and every other path moved there where an earlier try wrote it."""
+    s = STAGES[stage]
+    templates = (*(o.path for o in s.outs), *s.images, *s.metrics)
+    written = {t[1:].split("}")[0] for t in templates if t.startswith("{")} | {"metrics", "plots", "wandb"}
+    moved = {}
+    for key, value in params.paths.model_dump().items():
+        there = out / (Path(value).name if Path(value).is_absolute() else value)
+        if key in written or there.exists():
+            moved[key] = str(there)
+    return params.model_copy(update={"paths": params.paths.model_copy(update=moved)})
 
 
 def _generate(args) -> int:
@@ -301,6 +323,8 @@ def _main(args) -> int:
     from .runner import run_stage
 
     params = load_params(args.params, args.overrides, args.profile)
+    if args.out:
+        params = scratch_params(params, args.stage, Path(args.out))
     metrics = run_stage(
         args.stage, params, resume=getattr(args, "resume", False), progress=not getattr(args, "no_progress", False)
     )

@@ -4,6 +4,7 @@ params section, then write its metrics JSON, its runtime figures and its plot fi
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,24 @@ def split_runtime(metrics: dict[str, Any], figures: bool = True) -> tuple[dict[s
     file is a record itself (not `figures`) keeps its text there."""
     runtime = {k: v for k, v in metrics.items() if k in RUNTIME_KEYS or (figures and isinstance(v, str))}
     return {k: v for k, v in metrics.items() if k not in runtime}, runtime
+
+
+def report_to_dagster(name: str, runtime: dict[str, Any]) -> None:
+    """When Dagster started this stage through Pipes (`dvc repro` in between passes its
+    environment on) and `dagster_pipes` is installed: this run's record (wall and CPU
+    time, speed, the W&B run) as the materialization's metadata, and a log line. The
+    figures stay in the metrics files, which the asset reads whether DVC ran the stage or
+    not. Without Dagster nothing happens; gptpkg needs neither package."""
+    if "DAGSTER_PIPES_CONTEXT" not in os.environ:
+        return
+    try:
+        from dagster_pipes import open_dagster_pipes
+    except ImportError:
+        return
+    record = {k: v for k, v in runtime.items() if isinstance(v, (bool, int, float, str))}
+    with open_dagster_pipes() as pipes:
+        pipes.log.info(f"gptpkg {name}: done in {runtime.get('stage_wall_time_s', 0):.1f} s")
+        pipes.report_asset_materialization(metadata=record)
 
 
 def open_logger(params: Params, stage: Stage) -> tuple[Any, WandbLogger | None]:
@@ -104,6 +123,7 @@ def run_stage(name: str, params: Params, resume: bool = False, progress: bool = 
         stable, runtime = split_runtime(metrics, stage.figures)
         write_json(Path(paths.metrics) / f"{name}.json", stable)
         write_json(Path(paths.metrics) / "runtime" / f"{name}.json", runtime)
+        report_to_dagster(name, runtime)
     finally:
         logger.finish()
         if stage.checkpoint:  # done training: stop compile workers, leave the process group

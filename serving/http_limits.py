@@ -1,11 +1,18 @@
 """ASGI middleware in front of the BentoML app: the request-body bound and the media type
 of the classify routes, and the error responses they add to the OpenAPI spec, which it
-also makes say what /metrics is (or drop it when metrics are off)."""
+also makes say what /metrics is (or drop it when metrics are off) and which version it is;
+the log filter that keeps a client's error out of the server's errors."""
 
 from __future__ import annotations
 
 import json
+import logging
 import random
+
+from bentoml.exceptions import BentoMLException
+from pydantic import ValidationError
+
+from gptpkg import __version__
 
 # JSON-escaped, one character takes at most 12 bytes: an astral character written as a
 # surrogate pair, "\ud83d\ude00" (a BMP one takes at most 6, raw UTF-8 at most 4).
@@ -107,7 +114,7 @@ class RequestLimits:
             await self.app(scope, receive, keep)
             if start.get("status") != 200:
                 return await _reject(send, 500, "Failed to generate OpenAPI spec")
-            spec = with_metrics(with_errors(json.loads(b"".join(parts)), self.routes), self.metrics)
+            spec = with_version(with_metrics(with_errors(json.loads(b"".join(parts)), self.routes), self.metrics))
             self._spec = json.dumps(spec).encode()
         await _send(send, 200, self._spec)
 
@@ -135,6 +142,38 @@ def with_metrics(spec: dict, served: bool) -> dict:
     ok["description"] = "Prometheus text exposition format: the service's counters, histograms and gauges"
     ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
     return spec
+
+
+def with_version(spec: dict) -> dict:
+    """`spec` with a version: BentoML states the Bento's, and "None" serving from source,
+    where the service's version is gptpkg's."""
+    info = spec.setdefault("info", {})
+    if info.get("version") in (None, "", "None"):
+        info["version"] = __version__
+    return spec
+
+
+class ClientErrorsInOneLine(logging.Filter):
+    """BentoML logs every exception a request raises as an ERROR with its traceback, a
+    client's invalid body (its 400 answer) as much as a fault of the service. A client
+    error (a pydantic ValidationError of the body, a BentoML error below 500) becomes one
+    INFO line naming the route, the status and what was wrong; any other exception stays
+    an ERROR with its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ValidationError):
+            status = 400
+            what = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:3])
+        elif isinstance(exc, BentoMLException) and exc.error_code < 500:
+            status, what = int(exc.error_code), str(exc)
+        else:
+            return True
+        path, method = (record.args or ("?", "?"))[:2] if isinstance(record.args, tuple) else ("?", "?")
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg, record.args = "client error %d on %s [%s]: %s", (status, path, method, what)
+        record.exc_info = record.exc_text = None
+        return True
 
 
 async def _reject(send, status: int, message: str) -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from gptpkg.errors import GptpkgError
 from gptpkg.onnx_classifier import CUDA, FP32_FILE, INT8_FILE, ModelUnavailable, OnnxSpamClassifier
-from serving.http_limits import RequestLimits, max_body_bytes
+from serving.http_limits import ClientErrorsInOneLine, RequestLimits, max_body_bytes
 from serving.metrics import RequestMetrics, batch_texts_histogram, export_model_info
 from serving.settings import Settings, SettingsError, load_settings
 
@@ -69,6 +70,10 @@ def _refused_in_one_line():
         print(f"spam_classifier: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
+
+# The logger of BentoML's request handler (its `log_exception`); a filter is the logging
+# module's way to rewrite the records of one logger.
+logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorsInOneLine())
 
 with _refused_in_one_line():
     SETTINGS = load_settings()

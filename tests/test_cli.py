@@ -1,3 +1,6 @@
+import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +90,27 @@ def test_params_doc_is_current(tmp_path, capsys):
     text = (tmp_path / "params.md").read_text(encoding="utf-8")
     assert "| `decision_spam_share` | null (decide as trained) or a spam share strictly between 0 and 1 |" in text
     assert "| `precision` | auto\\|fp32\\|bf16 | auto: bf16 autocast on CUDA, fp32 elsewhere |" in text
+
+
+def test_out_dir_tries_leave_the_pipeline_outputs_alone(tmp_path, shared_data):
+    """fetch, prepare and pretrain with --out: each writes under DIR and reads what the one
+    before it wrote there; the pipeline's own paths stay as they were."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "pretrain.json").write_text('{"val_loss": 1.0}')
+    env = {**os.environ, "GPTPKG_DATA_MIRROR": str(shared_data), "WANDB_MODE": "offline"}
+    for stage in ("fetch", "prepare", "pretrain"):
+        cmd = [sys.executable, "-m", "gptpkg.cli", stage, "--profile", "tiny", "--out", "tries/t", "--no-progress"]
+        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+    t = tmp_path / "tries" / "t"
+    assert (t / "models" / "pretrained" / "model.safetensors").is_file()
+    assert json.loads((t / "metrics" / "pretrain.json").read_text())["val_loss"] > 0
+    assert (t / "metrics" / "runtime" / "pretrain.json").is_file() and (t / "plots" / "pretrain.json").is_file()
+    assert list((t / "wandb_runs").iterdir())
+    assert (t / "data" / "processed").is_dir() and (t / "data" / "raw" / "SMSSpamCollection").is_file()
+    # the pipeline's paths: untouched (no data, no models, the metrics file as it was)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics", "params.yaml", "profiles", "tries"]
+    assert [p.name for p in (tmp_path / "metrics").iterdir()] == ["pretrain.json"]
+    assert (tmp_path / "metrics" / "pretrain.json").read_text() == '{"val_loss": 1.0}'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 import re
 import socket
@@ -20,6 +21,7 @@ import pytest
 import yaml
 from helpers import free_port, stop_group
 
+import gptpkg
 from gptpkg.onnx_classifier import FP32_FILE, OnnxSpamClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +45,7 @@ def service_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def start(env: dict[str, str], port: int) -> subprocess.Popen:
-    # The log goes to a file: an unread pipe fills up (BentoML logs a traceback for each
-    # rejected request) and then blocks the server.
+    # The log goes to a file: an unread pipe fills up and then blocks the server.
     log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by stop)
     proc = subprocess.Popen(
         [BENTOML, "serve", "serving.service:SpamClassifier", "--host", "127.0.0.1", "--port", str(port)],
@@ -106,16 +107,27 @@ def wait_ready(proc: subprocess.Popen, url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(packaged):
-    """The shipped defaults, on one worker."""
+def served(packaged):
+    """The shipped defaults, on one worker: (url, the server process)."""
     port = free_port()
     proc = start(service_env(packaged[0]), port)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, url)
-        yield url
+        yield url, proc
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
+
+
+def log_so_far(proc: subprocess.Popen) -> str:
+    """The server's log up to now (pread: the file offset it shares with the server stays)."""
+    fd = proc.log.fileno()
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
 
 
 def post(url: str, route: str, body, **kw) -> httpx.Response:
@@ -185,6 +197,47 @@ def test_bad_input_gets_4xx_with_a_message(server, body, status, words):
     assert httpx.get(server + "/livez", timeout=5).status_code == 200
 
 
+def test_client_errors_are_one_info_line_in_the_log(served):
+    url, proc = served
+    before = len(log_so_far(proc))
+    bodies = [{"texts": []}, '{"texts": ["unterminated', {"text": 5}]
+    for route, body in zip(["/classify", "/classify", "/classify_text"], bodies):
+        assert post(url, route, body).status_code == 400
+    assert post(url, "/classify", {"texts": ["hi"]}).status_code == 200  # after the three in the log
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and log_so_far(proc)[before:].count("client error 400") < 3:
+        time.sleep(0.1)
+    new = log_so_far(proc)[before:]
+    lines = [line for line in new.splitlines() if "client error" in line]
+    assert len(lines) == 3, new
+    assert all("[INFO]" in line for line in lines), lines
+    assert "/classify_text [POST]: text: Input should be a valid string" in lines[2]
+    assert "Traceback" not in new and "[ERROR]" not in new, new
+
+
+def test_a_server_error_stays_an_error_with_its_traceback():
+    from serving.http_limits import ClientErrorsInOneLine
+
+    def record(exc: Exception) -> logging.LogRecord:
+        try:
+            raise exc
+        except Exception:
+            info = sys.exc_info()
+        return logging.LogRecord("bentoml", logging.ERROR, __file__, 1, "Exception on %s [%s]", ("/x", "POST"), info)
+
+    kept = record(RuntimeError("the model broke"))
+    assert ClientErrorsInOneLine().filter(kept)
+    assert kept.levelno == logging.ERROR and kept.exc_info[0] is RuntimeError
+    from bentoml.exceptions import InternalServerError, InvalidArgument
+
+    assert ClientErrorsInOneLine().filter(server := record(InternalServerError("boom")))
+    assert server.levelno == logging.ERROR and server.exc_info is not None
+    client = record(InvalidArgument("no such field"))
+    assert ClientErrorsInOneLine().filter(client)
+    assert client.levelno == logging.INFO and client.exc_info is None
+    assert client.getMessage() == "client error 400 on /x [POST]: no such field"
+
+
 def test_wrong_content_type_and_single_route_errors(server):
     r = post(server, "/classify", json.dumps({"texts": ["hi"]}), headers={"Content-Type": "text/plain"})
     assert r.status_code == 415 and "application/json" in r.json()["error"]
@@ -206,6 +259,7 @@ def test_health_metrics_and_openapi(server):
     assert httpx.get(server + "/readyz", timeout=5).status_code == 200
     assert post(server, "/classify", {"texts": ["hello"]}).status_code == 200
     spec = httpx.get(server + "/docs.json", timeout=5).json()
+    assert spec["info"]["version"] == gptpkg.__version__  # served from source: the package's
     for route in ("/classify", "/classify_text"):
         responses = spec["paths"][route]["post"]["responses"]
         assert {"200", "400", "413", "415"} <= set(responses), responses

@@ -211,31 +211,34 @@ def test_wandb_resource_reaches_the_stage_logger(monkeypatch):
     assert WandbResource(mode="online").run_link("team/p/abc123").value == "https://wandb.ai/team/p/runs/abc123"
 
 
-def test_run_config_params_go_through_gptpkg_profile(tmp_path):
-    """Profile + overrides are written into params.yaml by the same code as `gptpkg profile`:
-    comments kept, only changed keys, a bad key a clear error that writes nothing."""
+def test_run_config_params_are_written_for_the_block_only(tmp_path):
+    """Profile + overrides are written into params.yaml by the same code as `gptpkg profile`
+    (comments kept, only changed keys) while the block runs, and the file gets its own bytes
+    back after it, also when the block fails; a bad key is a clear error that writes nothing."""
     from dagster import Failure
 
-    from gptpkg.cli import main
     from workflows.resources import DvcWorkspace
 
     for name in ("params.yaml", "profiles"):
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(ROOT / name, tmp_path / name)
-    before = (tmp_path / "params.yaml").read_text()
-    assert DvcWorkspace(root=str(tmp_path)).apply_params() == []
-    assert (tmp_path / "params.yaml").read_text() == before
-    changed = DvcWorkspace(root=str(tmp_path), profile="tiny", set=["finetune_spam.lr=0.001"]).apply_params()
-    assert "pretrain.model" in changed and "finetune_spam.lr" in changed and "pretrain.lr" not in changed
-    after = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    assert after["pretrain"]["model"] == "tiny" and after["finetune_spam"]["lr"] == 0.001
-    assert "# every file and folder the pipeline reads or writes" in (tmp_path / "params.yaml").read_text()
-    written = (tmp_path / "params.yaml").read_text()
-    with pytest.raises(Failure, match="finetune_spam.no_such_key"):
-        DvcWorkspace(root=str(tmp_path), set=["finetune_spam.no_such_key=1"]).apply_params()
-    assert main(["profile", "--params", str(tmp_path / "params.yaml"), "--set", "finetune_spam.no_such_key=1"]) == 1
-    assert (tmp_path / "params.yaml").read_text() == written
-    assert main(["profile", "--params", str(tmp_path / "params.yaml"), "--set", "finetune_spam.lr=0.002"]) == 0
-    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["finetune_spam"]["lr"] == 0.002
+    before = (tmp_path / "params.yaml").read_bytes()
+    with DvcWorkspace(root=str(tmp_path)).run_params() as changed:
+        assert changed == [] and (tmp_path / "params.yaml").read_bytes() == before
+    res = DvcWorkspace(root=str(tmp_path), profile="tiny", set=["finetune_spam.lr=0.001"])
+    assert res.params().finetune_spam.lr == 0.001 and res.params().pretrain.model == "tiny"
+    with pytest.raises(RuntimeError, match="the stage broke"), res.run_params() as changed:
+        assert "pretrain.model" in changed and "finetune_spam.lr" in changed and "pretrain.lr" not in changed
+        during = yaml.safe_load((tmp_path / "params.yaml").read_text())
+        assert during["pretrain"]["model"] == "tiny" and during["finetune_spam"]["lr"] == 0.001
+        assert "# every file and folder the pipeline reads or writes" in (tmp_path / "params.yaml").read_text()
+        raise RuntimeError("the stage broke")
+    assert (tmp_path / "params.yaml").read_bytes() == before
+    with (
+        pytest.raises(Failure, match="finetune_spam.no_such_key"),
+        DvcWorkspace(root=str(tmp_path), set=["finetune_spam.no_such_key=1"]).run_params(),
+    ):
+        pass
+    assert (tmp_path / "params.yaml").read_bytes() == before
 
 
 RUN_IN_POOL = """
@@ -338,11 +341,16 @@ def tiny_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DAGSTER_HOME", str(home))
         instance = DagsterInstance.get()  # the instance `dagster dev` / `dagster-webserver` open there
+    from gptpkg.cli import main as gptpkg_main
+
+    # the workspace's params are the tiny profile (`gptpkg profile tiny`, committed)
+    assert gptpkg_main(["profile", "tiny", "--params", str(root / "params.yaml")]) == 0
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny"], cwd=root, check=True)
     with instance:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("PYTHONPATH", str(root))  # stages run the project copy's gptpkg (the code DVC hashes)
             defs = build_definitions(root)
-            result = materialize(_all(defs), instance=instance, resources=_resources(root, profile="tiny"))
+            result = materialize(_all(defs), instance=instance, resources=_resources(root))
         yield SimpleNamespace(root=root, home=home, instance=instance, defs=defs, result=result)
 
 
@@ -350,6 +358,7 @@ def tiny_run(tmp_path_factory):
 def test_materialize_all_tiny_then_dvc_agrees(tiny_run, stage_env):
     from dagster import AssetKey, build_sensor_context, materialize
 
+    from gptpkg.cli import main as gptpkg_main
     from workflows.dvc_project import outs_version, read_lock
     from workflows.sensors import dvc_lock_sensor, shell_run_stages
 
@@ -367,7 +376,7 @@ def test_materialize_all_tiny_then_dvc_agrees(tiny_run, stage_env):
     assert "Data and pipelines are up to date" in dvc(root, "status")
     lock = read_lock(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    assert params["pretrain"]["model"] == "tiny"  # the run config's profile, written for DVC to record
+    assert params["pretrain"]["model"] == "tiny"
     for name in names:
         ev = instance.get_latest_materialization_event(AssetKey(name))
         assert ev.asset_materialization.tags["dagster/data_version"] == outs_version(lock[name]), name
@@ -383,6 +392,10 @@ def test_materialize_all_tiny_then_dvc_agrees(tiny_run, stage_env):
         assert key in md["pretrain"], key
     assert md["pretrain"]["plot_pretrain_loss"].value.startswith("![pretrain_loss](data:image/png;base64,")
     assert Path(md["pretrain"]["wandb_run"].value).name.startswith("offline-run-")
+    # the stage's run record (wall time, W&B run) came through Pipes; every stage reported
+    logs = [e.user_message for e in instance.all_logs(result.run_id)]
+    assert not [m for m in logs if "did not receive any messages" in m], logs
+    assert any(m.startswith("gptpkg pretrain: done in") for m in logs)
     for key in ("test_accuracy", "test_confusion", "plot_finetune_spam_confusion", "plot_finetune_spam_loss"):
         assert key in md["finetune_spam"], key
     assert "test_accuracy" in md["baseline_spam"]
@@ -409,6 +422,7 @@ def test_materialize_all_tiny_then_dvc_agrees(tiny_run, stage_env):
     # accuracy fails the blocking check, so export_onnx and package never run
     assert spam["test_accuracy"] < 1.0
     onnx_before = (root / "models/onnx/model.onnx").read_bytes()
+    params_before = (root / "params.yaml").read_bytes()
     t0 = time.perf_counter()
     serving = [AssetKey(n) for n in ("finetune_spam", "export_onnx", "package")]
     again = materialize(
@@ -420,6 +434,9 @@ def test_materialize_all_tiny_then_dvc_agrees(tiny_run, stage_env):
     )
     took = time.perf_counter() - t0
     assert not again.success  # the gate fails the run
+    # the run config held for the run only: params.yaml is the committed file again
+    assert (root / "params.yaml").read_bytes() == params_before
+    assert subprocess.run(["git", "status", "--porcelain", "params.yaml"], cwd=root, capture_output=True).stdout == b""
     (ev,) = again.get_asset_materialization_events()
     mat = ev.event_specific_data.materialization
     assert mat.asset_key == AssetKey("finetune_spam") and mat.metadata["dvc_skipped"].value is True
@@ -431,7 +448,10 @@ def test_materialize_all_tiny_then_dvc_agrees(tiny_run, stage_env):
     assert not {"export_onnx", "package"} & started, started
     print(f"re-materialize unchanged finetune_spam: {took:.1f} s")
     assert took < 60
-    # the same floor stops `dvc repro` from a shell, with the stage's own message
+    # the same floor in params.yaml stops `dvc repro` from a shell, with the stage's own message
+    assert (
+        gptpkg_main(["profile", "--params", str(root / "params.yaml"), "--set", "export_onnx.min_test_accuracy=1"]) == 0
+    )
     p = subprocess.run(
         [sys.executable, "-m", "dvc", "repro", "package"],
         cwd=root,
@@ -443,7 +463,7 @@ def test_materialize_all_tiny_then_dvc_agrees(tiny_run, stage_env):
     assert "below params.export_onnx.min_test_accuracy 1.0; not exported" in p.stdout + p.stderr
     dvc(root, "checkout", "export_onnx")  # DVC removes a stage's outputs before it runs it
     assert (root / "models/onnx/model.onnx").read_bytes() == onnx_before
-    assert _resources(root, set=["export_onnx.min_test_accuracy=0.0"])["dvc"].apply_params()
+    subprocess.run(["git", "checkout", "params.yaml"], cwd=root, check=True)
     dvc(root, "repro")  # export_onnx again: the failed run removed its (uncached) metrics files
     assert "Data and pipelines are up to date" in dvc(root, "status")
 
@@ -492,6 +512,45 @@ def test_materialize_all_tiny_then_dvc_agrees(tiny_run, stage_env):
     dvc_stale = set(json.loads(dvc(root, "status", "--json")) or {})
     assert {"pretrain", "finetune_spam", "baseline_spam"} <= dvc_stale
     assert outs_version(read_lock(root)["prepare"]) != before
+
+
+@pytest.mark.integration
+def test_dagster_and_dg_cli_select_and_launch(tiny_run):
+    """The CLIs a user runs, in the workspace tiny_run made: a selection string (Dagster's
+    ANTLR grammar, in the same environment as DVC's `-S` parser), a materialization with run
+    config that leaves params.yaml as it was, and dg on the same definitions."""
+    from workflows.dvc_project import read_lock
+
+    root = tiny_run.root
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "DAGSTER_HOME": str(tiny_run.home),
+        "GPTPKG_DVC_ROOT": str(root),
+        "PYTHONPATH": str(root),
+    }
+
+    def run(*cmd: str) -> str:
+        p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout + p.stderr
+
+    listed = run(str(BIN / "dagster"), "asset", "list", "--select", "group:classifier", "-m", "workflows")
+    assert [line for line in listed.splitlines() if line and " " not in line] == ["baseline_spam", "finetune_spam"]
+    before = (root / "params.yaml").read_bytes()
+    config = json.dumps({"resources": {"dvc": {"config": {"set": ["baseline_spam.C=2.5"]}}}})
+    out = run(str(BIN / "dagster"), "asset", "materialize", "--select", "baseline_spam", "-m", "workflows",
+              "--config-json", config)  # fmt: skip
+    assert "RUN_SUCCESS" in out and "did not receive any messages" not in out, out
+    assert read_lock(root)["baseline_spam"]["params"]["params.yaml"]["baseline_spam.C"] == 2.5
+    assert (root / "params.yaml").read_bytes() == before  # the run config held for the run only
+
+    assert "All definitions loaded successfully." in run(str(BIN / "dg"), "check", "defs")
+    out = run(str(BIN / "dg"), "launch", "--assets", "baseline_spam")  # back to params.yaml's C
+    assert "RUN_SUCCESS" in out, out
+    c = yaml.safe_load(before)["baseline_spam"]["C"]
+    assert read_lock(root)["baseline_spam"]["params"]["params.yaml"]["baseline_spam.C"] == c != 2.5
+    assert "baseline_spam" not in json.loads(dvc(root, "status", "--json", "baseline_spam") or "{}")
 
 
 @pytest.mark.integration

@@ -3,10 +3,11 @@ workspace, so DVC's cache and dvc.lock stay the one record; the asset's data ver
 the hash of the stage's outputs as dvc.lock records them.
 
 The command runs through Dagster Pipes (`PipesSubprocessClient`: the environment,
-stdout/stderr into the step's logs, termination forwarded to DVC). The stage process does
-not open a Pipes session itself: DVC sits between the two and gptpkg imports no
-orchestrator code, so the metadata (metrics, outputs, plots) is read here, after the run,
-from the files DVC records."""
+stdout/stderr into the step's logs, termination forwarded to DVC). The stage process,
+DVC's child, inherits the Pipes environment: gptpkg's runner reports its run's record
+(wall time, speed, the W&B run) through `dagster_pipes` when that is installed. The
+figures, outputs and plots are read here from the files DVC records, so a stage DVC
+skips (up to date: no process runs) still shows them."""
 
 import base64
 import json
@@ -70,16 +71,15 @@ def _read_list(path: Path) -> list | None:
     return data if isinstance(data, list) else None
 
 
-def stage_metadata(
-    stage: Stage, root: Path, lock_entry: dict[str, Any] | None, wandb: WandbResource | None = None
-) -> dict[str, Any]:
-    """Figures from the stage's metrics files, its outputs (path, size, DVC hash) and plots."""
+def stage_metadata(stage: Stage, root: Path, lock_entry: dict[str, Any] | None) -> dict[str, Any]:
+    """Figures from the stage's metrics file (not its runtime record: that is the run's,
+    and arrives through Pipes when the stage runs), its outputs (path, size, DVC hash) and plots."""
     md: dict[str, Any] = {}
     for rel in stage.metrics:
+        if "/runtime/" in "/" + rel:
+            continue
         for k, v in (read_json(root / rel) or {}).items():
-            if k == "wandb_run" and isinstance(v, str) and v:
-                md["wandb_run"] = (wandb or WandbResource()).run_link(v)
-            elif v is not None:
+            if v is not None:
                 md[k] = _value(v)
     if lock_entry:
         rows = ["| output | size | files | DVC md5 |", "| --- | --- | --- | --- |"]
@@ -102,6 +102,38 @@ def stage_metadata(
     return md
 
 
+def run_stage(
+    context: AssetExecutionContext,
+    stage: Stage,
+    dvc: DvcWorkspace,
+    wandb: WandbResource,
+    client: PipesSubprocessClient,
+) -> MaterializeResult | None:
+    """`dvc repro --single-item <stage>` through Pipes unless `dvc status` calls the stage
+    up to date; the stage (gptpkg's runner) reports its run's record through Pipes.
+    Returns that report, None when DVC had nothing to run."""
+    try:
+        will_run = stage.name in dvc.status(stage.name)
+    except DvcBusy as e:
+        raise Failure(f"the DVC workspace {dvc.path} is busy (a `dvc` command from a shell?): {e}") from None
+    args = ["repro", "--single-item", stage.name]
+    if not will_run:
+        context.log.info(f"`dvc status`: {stage.name} is up to date, nothing to run (in {dvc.path})")
+        return None
+    context.log.info(f"$ dvc {' '.join(args)}    (in {dvc.path})")
+    # The stage's stdout/stderr go to this step's (the run's logs) through Pipes.
+    try:
+        completed = client.run(
+            context=context, command=dvc.command(*args), cwd=str(dvc.path), env={**dvc.env(), **wandb.env()}
+        )
+    except Exception as e:  # a non-zero exit (dagster does not export Pipes' error class)
+        raise Failure(
+            f"`dvc {' '.join(args)}` failed ({e}): the stage's own error ends this step's stderr",
+            metadata={"workspace": MetadataValue.path(str(dvc.path))},
+        ) from e
+    return completed.get_materialize_result()
+
+
 def stage_asset(stage: Stage) -> AssetsDefinition:
     outs = "\n".join(f"- `{o}`" for o in stage.outs)
 
@@ -120,35 +152,22 @@ def stage_asset(stage: Stage) -> AssetsDefinition:
         wandb: WandbResource,
         pipes_subprocess_client: PipesSubprocessClient,
     ) -> MaterializeResult:
-        changed = dvc.apply_params()
-        if changed:
-            context.log.warning(
-                f"params.yaml: run config (profile={dvc.profile!r}, set={list(dvc.set)}) "
-                f"wrote {len(changed)} key(s): {', '.join(changed)}"
-            )
-        try:
-            will_run = stage.name in dvc.status(stage.name)
-        except DvcBusy as e:
-            raise Failure(f"the DVC workspace {dvc.path} is busy (a `dvc` command from a shell?): {e}") from None
-        args = ["repro", "--single-item", stage.name]
-        context.log.info(f"$ dvc {' '.join(args)}    (in {dvc.path}; DVC {'runs' if will_run else 'skips'} it)")
-        # The stage's output goes to this step's stdout/stderr (the run's logs) through Pipes.
-        try:
-            pipes_subprocess_client.run(
-                context=context, command=dvc.command(*args), cwd=str(dvc.path), env={**dvc.env(), **wandb.env()}
-            )
-        except Exception as e:  # a non-zero exit (dagster does not export Pipes' error class)
-            raise Failure(
-                f"`dvc {' '.join(args)}` failed ({e}): the stage's own error ends this step's stderr",
-                metadata={"workspace": MetadataValue.path(str(dvc.path))},
-            ) from e
+        with dvc.run_params() as changed:
+            if changed:
+                context.log.info(
+                    f"params.yaml: this run's config (profile={dvc.profile!r}, set={list(dvc.set)}) changes "
+                    f"{', '.join(changed)}; the file gets its own bytes back after the stage"
+                )
+            reported = run_stage(context, stage, dvc, wandb, pipes_subprocess_client)
         entry = read_lock(dvc.path).get(stage.name)
         if entry is None:
             raise Failure(f"`dvc repro --single-item {stage.name}` succeeded but dvc.lock has no entry for it")
-        md = stage_metadata(stage, dvc.path, entry, wandb)
-        md["dvc_skipped"] = MetadataValue.bool(not will_run)
+        md = stage_metadata(stage, dvc.path, entry)
+        md["dvc_skipped"] = MetadataValue.bool(reported is None)
+        for k, v in (reported.metadata if reported else {}).items():  # this run's record, from the stage
+            md[k] = wandb.run_link(v.value) if k == "wandb_run" else v
         if changed:
-            md["params_written"] = MetadataValue.json(changed)
+            md["params_run_config"] = MetadataValue.json(changed)
         return MaterializeResult(data_version=DataVersion(outs_version(entry) or "none"), metadata=md)
 
     return _materialize

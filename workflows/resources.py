@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,39 +47,57 @@ class WandbResource(ConfigurableResource):
 class DvcWorkspace(ConfigurableResource):
     """The DVC workspace the stages run in, and the params selection of this run.
 
-    `profile` and `set` are the CLI's `--profile` / `--set`: before a stage runs they are
-    written into the workspace's params.yaml (`gptpkg profile NAME --set k=v`, comments kept,
-    every changed key logged), so dvc.lock records the values the stage really ran with and
-    `dvc status` agrees. With neither given, params.yaml is not touched."""
+    `profile` and `set` are the CLI's `--profile` / `--set`, for this run only: while a
+    stage runs they are written into the workspace's params.yaml (the same code as `gptpkg
+    profile NAME --set k=v`, comments kept), because DVC reads only that file and dvc.lock
+    must record the values the stage ran with; afterwards params.yaml gets its bytes back.
+    So `dvc status` then calls the stage changed (its params differ from params.yaml) until
+    `dvc repro` runs it with the file's values. With neither given, params.yaml is not touched."""
 
     root: str = Field(default="", description="DVC workspace (empty: $GPTPKG_DVC_ROOT or the repository root)")
-    profile: str = Field(default="", description="params profile (profiles/NAME.yaml) to apply before the stage")
-    set: list[str] = Field(default_factory=list, description="SECTION.KEY=VALUE overrides, applied after the profile")
+    profile: str = Field(default="", description="params profile (profiles/NAME.yaml) for this run's stages")
+    set: list[str] = Field(
+        default_factory=list, description="SECTION.KEY=VALUE overrides for this run's stages, after the profile"
+    )
 
     @property
     def path(self) -> Path:
         return Path(self.root).resolve() if self.root else default_root()
 
     def params(self):
-        """The workspace's params.yaml, parsed and checked (gptpkg.config.Params)."""
+        """This run's params: the workspace's params.yaml with the run's profile and
+        overrides, parsed and checked (gptpkg.config.Params)."""
         from gptpkg.config import ConfigError, load_params
 
         try:
-            return load_params(self.path / "params.yaml")
+            return load_params(self.path / "params.yaml", list(self.set), self.profile or None)
         except ConfigError as e:
-            raise Failure(f"{self.path / 'params.yaml'}: {e}") from None
+            raise Failure(f"{self.path / 'params.yaml'} with the run config: {e}") from None
 
-    def apply_params(self) -> list[str]:
-        """Write this run's profile / overrides into params.yaml; returns the changed keys."""
+    @contextmanager
+    def run_params(self) -> Iterator[list[str]]:
+        """params.yaml holds this run's profile and overrides inside the block (yields the
+        changed keys), and its own bytes again after it, however the block ends."""
         if not self.profile and not self.set:
-            return []
+            yield []
+            return
         from gptpkg.config import ConfigError
         from gptpkg.dvc_yaml import apply_profile
+        from gptpkg.files import atomic_write_bytes
 
+        # apply_profile regenerates dvc.yaml with params.yaml: both get their bytes back.
+        file = self.path / "params.yaml"
+        originals = {f: f.read_bytes() for f in (file, self.path / "dvc.yaml") if f.is_file()}
         try:
-            return apply_profile(self.path / "params.yaml", self.profile or None, list(self.set))
+            changed = apply_profile(file, self.profile or None, list(self.set))
         except ConfigError as e:
             raise Failure(f"run config (profile={self.profile!r}, set={list(self.set)}): {e}") from None
+        try:
+            yield changed
+        finally:
+            if changed:
+                for f, data in originals.items():
+                    atomic_write_bytes(f, data)
 
     def command(self, *args: str) -> list[str]:
         """`dvc <args>` with this environment's DVC."""
