@@ -28,7 +28,14 @@ HEADLINE = {
     "pretrain": ["val_loss", "val_perplexity", "steps", "tokens_seen"],
     "finetune_spam": ["test_accuracy", "test_spam_f1", "val_accuracy", "train_accuracy"],
     "baseline_spam": ["test_accuracy", "test_spam_f1"],
-    "finetune_instruct": ["test_rouge_l", "val_rouge_l", "test_distinct_answers", "test_exact_match", "test_loss", "val_loss"],
+    "finetune_instruct": [
+        "test_rouge_l",
+        "val_rouge_l",
+        "test_distinct_answers",
+        "test_exact_match",
+        "test_loss",
+        "val_loss",
+    ],
     "baseline_instruct": ["test_rouge_l", "val_rouge_l", "test_exact_match"],
     "export_onnx": ["parity_max_abs_logit_diff", "parity_label_mismatches", "int8_kept"],
 }
