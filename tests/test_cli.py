@@ -110,7 +110,9 @@ def test_out_dir_tries_leave_the_pipeline_outputs_alone(tmp_path, shared_data):
     assert (t / "metrics" / "runtime" / "pretrain.json").is_file() and (t / "plots" / "pretrain.json").is_file()
     assert list((t / "wandb_runs").iterdir())
     assert (t / "data" / "processed").is_dir() and (t / "data" / "raw" / "SMSSpamCollection").is_file()
-    # the pipeline's paths: untouched (no data, no models, the metrics file as it was)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics", "params.yaml", "profiles", "tries"]
+    # the pipeline's paths: untouched (no data, no models, the metrics file as it was); only
+    # the token cache, addressed by file content, is shared with the pipeline
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "metrics", "params.yaml", "profiles", "tries"]
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["token_cache"]
     assert [p.name for p in (tmp_path / "metrics").iterdir()] == ["pretrain.json"]
     assert (tmp_path / "metrics" / "pretrain.json").read_text() == '{"val_loss": 1.0}'
