@@ -261,6 +261,18 @@ class PrepareConfig(Section):
         ge=1024,
         lt=2**31,
     )
+    hf_dataset: str = key(
+        "a Hugging Face dataset streamed with `datasets` as the source `hf` (a Hub id, or json/parquet/csv/text "
+        "with hf_data_files); empty = none. Needs gptpkg[hf-datasets]"
+    )
+    hf_config: str = key("the dataset's configuration (subset); empty = its default")
+    hf_split: str = key("the split of the dataset that is streamed", expected="a split name", min_length=1)
+    hf_revision: str = key(
+        "the Hub revision (a commit sha makes `dvc repro` reproducible); empty = the main branch at run time"
+    )
+    hf_data_files: str = key("a path or glob of data files (local, or inside the Hub repository); empty = its own")
+    hf_text_field: str = key("the field (column) that holds each document's text", min_length=1)
+    hf_max_documents: int = key("stream only the first this many documents; 0 = the whole split", ge=0)
 
 
 class TrainConfig(Section):
@@ -335,9 +347,10 @@ class PretrainConfig(TrainConfig):
     vocab_multiple: int = key(
         "pad the vocabulary to a multiple of this: 64 on GPUs (50257 -> 50304 tiles the head matmul); 1 = none", ge=1
     )
-    corpus: list[Literal["the-verdict.txt", "tinyshakespeare.txt", "sms", "instructions", "corpus"]] = key(
+    corpus: list[Literal["the-verdict.txt", "tinyshakespeare.txt", "sms", "instructions", "corpus", "hf"]] = key(
         "the sources: the-verdict.txt, tinyshakespeare.txt, sms (every SMS message holding no spam test text), "
-        "instructions (the instruction training split), corpus (your own text: the paths.corpus folder)",
+        "instructions (the instruction training split), corpus (your own text: the paths.corpus folder), "
+        "hf (the Hugging Face dataset prepare.hf_dataset)",
         expected="a non-empty list of sources",
         min_length=1,
     )

@@ -13,6 +13,11 @@ never fatal: bytes that are not UTF-8 are replaced by U+FFFD (the file is counte
 `not_utf8_files`), binary files and files of another kind are skipped and counted, as are
 empty documents and jsonl lines without a string `text`. A parquet file without a `text`
 column is an error naming it.
+
+A Hugging Face dataset (`HFDataset`) is a unit too: `datasets` streams its rows (never the
+whole dataset in memory), one document per row's text field; rows without a string text
+are counted. Its cache key is the dataset's resolved revision (a Hub commit is immutable)
+or, for local data files, their bytes.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import codecs
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -245,13 +251,30 @@ def _parquet_documents(path: Path, counts: Counts) -> Iterator[Iterable[str]]:
 
 
 @dataclass(frozen=True)
+class HFDataset:
+    """A split of a Hugging Face dataset, as `datasets.load_dataset(dataset, config,
+    split=split, revision=revision, data_files=data_files, streaming=True)` gives it
+    (empty strings: the library's defaults); its first `max_documents` (0 = all)."""
+
+    dataset: str
+    config: str = ""
+    split: str = "train"
+    revision: str = ""
+    data_files: str = ""
+    text_field: str = "text"
+    max_documents: int = 0
+
+
+@dataclass(frozen=True)
 class Unit:
-    """What one worker tokenizes: a corpus file (`path`), or a bundled source's
-    documents (`docs`: (text, forced split or None) pairs) under a name."""
+    """What one worker tokenizes: a corpus file (`path`), a bundled source's documents
+    (`docs`: (text, forced split or None) pairs) or a Hugging Face dataset (`hf`), under a
+    name."""
 
     name: str
     path: str = ""
     docs: tuple[tuple[str, str | None], ...] = ()
+    hf: HFDataset | None = None
 
 
 def share_key(digest: bytes) -> int:
@@ -282,12 +305,104 @@ def unit_key(unit: Unit) -> str:
     return h.hexdigest()
 
 
+HF_EXTRA = "pip install 'gptpkg[hf-datasets]'"
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def _hf_error(hf: HFDataset, what: str, e: Exception, network: bool = False) -> CorpusError:
+    """One line naming the dataset, what failed and why; where the failure may be the
+    network's, whether the offline switches of huggingface_hub and datasets are on."""
+    offline = [v for v in OFFLINE_VARS if os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")]
+    hint = f"; {'/'.join(offline)} is set: only local data files stream" if offline and network else ""
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return CorpusError(f"prepare.hf_dataset {hf.dataset!r}: {what} ({type(e).__name__}: {reason}){hint}")
+
+
+def hf_builder(hf: HFDataset):
+    """The `datasets` builder of `hf`: what `load_dataset(..., streaming=True)` makes
+    before it streams (its `hash` is the resolved Hub commit, its config the data files)."""
+    try:
+        import datasets
+    except ImportError:
+        raise CorpusError(f"prepare.hf_dataset {hf.dataset!r}: streaming it needs datasets: {HF_EXTRA}") from None
+    try:
+        return datasets.load_dataset_builder(
+            hf.dataset, hf.config or None, revision=hf.revision or None, data_files=hf.data_files or None
+        )
+    except Exception as e:
+        raise _hf_error(hf, "cannot load it", e, network=True) from None
+
+
+def hf_origin(hf: HFDataset, builder) -> dict[str, Any]:
+    """What the manifest records of a Hugging Face source: the dataset, its resolved
+    revision (the Hub commit; null for local data files), configuration and split."""
+    return {
+        "dataset": hf.dataset,
+        "revision": builder.hash if builder.repo_id else None,
+        "requested_revision": hf.revision or None,
+        "config": builder.config.name,
+        "split": hf.split,
+        "data_files": hf.data_files or None,
+        "text_field": hf.text_field,
+        "max_documents": hf.max_documents,
+    }
+
+
+def hf_key(hf: HFDataset, builder) -> str:
+    """The cache key of a Hugging Face source: what it reads (its origin, with the Hub
+    commit) and, for local data files, their bytes; the cache format and the tokenizer."""
+    h = hashlib.sha256(f"{CACHE_VERSION}\0gpt2\0hf\0".encode())
+    h.update(json.dumps([hf_origin(hf, builder), builder.hash], sort_keys=True).encode())
+    files = (builder.config.data_files or {}).get(hf.split, [])
+    for f in files:
+        if os.path.isfile(f):  # local; a Hub file is fixed by the commit
+            h.update(b"\0" + Path(f).name.encode() + b"\0")
+            with open(f, "rb") as src:
+                while data := src.read(1 << 24):
+                    h.update(data)
+    return h.hexdigest()
+
+
+def hf_documents(hf: HFDataset, builder, counts: Counts) -> Iterator[Iterable[str]]:
+    """The documents of a Hugging Face source, one row at a time from the stream."""
+    try:
+        stream = builder.as_streaming_dataset(split=hf.split)
+    except Exception as e:
+        raise _hf_error(hf, f"no split {hf.split!r}", e) from None
+    columns = list(stream.features) if stream.features is not None else None
+    if columns is not None and hf.text_field not in columns:
+        raise CorpusError(
+            f"prepare.hf_dataset {hf.dataset!r}: no {hf.text_field!r} field (fields: {columns}); "
+            "expected prepare.hf_text_field to name the text"
+        )
+    taken, rows = 0, iter(stream)
+    for n in itertools.count():
+        if hf.max_documents and taken >= hf.max_documents:
+            return
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise _hf_error(hf, f"streaming stopped at row {n}", e, network=True) from None
+        text = row.get(hf.text_field)
+        if not isinstance(text, str):
+            counts.skip("bad_hf_rows", f"{hf.dataset} row {n} (no string {hf.text_field!r} field)")
+            continue
+        taken += 1
+        yield (text,)
+
+
 def tokenize_unit(unit: Unit, cache: str) -> dict[str, Any]:
     """Tokenize `unit` into the cache (nothing when already there); its entry's record:
-    key, documents, tokens, skips."""
+    key, documents, tokens, skips (and a Hugging Face source's origin)."""
     from .tokenizer import EOT_ID
 
-    key = unit_key(unit)
+    if unit.hf:
+        builder = hf_builder(unit.hf)
+        key, origin = hf_key(unit.hf, builder), {"origin": hf_origin(unit.hf, builder)}
+    else:
+        key, origin = unit_key(unit), {}
     entry = Path(cache) / key[:2] / key
     if (entry / "record.json").is_file():
         return {**json.loads((entry / "record.json").read_text(encoding="utf-8")), "cached": True}
@@ -298,7 +413,9 @@ def tokenize_unit(unit: Unit, cache: str) -> dict[str, Any]:
     eot = np.asarray([EOT_ID], dtype=DTYPE)
     try:
         with open(tmp / "tokens.u16", "wb") as out:
-            if unit.path:
+            if unit.hf:
+                source = ((d, None) for d in hf_documents(unit.hf, builder, counts))
+            elif unit.path:
                 source = ((d, None) for d in documents(Path(unit.path), counts))
             else:
                 source = (((text,), split) for text, split in unit.docs)
@@ -327,6 +444,7 @@ def tokenize_unit(unit: Unit, cache: str) -> dict[str, Any]:
             "tokens": int(sum(d[0] for d in docs)),
             "skipped": dict(counts.skipped),
             "notes": counts.notes,
+            **origin,
         }
         (tmp / "record.json").write_text(json.dumps(record), encoding="utf-8")
         try:

@@ -110,7 +110,20 @@ STAGES: dict[str, Stage] = {
             outs=(Out("{processed}"),),
             figures=False,
             # how many processes tokenize never changes the shards
-            params=("seed", "pretrain_train_ratio", "spam_split", "instruct_seed", "shard_tokens"),
+            params=(
+                "seed",
+                "pretrain_train_ratio",
+                "spam_split",
+                "instruct_seed",
+                "shard_tokens",
+                "hf_dataset",
+                "hf_config",
+                "hf_split",
+                "hf_revision",
+                "hf_data_files",
+                "hf_text_field",
+                "hf_max_documents",
+            ),
         ),
         Stage(
             "pretrain",

@@ -17,6 +17,7 @@ TEXT_SOURCES = ("the-verdict.txt", "tinyshakespeare.txt")
 SMS_SOURCE = "sms"
 INSTRUCTIONS_SOURCE = "instructions"
 CORPUS_SOURCE = "corpus"  # the user's own folder (paths.corpus)
+HF_SOURCE = "hf"  # a Hugging Face dataset, streamed (prepare.hf_dataset)
 
 
 def text_key(text: str) -> str:

@@ -162,3 +162,73 @@ def test_pieces_tokenize_as_the_whole_text(shared_data, tok):
     parts = list(pieces([text[i : i + 3000] for i in range(0, len(text), 3000)], size=5000))
     assert len(parts) > 20 and "".join(parts) == text
     assert [t for p in parts for t in tok.encode_ordinary(p)] == tok.encode_ordinary(text)
+
+
+# A Hugging Face dataset as the source `hf`: local JSON-lines and parquet files through the
+# same `datasets` calls a Hub id takes (load_dataset_builder, then its stream), offline.
+HF_TEXTS = [*LINES[:30], BOOKS["b/notes.txt"], "  \n"]  # the last one is empty
+
+
+@pytest.fixture
+def hf_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # workers are spawned: they read it at import
+    return tmp_path
+
+
+def _hf_params(fetched: Path, where: Path, *sets: str):
+    return _params(fetched, f"paths.corpus={where / 'folder'}", f"paths.processed={where / 'processed'}", *sets)
+
+
+def _tokens(params, source: str, part: str) -> np.ndarray:
+    stream = split_stream(Path(params.paths.processed) / "corpus", [source], part)
+    return np.concatenate(list(stream.chunks())) if len(stream) else np.zeros(0, np.uint16)
+
+
+def test_a_local_json_or_parquet_dataset_streams_into_the_shards_of_the_folder(fetched, hf_env):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (hf_env / "folder").mkdir()
+    (hf_env / "folder" / "texts.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in HF_TEXTS) + "\n")
+    rows = [{"text": t, "id": i} for i, t in enumerate(HF_TEXTS)]
+    (hf_env / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:5] + [{"id": -1}] + rows[5:]) + "\n")
+    pq.write_table(pa.table({"text": [*HF_TEXTS[:3], None, *HF_TEXTS[3:]]}), hf_env / "data.parquet")
+    for kind, file in (("json", "data.jsonl"), ("parquet", "data.parquet")):
+        params = _hf_params(fetched, hf_env, f"prepare.hf_dataset={kind}", f"prepare.hf_data_files={hf_env / file}")
+        m = run_stage("prepare", params)
+        assert m["hf/documents"] == m["corpus/documents"] == len(HF_TEXTS) - 1
+        assert m["hf/bad_hf_rows"] == 1 and m["hf/empty_documents"] == 1
+        for part in ("train", "val"):  # the same documents validate: the choice hashes the text
+            assert len(_tokens(params, "hf", part)) > 0
+            assert np.array_equal(_tokens(params, "hf", part), _tokens(params, "corpus", part))
+        entry = json.loads((Path(params.paths.processed) / "corpus" / "manifest.json").read_text())["sources"]["hf"]
+        assert entry["dataset"]["dataset"] == kind and entry["dataset"]["revision"] is None  # local files: no commit
+        assert entry["dataset"]["config"] == "default" and entry["documents"] == len(HF_TEXTS) - 1
+    assert run_stage("prepare", params)["tokenized_units"] == 0  # unchanged: from the cache
+    first = _hf_params(
+        fetched,
+        hf_env,
+        "prepare.hf_dataset=parquet",
+        f"prepare.hf_data_files={hf_env / file}",
+        "prepare.hf_max_documents=4",
+    )
+    m = run_stage("prepare", first)
+    assert m["hf/documents"] == 4 and m["tokenized_units"] == 1
+    ids = np.concatenate([_tokens(first, "hf", "train"), _tokens(first, "hf", "val")])
+    assert (ids == EOT_ID).sum() == 4
+
+
+def test_a_dataset_that_cannot_be_read_is_one_line_naming_it(fetched, hf_env, monkeypatch):
+    import sys
+
+    (hf_env / "data.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    local = (f"prepare.hf_data_files={hf_env / 'data.jsonl'}", "prepare.hf_dataset=json")
+    with pytest.raises(CorpusError, match=r"'json': no 'text' field \(fields: \['body'\]\); expected prepare.hf_text"):
+        run_stage("prepare", _hf_params(fetched, hf_env, *local))
+    run_stage("prepare", _hf_params(fetched, hf_env, *local, "prepare.hf_text_field=body"))
+    with pytest.raises(CorpusError, match=r"'someone/no-such-data': cannot load it .*HF_HUB_OFFLINE is set"):
+        run_stage("prepare", _hf_params(fetched, hf_env, "prepare.hf_dataset=someone/no-such-data"))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
+    with pytest.raises(CorpusError, match=r"needs datasets: pip install 'gptpkg\[hf-datasets\]'"):
+        run_stage("prepare", _hf_params(fetched, hf_env, *local, "prepare.workers=1"))

@@ -1,7 +1,8 @@
 """The `prepare` stage: tokenize once.
 
 Writes the pretraining sources as token shards with a manifest (`gptpkg.shards`): the
-bundled texts and the user's corpus folder (`paths.corpus`) go through the same path
+bundled texts, the user's corpus folder (`paths.corpus`) and a Hugging Face dataset
+streamed with `datasets` (`prepare.hf_dataset`) go through the same path
 (`gptpkg.corpus`: parallel workers, a content-hash cache). Then the spam splits
 (train/val/test, plus every message as `all`) and the instruction splits. The spam test
 split is never part of any training data: pretraining's SMS corpus and the classifier's
@@ -16,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PrepareConfig
-from ..prepared import CORPUS_SOURCE, INSTRUCTIONS_SOURCE, SMS_SOURCE, TEXT_SOURCES, contains_any, text_key
+from ..prepared import (
+    CORPUS_SOURCE,
+    HF_SOURCE,
+    INSTRUCTIONS_SOURCE,
+    SMS_SOURCE,
+    TEXT_SOURCES,
+    contains_any,
+    text_key,
+)
 
 
 def run(cfg: PrepareConfig, ctx) -> dict[str, Any]:
@@ -59,6 +68,7 @@ def run(cfg: PrepareConfig, ctx) -> dict[str, Any]:
     if files is None:
         print(f"prepare: no corpus folder {folder}: the source `corpus` is empty", file=sys.stderr)
     sources[CORPUS_SOURCE] = [Unit(f.relative_to(folder).as_posix(), path=str(f)) for f in files or ()]
+    sources[HF_SOURCE] = [Unit(HF_SOURCE, hf=_hf_dataset(cfg))] if cfg.hf_dataset else []
 
     units = [u for us in sources.values() for u in us]
     cache = Path(ctx.paths.token_cache)
@@ -78,14 +88,17 @@ def run(cfg: PrepareConfig, ctx) -> dict[str, Any]:
                 shard_dir, name, done[at : at + len(us)], cache, 1 - cfg.pretrain_train_ratio, cfg.shard_tokens
             )
             at += len(us)
+            if name == HF_SOURCE and us:
+                entry["dataset"] = done[at - 1]["origin"]
             entries[name] = entry
             for part in ("train", "val"):
                 metrics[f"tokens/{name}.{part}"] = entry[part]["tokens"]
             if name == CORPUS_SOURCE:
                 metrics["corpus/files"] = entry["files"]
-                metrics["corpus/documents"] = entry["documents"]
+            if name in (CORPUS_SOURCE, HF_SOURCE):
+                metrics[f"{name}/documents"] = entry["documents"]
                 for what, n in entry["skipped"].items():
-                    metrics[f"corpus/{what}"] = n
+                    metrics[f"{name}/{what}"] = n
         write_manifest(shard_dir, entries, cfg.shard_tokens)
         (tmp / "spam").mkdir()
         # "all": every message of the collection (5,574), from which finetune_spam's
@@ -101,3 +114,17 @@ def run(cfg: PrepareConfig, ctx) -> dict[str, Any]:
             metrics[f"instruct/{part}"] = len(rows)
     metrics["sms_corpus_messages"] = len(sms_corpus)
     return metrics
+
+
+def _hf_dataset(cfg: PrepareConfig):
+    from ..corpus import HFDataset
+
+    return HFDataset(
+        cfg.hf_dataset,
+        config=cfg.hf_config,
+        split=cfg.hf_split,
+        revision=cfg.hf_revision,
+        data_files=cfg.hf_data_files,
+        text_field=cfg.hf_text_field,
+        max_documents=cfg.hf_max_documents,
+    )
