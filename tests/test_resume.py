@@ -109,7 +109,7 @@ def test_resume_compares_the_stage_keys_that_shape_training_too(prepared, monkey
     assert Path("models/pretrained/model.safetensors").read_bytes() == before  # a finished run: nothing to train
 
 
-KILL_SETS = ["pretrain.max_steps=30", "pretrain.eval_every=0", "pretrain.checkpoint_every=3"]
+KILL_SETS = ["pretrain.corpus=[sms]", "pretrain.max_steps=30", "pretrain.eval_every=0", "pretrain.checkpoint_every=3"]
 
 
 def _pretrain(root: Path, *extra: str) -> subprocess.Popen:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from helpers import params_in
 
@@ -24,6 +23,7 @@ from gptpkg.prepared import (
     spam_train_rows,
     text_key,
 )
+from gptpkg.shards import split_stream
 
 CORPUS_SOURCES = (*TEXT_SOURCES, SMS_SOURCE, INSTRUCTIONS_SOURCE)  # every source a pretraining corpus can name
 # The book's balanced split (seed 123): of its 300 test messages, 37 (32 distinct texts)
@@ -84,20 +84,23 @@ def test_book_split_is_the_books_and_its_test_duplicates_are_counted(prepared, s
     assert test == book_spam_splits(shared_data / "SMSSpamCollection", 123).test
 
 
+def _decoded(paths, tok, source: str, part: str) -> str:
+    """The text of one source's split, read back from its token shards."""
+    stream = split_stream(Path(paths.processed) / "corpus", [source], part)
+    return tok.decode(stream.read(0, len(stream)).tolist()) if len(stream) else ""
+
+
 def test_no_test_text_in_any_pretraining_corpus(prepared, tok):
     params, paths, metrics = prepared
     test = read_spam_split(paths, "test")
     test_keys = _keys(test)
     for source in CORPUS_SOURCES:
-        text = "".join(
-            tok.decode(np.load(Path(paths.processed) / "corpus" / f"{source}.{part}.npy").tolist())
-            for part in ("train", "val")
-        )
+        text = "".join(_decoded(paths, tok, source, part) for part in ("train", "val"))
         assert text, source
         # no test text, in any reading, inside the whole corpus text
         assert not [t for t, _ in test if t in text], source
         if source == "sms":
-            messages = text.split("<|endoftext|>")
+            messages = text.split("<|endoftext|>")[:-1]  # every message ends with the token
             assert len(messages) == metrics["sms_corpus_messages"] > 4900
             assert not [m for m in messages if contains_any(m, test_keys)]
     # and the SMS corpus is every other message: those left out all hold a test text
@@ -111,13 +114,11 @@ def test_instructions_corpus_is_the_instruction_training_split_only(prepared, to
     from gptpkg.prepared import read_instruct_split
 
     params, paths, metrics = prepared
-    text = "".join(
-        tok.decode(np.load(Path(paths.processed) / "corpus" / f"{INSTRUCTIONS_SOURCE}.{part}.npy").tolist())
-        for part in ("train", "val")
-    )
-    records = text.split("<|endoftext|>")
+    text = "".join(_decoded(paths, tok, INSTRUCTIONS_SOURCE, part) for part in ("train", "val"))
+    records = text.split("<|endoftext|>")[:-1]  # every record ends with the token
     train = read_instruct_split(paths, "train")
-    assert records == [format_prompt(e) + format_response(e) for e in train]
+    # the validation share is whole records chosen by their hash: the same records, in another order
+    assert sorted(records) == sorted(format_prompt(e) + format_response(e) for e in train)
     train_texts = {e["instruction"] + e.get("input", "") + e["output"] for e in train}
     for part in ("val", "test"):
         for e in read_instruct_split(paths, part):

@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -144,10 +143,11 @@ def test_empty_corpus_list(project, capsys):
 
 
 def test_corpus_without_tokens(project, capsys):
+    from gptpkg.shards import write_manifest
+
     corpus = project / "data" / "processed" / "corpus"
     corpus.mkdir(parents=True)
-    for part in ("train", "val"):
-        np.save(corpus / f"the-verdict.txt.{part}.npy", np.zeros(0, dtype=np.uint16))
+    write_manifest(corpus, {"the-verdict.txt": {p: {"shards": []} for p in ("train", "val")}}, 1000)
     old = sentinel(project / "models" / "pretrained")
     rc, err = run(["pretrain", "--set", "pretrain.corpus=[the-verdict.txt]"], capsys)
     assert rc == 1

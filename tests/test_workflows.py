@@ -19,7 +19,16 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["params.yaml", "profiles", "dvc.yaml", ".dvcignore", ".dvc/config", "gptpkg", ".gitignore"]
+PROJECT_FILES = [
+    "params.yaml",
+    "profiles",
+    "dvc.yaml",
+    ".dvcignore",
+    ".dvc/config",
+    "gptpkg",
+    ".gitignore",
+    "data/corpus",
+]
 UI_FILES = ["pyproject.toml", "workflows"]  # what `dagster dev` / `dagster-webserver` load the definitions from
 
 
